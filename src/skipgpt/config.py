@@ -1,0 +1,138 @@
+"""`SkipGPTConfig`: what a routed model is, validated, and (de)serialised as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SkipGPTError
+
+__all__ = ["SkipGPTConfig", "CONFIG_NAME", "MODULES", "ROUTER_INITS", "BUDGETS", "MLP_ROUTER_INPUTS"]
+
+CONFIG_NAME = "skipgpt_config.json"
+MODULES = ("attn", "mlp")
+ROUTER_INITS = ("dense", "paper")
+BUDGETS = ("modules", "params")
+MLP_ROUTER_INPUTS = ("block_input", "post_attention")
+
+
+def _probability(name: str, value: Any, *, open_interval: bool) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SkipGPTError(f"{name} must be a number, got {value!r}") from None
+    ok = 0.0 < value < 1.0 if open_interval else 0.0 <= value <= 1.0
+    if not ok or math.isnan(value):
+        accepted = "strictly between 0 and 1" if open_interval else "in [0, 1]"
+        raise SkipGPTError(f"{name} must be {accepted}, got {value!r}")
+    return value
+
+
+@dataclass
+class SkipGPTConfig:
+    """Configuration of the routers put on every decoder layer.
+
+    The router of each (layer, module) reads a token's hidden state and decides *execute* or
+    *skip*. Training samples decisions with straight-through Gumbel-softmax; inference executes
+    a module iff p(execute) >= ``threshold``.
+    """
+
+    target_sparsity: float = field(
+        default=0.25, metadata={"help": "Fraction of routed decisions to skip, in (0, 1)."}
+    )
+    router_hidden: int | None = field(
+        default=None,
+        metadata={"help": "Router hidden width; None = hidden_size // 4 (paper code), 0 = a linear router."},
+    )
+    alpha: float = field(
+        default=20.0, metadata={"help": "Weight of the sparsity regulariser alpha*|target - s|."}
+    )
+    tau_start: float = field(default=5.0, metadata={"help": "Gumbel-softmax temperature at step 0."})
+    tau_end: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature at the last step."})
+    threshold: float = field(
+        default=0.5, metadata={"help": "Inference: execute iff p(execute) >= threshold."}
+    )
+    modules: tuple[str, ...] = field(
+        default=MODULES, metadata={"help": "Which modules are routable: attn, mlp."}
+    )
+    router_init: str = field(
+        default="dense",
+        metadata={
+            "help": "'dense': last router layer zero, bias toward execute (starts as the base model); 'paper': default init."
+        },
+    )
+    execute_bias: float = field(
+        default=3.0, metadata={"help": "With router_init='dense': initial logit(execute) - logit(skip)."}
+    )
+    budget: str = field(
+        default="modules",
+        metadata={"help": "'modules': every decision counts 1; 'params': weighted by module parameters."},
+    )
+    mlp_router_input: str = field(
+        default="block_input",
+        metadata={"help": "'block_input' (paper code) or 'post_attention': what the MLP router reads."},
+    )
+
+    def __post_init__(self) -> None:
+        self.target_sparsity = _probability("target_sparsity", self.target_sparsity, open_interval=True)
+        self.threshold = _probability("threshold", self.threshold, open_interval=False)
+        if self.router_hidden is not None and (
+            not isinstance(self.router_hidden, int) or self.router_hidden < 0
+        ):
+            raise SkipGPTError(f"router_hidden must be None or an integer >= 0, got {self.router_hidden!r}")
+        for name in ("alpha", "tau_start", "tau_end", "execute_bias"):
+            try:
+                setattr(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise SkipGPTError(f"{name} must be a number, got {getattr(self, name)!r}") from None
+        if self.alpha < 0:
+            raise SkipGPTError(f"alpha must be >= 0, got {self.alpha}")
+        if self.tau_start <= 0 or self.tau_end <= 0:
+            raise SkipGPTError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
+        if isinstance(self.modules, str):
+            self.modules = tuple(m.strip() for m in self.modules.split(",") if m.strip())
+        self.modules = tuple(self.modules)
+        unknown = [m for m in self.modules if m not in MODULES]
+        if unknown or not self.modules:
+            raise SkipGPTError(
+                f"modules must be a non-empty subset of {list(MODULES)}, got {list(self.modules)}"
+            )
+        for name, allowed in (
+            ("router_init", ROUTER_INITS),
+            ("budget", BUDGETS),
+            ("mlp_router_input", MLP_ROUTER_INPUTS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise SkipGPTError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SkipGPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SkipGPTError(f"unknown SkipGPTConfig keys {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> SkipGPTConfig:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def read_json(path: str | Path) -> dict[str, Any]:
+        """Read a whole ``skipgpt_config.json`` (router config + base model spec + metadata)."""
+        path = Path(path)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SkipGPTError(f"{path} not found: not a skipgpt output folder") from None
+        except json.JSONDecodeError as e:
+            raise SkipGPTError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None

@@ -1,0 +1,162 @@
+"""A decoder layer with a router before its attention and before its MLP.
+
+One ``RoutedDecoderLayer`` wraps the model's own layer (``base_layer``) and reads its parts
+through a ``LayerAdapter``; the parts are called exactly as the original layer calls them.
+This file holds the *reference* (masked) execution: every module runs on every token and
+its output is multiplied by the per-token execute gate, ``x + g * module(x)``, which is what
+training needs (gradients reach the router through g). ``fast.py`` holds the execution that
+really skips work; it is used at inference and tested against this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .adapters import LayerAdapter
+from .config import SkipGPTConfig
+from .router import Router
+
+__all__ = ["RoutedDecoderLayer", "RoutingState"]
+
+# override(layer_idx, module, hidden (B, T, d)) -> execute mask (B, T) bool
+RoutingOverride = Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RoutingState:
+    """What all routed layers of one model share during a forward.
+
+    ``token_mask`` (B, T) marks the real (non-padding) tokens of the current forward; it is
+    set by a pre-hook on the model. ``gates`` collects, for the loss, the differentiable
+    skip rate of each (layer, module) of the current forward. ``skipped``/``counted`` add
+    up decisions over many forwards for statistics (padding excluded).
+    """
+
+    num_layers: int
+    tau: float = 1.0
+    threshold: float = 0.5
+    enabled: bool = True
+    execution: str = "fast"  # "fast" or "masked" at inference; training is always masked
+    override: RoutingOverride | None = None
+    token_mask: torch.Tensor | None = None
+    keep_decisions: bool = False
+    skip_rates: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    decisions: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
+    skipped: dict[tuple[int, str], float] = field(default_factory=dict)
+    counted: dict[tuple[int, str], float] = field(default_factory=dict)
+
+    def reset_stats(self) -> None:
+        self.skipped.clear()
+        self.counted.clear()
+        self.decisions.clear()
+
+    def record(self, layer_idx: int, module: str, gate: torch.Tensor) -> None:
+        """gate: (B, T) execute gate (0/1 values, differentiable in training)."""
+        key = (layer_idx, module)
+        mask = self.token_mask
+        if mask is None or mask.shape != gate.shape:
+            mask = torch.ones_like(gate, dtype=torch.bool)
+        valid = mask.to(gate.dtype)
+        n = valid.sum()
+        skips = ((1.0 - gate) * valid).sum()
+        self.skip_rates[key] = skips / n.clamp_min(1.0)
+        self.skipped[key] = self.skipped.get(key, 0.0) + float(skips.detach())
+        self.counted[key] = self.counted.get(key, 0.0) + float(n)
+        if self.keep_decisions:
+            self.decisions.setdefault(key, []).append((gate.detach() > 0.5).cpu())
+
+
+class RoutedDecoderLayer(GradientCheckpointingLayer):
+    """``base_layer`` with an attention router and an MLP router.
+
+    Unknown attributes (e.g. ``attention_type``) are read from ``base_layer`` so the model's
+    own forward keeps working.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        layer_idx: int,
+        adapter: LayerAdapter,
+        config: SkipGPTConfig,
+        hidden_size: int,
+        state: RoutingState,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.adapter = adapter
+        self.skipgpt_config = config
+        self.state = state
+        width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
+        self.routers = nn.ModuleDict(
+            {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
+        )
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def part(self, name: str) -> nn.Module | None:
+        return self.adapter.part(self.base_layer, name)
+
+    # -- routing ---------------------------------------------------------------------------
+    def gate(self, module: str, router_input: torch.Tensor) -> torch.Tensor | None:
+        """Execute gate (B, T) for ``module``, or None when the module always executes."""
+        state = self.state
+        if not state.enabled or module not in self.routers:
+            return None
+        if state.override is not None:
+            g = state.override(self.layer_idx, module, router_input).to(router_input.dtype)
+        elif self.training:
+            g = self.routers[module].sample_gate(router_input, state.tau).to(router_input.dtype)
+        else:
+            g = self.routers[module].decide(router_input, state.threshold).to(router_input.dtype)
+        state.record(self.layer_idx, module, g)
+        return g
+
+    # -- the branches, as the original layer computes them -------------------------------------
+    def attn_branch(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = self._norm("attn_pre_norm", x)
+        h, _ = self.part("attn")(hidden_states=h, **kwargs)
+        return self._norm("attn_post_norm", h)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.part("mlp")(self._norm("mlp_pre_norm", x))
+        return self._norm("mlp_post_norm", h)
+
+    def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        norm = self.part(name)
+        return x if norm is None else norm(x)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        """hidden_states: (B, T, d) block input -> (B, T, d) block output.
+
+        ``kwargs`` are what the model passes its decoder layers (attention_mask,
+        position_embeddings, past_key_values, ...); they go to the attention module unchanged.
+        """
+        block_input = hidden_states
+        attn_gate = self.gate("attn", block_input)
+        if attn_gate is not None and not self.training and self.state.execution == "fast":
+            from .fast import fast_attn_residual  # inference path that really skips work
+
+            hidden_states = fast_attn_residual(self, hidden_states, attn_gate > 0.5, **kwargs)
+        else:
+            out = self.attn_branch(hidden_states, **kwargs)
+            hidden_states = hidden_states + (out if attn_gate is None else attn_gate.unsqueeze(-1) * out)
+
+        router_input = block_input if self.skipgpt_config.mlp_router_input == "block_input" else hidden_states
+        mlp_gate = self.gate("mlp", router_input)
+        if mlp_gate is not None and not self.training and self.state.execution == "fast":
+            from .fast import fast_mlp_residual
+
+            return fast_mlp_residual(self, hidden_states, mlp_gate > 0.5)
+        out = self.mlp_branch(hidden_states)
+        return hidden_states + (out if mlp_gate is None else mlp_gate.unsqueeze(-1) * out)

@@ -1,0 +1,266 @@
+"""Wrap a Hugging Face causal LM with routers; statistics; save/load; unwrap.
+
+``get_skipgpt_model(model, config)`` replaces every decoder layer, in place, by a
+``RoutedDecoderLayer`` around it and returns a ``SkipGPTModel`` that forwards calls (and
+``generate``) to the HF model, as peft's ``PeftModel`` does. Only the routers are new
+parameters; they all carry ``routers`` in their name and are all that ``save_pretrained``
+writes (``routers.safetensors``), beside ``skipgpt_config.json`` that records how to rebuild
+the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .adapters import get_adapter
+from .config import CONFIG_NAME, MODULES, SkipGPTConfig
+from .errors import SkipGPTError
+from .io import staged_dir
+from .layer import RoutedDecoderLayer, RoutingState
+
+__all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME"]
+
+ROUTERS_NAME = "routers.safetensors"
+
+
+def get_skipgpt_model(model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None) -> SkipGPTModel:
+    """Put an attention router and an MLP router on every decoder layer of ``model`` (in place).
+
+    ``base_spec`` is how to load ``model`` again (a model spec, see ``skipgpt.specs``); it is
+    recorded by ``save_pretrained`` so that ``SkipGPTModel.from_pretrained`` can rebuild it.
+    """
+    return SkipGPTModel(model, config, base_spec=base_spec)
+
+
+class SkipGPTModel(nn.Module):
+    """A causal LM whose decoder layers are routed. Attribute access falls through to the HF model."""
+
+    def __init__(self, model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None):
+        super().__init__()
+        if isinstance(model, SkipGPTModel):
+            raise SkipGPTError("model is already a SkipGPTModel")
+        self.adapter = get_adapter(getattr(model.config, "model_type", type(model).__name__))
+        layers = self.adapter.layers(model)
+        if any(isinstance(layer, RoutedDecoderLayer) for layer in layers):
+            raise SkipGPTError("model already has routed layers; unwrap() it first")
+        self.base_model = model
+        self.skipgpt_config = config
+        self.base_spec = base_spec or getattr(model.config, "_name_or_path", None)
+        self.state = RoutingState(num_layers=len(layers), threshold=config.threshold)
+        hidden = model.config.hidden_size
+        param = next(model.parameters())
+        # Parameters per (layer, branch): the weights of a parameter-weighted budget.
+        self.branch_params: dict[tuple[int, str], int] = {}
+        for i, layer in enumerate(layers):
+            for branch in MODULES:
+                n = sum(p.numel() for m in self.adapter.branch_modules(layer, branch) for p in m.parameters())
+                self.branch_params[(i, branch)] = n
+            routed = RoutedDecoderLayer(layer, i, self.adapter, config, hidden, self.state)
+            routed.routers.to(device=param.device)  # routers stay float32 whatever the base dtype
+            layers[i] = routed
+        self.train(model.training)
+        self._hook = model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def _capture_token_mask(self, module, args, kwargs):
+        """Pre-hook on the HF model: remember which tokens of this forward are real (not padding)."""
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        self.state.skip_rates.clear()
+        if x is None or mask is None or mask.dim() != 2:
+            self.state.token_mask = None
+        else:
+            self.state.token_mask = mask[:, -x.shape[1] :].bool()
+
+    @property
+    def routed_layers(self) -> list[RoutedDecoderLayer]:
+        return list(self.adapter.layers(self.base_model))
+
+    # -- what trains and what is saved -------------------------------------------------------
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        """``layers.{i}.{module}.{param}`` -> tensor, for every router."""
+        return {
+            f"layers.{layer.layer_idx}.{name}": p
+            for layer in self.routed_layers
+            for name, p in layer.routers.named_parameters()
+        }
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.router_state_dict().values())
+
+    def mark_only_routers_trainable(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for p in self.router_parameters():
+            p.requires_grad_(True)
+
+    # -- routing controls --------------------------------------------------------------------
+    def set_temperature(self, tau: float) -> None:
+        self.state.tau = float(tau)
+
+    @contextlib.contextmanager
+    def routing(self, **changes: Any):
+        """Temporarily change routing: ``threshold``, ``enabled`` (False = dense), ``override``,
+        ``execution`` ('fast' or 'masked'), ``keep_decisions``."""
+        old = {k: getattr(self.state, k) for k in changes}
+        for k, v in changes.items():
+            if not hasattr(self.state, k):
+                raise SkipGPTError(f"unknown routing setting {k!r}")
+            setattr(self.state, k, v)
+        try:
+            yield self
+        finally:
+            for k, v in old.items():
+                setattr(self.state, k, v)
+
+    def dense(self):
+        """Context manager: every module executes, routers are not even evaluated."""
+        return self.routing(enabled=False)
+
+    # -- sparsity ----------------------------------------------------------------------------
+    def _weights(self, budget: str) -> dict[tuple[int, str], float]:
+        if budget == "params":
+            return {k: float(v) for k, v in self.branch_params.items()}
+        return {k: 1.0 for k in self.branch_params if k[1] in self.skipgpt_config.modules}
+
+    def realised_sparsity(self, budget: str | None = None) -> torch.Tensor:
+        """Differentiable skip rate of the last forward, averaged over (layer, module).
+
+        ``budget='modules'``: every routed decision counts 1 (the paper's knob);
+        ``'params'``: each module counts by its parameters, over all attention and MLP
+        parameters of the decoder layers.
+        """
+        weights = self._weights(budget or self.skipgpt_config.budget)
+        rates = self.state.skip_rates
+        if not rates:
+            raise SkipGPTError("no routing decisions recorded; run a forward with routing enabled first")
+        total = sum(weights.values())
+        return sum(w * rates[k] for k, w in weights.items() if k in rates) / total
+
+    def reset_stats(self) -> None:
+        self.state.reset_stats()
+
+    def sparsity_stats(self) -> dict[str, Any]:
+        """Skip rates accumulated since ``reset_stats()`` (padding excluded).
+
+        Returns ``module`` (all routed decisions), ``attn``, ``mlp``, ``params`` (parameter
+        weighted over all attention+MLP parameters) and ``per_layer`` rates.
+        """
+        st = self.state
+        rate = {k: st.skipped[k] / st.counted[k] for k in st.counted if st.counted[k] > 0}
+
+        def mean(keys):
+            keys = [k for k in keys if k in st.counted]
+            num, den = sum(st.skipped[k] for k in keys), sum(st.counted[k] for k in keys)
+            return num / den if den else 0.0
+
+        params = self._weights("params")
+        out = {
+            "module": mean([k for k in params if k[1] in self.skipgpt_config.modules]),
+            "attn": mean([k for k in params if k[1] == "attn"]),
+            "mlp": mean([k for k in params if k[1] == "mlp"]),
+            "params": sum(w * rate.get(k, 0.0) for k, w in params.items()) / sum(params.values()),
+            "per_layer": {m: [rate.get((i, m), 0.0) for i in range(st.num_layers)] for m in MODULES},
+        }
+        return out
+
+    # -- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, output_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``skipgpt_config.json`` and ``routers.safetensors`` (atomically) into ``output_dir``."""
+        from .io import prepare_output_dir
+
+        output_dir = prepare_output_dir(output_dir)
+        record = {
+            "skipgpt_version": __version__,
+            "base_model": self.base_spec,
+            "model_type": self.base_model.config.model_type,
+            "hidden_size": self.base_model.config.hidden_size,
+            "num_layers": self.state.num_layers,
+            "router_config": self.skipgpt_config.to_dict(),
+            "metadata": metadata or {},
+        }
+        tensors = {
+            k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.router_state_dict().items()
+        }
+        with staged_dir(output_dir) as stage:
+            save_file(tensors, str(stage / ROUTERS_NAME), metadata={"format": "pt", "skipgpt": __version__})
+            import json
+
+            (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        return output_dir
+
+    def load_routers(self, path: str | Path) -> None:
+        """Load ``routers.safetensors``; refuse a file made for another model, naming the shapes."""
+        path = Path(path)
+        try:
+            tensors = load_file(str(path))
+        except FileNotFoundError:
+            raise SkipGPTError(f"{path} not found") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SkipGPTError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+        own = self.router_state_dict()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        shapes = [
+            f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in tensors and tensors[k].shape != own[k].shape
+        ]
+        if missing or unexpected or shapes:
+            parts = []
+            if shapes:
+                parts.append(f"{len(shapes)} shape(s) differ, e.g. " + "; ".join(shapes[:3]))
+            if missing:
+                parts.append(f"{len(missing)} router tensor(s) missing, e.g. {missing[0]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+            raise SkipGPTError(f"router file {path} does not fit this model: " + "; ".join(parts))
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(tensors[k])
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, base_model: nn.Module | None = None, dtype: torch.dtype = torch.float32
+    ) -> SkipGPTModel:
+        """Rebuild the base model from its recorded spec (unless given) and load the routers."""
+        path = Path(path)
+        record = SkipGPTConfig.read_json(path / CONFIG_NAME)
+        config = SkipGPTConfig.from_dict(record["router_config"])
+        if base_model is None:
+            from .specs import load_base_model
+
+            base_model, _ = load_base_model(record["base_model"], dtype=dtype)
+        model = cls(base_model, config, base_spec=record["base_model"])
+        model.load_routers(path / ROUTERS_NAME)
+        model.metadata = record.get("metadata", {})
+        return model
+
+    def unwrap(self) -> nn.Module:
+        """Put the original decoder layers back and return the plain HF model."""
+        layers = self.adapter.layers(self.base_model)
+        for i, layer in enumerate(layers):
+            layers[i] = layer.base_layer
+        self._hook.remove()
+        return self.base_model

@@ -1,0 +1,64 @@
+"""The per-token router and its decision rules.
+
+A router maps a hidden state to two logits, index 0 = *skip*, index 1 = *execute*.
+Training draws hard decisions with straight-through Gumbel-softmax (forward: 0/1, backward:
+the soft sample's gradient); inference is deterministic: execute iff p(execute) >= threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Router", "SKIP", "EXECUTE", "linear_schedule"]
+
+SKIP, EXECUTE = 0, 1
+
+
+class Router(nn.Module):
+    """``Linear(d, h) -> ReLU -> Linear(h, 2)`` (paper code) or ``Linear(d, 2)`` when h = 0.
+
+    ``init="dense"`` zeroes the last layer's weight and sets its bias to
+    ``(0, execute_bias)``, so that at step 0 every token executes at inference and the
+    routed model equals the base model; ``init="paper"`` keeps PyTorch's default init
+    (p(execute) near 0.5, which starts training far from the dense model).
+    """
+
+    def __init__(self, hidden_size: int, router_hidden: int, init: str = "dense", execute_bias: float = 3.0):
+        super().__init__()
+        if router_hidden == 0:
+            self.net = nn.Sequential(nn.Linear(hidden_size, 2))
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, router_hidden), nn.ReLU(), nn.Linear(router_hidden, 2)
+            )
+        if init == "dense":
+            last = self.net[-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.copy_(torch.tensor([0.0, execute_bias]))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, T, d) in any dtype -> logits (B, T, 2) in the router's dtype."""
+        return self.net(hidden.to(self.net[0].weight.dtype))
+
+    def execute_probability(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> p(execute), (B, T)."""
+        return self(hidden).softmax(-1)[..., EXECUTE]
+
+    def sample_gate(self, hidden: torch.Tensor, tau: float) -> torch.Tensor:
+        """Training: hard straight-through Gumbel-softmax execute gate (B, T), values 0/1."""
+        return F.gumbel_softmax(self(hidden), tau=tau, hard=True)[..., EXECUTE]
+
+    def decide(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Inference: boolean execute mask (B, T), no noise."""
+        return self.execute_probability(hidden) >= threshold
+
+
+def linear_schedule(start: float, end: float, step: int, total: int) -> float:
+    """Value at ``step`` of a linear ramp from ``start`` (step 0) to ``end`` (step total-1 and after)."""
+    if total <= 1:
+        return end
+    frac = min(max(step / (total - 1), 0.0), 1.0)
+    return start + (end - start) * frac
