@@ -4,13 +4,7 @@ __version__ = "0.1.0"
 
 from .config import SkipGPTConfig  # noqa: E402
 from .errors import SkipGPTError  # noqa: E402
+from .loading import load_model  # noqa: E402
 from .model import SkipGPTModel, get_skipgpt_model  # noqa: E402
 
 __all__ = ["SkipGPTConfig", "SkipGPTError", "SkipGPTModel", "get_skipgpt_model", "load_model", "__version__"]
-
-
-def load_model(spec: str, dtype=None):
-    """Load any model spec (see ``skipgpt.specs``) or a skipgpt output folder -> (model, tokenizer)."""
-    from .loading import load_model as _load
-
-    return _load(spec, dtype=dtype)

@@ -42,7 +42,7 @@ def prepare_output_dir(path: str | Path, *, allow_existing_ours: bool = True) ->
     if path.exists():
         if not path.is_dir():
             raise SkipGPTError(f"output {path} exists and is a file; give a new or a skipgpt output folder")
-        ours = (path / CONFIG_NAME).exists()
+        ours = (path / CONFIG_NAME).exists() or (path / "checkpoint" / "trainer_state.json").exists()
         if any(path.iterdir()) and not ours:
             raise SkipGPTError(
                 f"output folder {path} exists and is not a skipgpt folder (no {CONFIG_NAME}); "

@@ -1,0 +1,87 @@
+"""Arguments and output helpers every command shares."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+__all__ = ["probability", "positive_int", "add_model_arg", "add_json_arg", "emit", "print_json", "dtype_arg"]
+
+
+def probability(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number; give a fraction strictly between 0 and 1"
+        ) from None
+    if not 0.0 < value < 1.0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1); give a fraction strictly between 0 and 1"
+        )
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a value in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def add_model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument(
+        "--model",
+        required=default is None,
+        default=default,
+        help="model spec: smollm2-135m, random:<arch>, a .gguf file, a HF folder or hub id, or a skipgpt output folder",
+    )
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def dtype_arg(text: str):
+    import torch
+
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if text not in table:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; accepted: {', '.join(table)}")
+    return table[text]
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, default=float), flush=True)
+
+
+def emit(args, result: dict, human: str) -> None:
+    """Print the human-readable text; with --json, the JSON object as the last line."""
+    if human:
+        print(human, file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print_json(result)

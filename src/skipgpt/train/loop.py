@@ -1,0 +1,188 @@
+"""The training loop both stages share: accelerate, progress bar, atomic checkpoints, exact resume.
+
+Everything a step depends on is a function of the step number: which blocks form its batch
+(an epoch-seeded permutation), the RNG seed of its Gumbel noise, the temperature and the
+learning rate. So a run resumed from a checkpoint at step k computes exactly the steps an
+uninterrupted run would have computed from k on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import SkipGPTError
+from ..io import staged_dir
+
+__all__ = ["LoopArgs", "train_loop", "CHECKPOINT_DIR", "batch_indices"]
+
+CHECKPOINT_DIR = "checkpoint"
+# step_fn(forward, input_ids (B, T), step) -> (loss, metrics); call `forward` (the accelerate-prepared
+# model, e.g. DDP-wrapped) for the differentiable forward so that gradients are synchronised.
+StepFn = Callable[[Callable, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class LoopArgs:
+    max_steps: int = 300
+    batch_size: int = 8  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 2e-3
+    lr_scheduler: str = "constant"  # any transformers scheduler name: constant, cosine, linear, ...
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SkipGPTError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.lr > 0:
+            raise SkipGPTError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SkipGPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def batch_indices(
+    num_blocks: int, step: int, micro: int, rank: int, args: LoopArgs, world: int
+) -> torch.Tensor:
+    """Block indices of one micro-batch. The global batch of a step is
+    ``batch_size * grad_accum * world`` consecutive entries of an epoch-seeded permutation."""
+    global_batch = args.batch_size * args.grad_accum * world
+    start = step * global_batch + (micro * world + rank) * args.batch_size
+    positions = torch.arange(start, start + args.batch_size)
+    epochs = positions // num_blocks
+    out = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+        sel = epochs == epoch
+        out[sel] = perm[positions[sel] % num_blocks]
+    return out
+
+
+def _save_checkpoint(
+    path: Path, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler, state: dict
+) -> None:
+    with staged_dir(path) as stage:
+        save_file(
+            {k: p.detach().cpu().contiguous() for k, p in named_params.items()},
+            str(stage / "trainable.safetensors"),
+        )
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, stage / "optimizer.pt"
+        )
+        (stage / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
+    if not (path / "trainer_state.json").exists():
+        raise SkipGPTError(
+            f"no checkpoint to resume from in {path.parent} (missing {path.name}/trainer_state.json)"
+        )
+    tensors = load_file(str(path / "trainable.safetensors"))
+    if set(tensors) != set(named_params):
+        raise SkipGPTError(
+            f"checkpoint {path} holds other trainable parameters than this run; start a new --output"
+        )
+    with torch.no_grad():
+        for k, p in named_params.items():
+            p.copy_(tensors[k])
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def train_loop(
+    model: torch.nn.Module,
+    named_params: dict[str, torch.nn.Parameter],
+    blocks: torch.Tensor,
+    args: LoopArgs,
+    step_fn: StepFn,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    desc: str = "training",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Optimise ``named_params`` for ``args.max_steps`` steps; return the per-step metric history.
+
+    ``step_fn(forward, input_ids (B, T), step) -> (loss, metrics)`` computes one micro-batch.
+    Checkpoints go to ``output_dir/checkpoint`` every ``args.save_every`` steps and at the end.
+    """
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    accelerator = Accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    params = list(named_params.values())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
+        num_training_steps=args.max_steps,
+    )
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    ckpt = Path(output_dir) / CHECKPOINT_DIR
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume:
+        state = _load_checkpoint(ckpt, named_params, optimizer, scheduler)
+        start, history = state["step"], state["history"]
+        if state.get("loop_args") and state["loop_args"] != asdict(args):
+            raise SkipGPTError(
+                "--resume needs the same training settings as the interrupted run; they differ"
+            )
+
+    model.train()
+    bar = tqdm(
+        total=args.max_steps, initial=start, desc=desc, disable=not (progress and accelerator.is_main_process)
+    )
+    for step in range(start, args.max_steps):
+        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # Gumbel noise of this step
+        sums: dict[str, float] = {}
+        for micro in range(args.grad_accum):
+            idx = batch_indices(blocks.shape[0], step, micro, rank, args, world)
+            batch = blocks[idx].to(accelerator.device)
+            loss, metrics = step_fn(prepared, batch, step)
+            accelerator.backward(loss / args.grad_accum)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            keys = sorted(sums)
+            reduced = accelerator.reduce(
+                torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean"
+            )
+            sums = dict(zip(keys, reduced.tolist(), strict=True))
+        sums["lr"] = scheduler.get_last_lr()[0]
+        history.append({"step": step, **sums})
+        bar.update(1)
+        bar.set_postfix(
+            {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in sums.items() if k != "lr"}
+        )
+        done = step + 1
+        if accelerator.is_main_process and (done % args.save_every == 0 or done == args.max_steps):
+            state = {"step": done, "history": history, "loop_args": asdict(args)}
+            _save_checkpoint(ckpt, named_params, optimizer, scheduler, state)
+        accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(step, sums)
+    bar.close()
+    return history

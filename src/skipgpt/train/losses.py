@@ -1,0 +1,62 @@
+"""Losses of router tuning: LM, sparsity regulariser, self-distillation; and their schedules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..router import linear_schedule
+
+__all__ = ["sparsity_penalty", "distillation_loss", "curriculum_target", "temperature_at", "shifted_lm_loss"]
+
+
+def sparsity_penalty(realised: torch.Tensor, target: float, alpha: float) -> torch.Tensor:
+    """``alpha * |target - realised|`` (the paper's regulariser)."""
+    return alpha * (target - realised).abs()
+
+
+def curriculum_target(target: float, step: int, max_steps: int, ramp_fraction: float) -> float:
+    """Target sparsity at ``step``: ramps linearly from 0 (step 0) to ``target`` at
+    ``ramp_fraction * max_steps`` and stays there; ``ramp_fraction = 0`` is the fixed target."""
+    ramp_steps = ramp_fraction * max_steps
+    if ramp_steps <= 0:
+        return target
+    return target * min(step / ramp_steps, 1.0)
+
+
+def temperature_at(tau_start: float, tau_end: float, step: int, max_steps: int) -> float:
+    """Gumbel temperature annealed linearly from ``tau_start`` to ``tau_end`` over the run."""
+    return linear_schedule(tau_start, tau_end, step, max_steps)
+
+
+def shifted_lm_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+):
+    """Next-token cross-entropy. logits (B, T, V), input_ids (B, T) -> scalar, padding excluded."""
+    labels = input_ids[:, 1:]
+    logits = logits[:, :-1]
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged over real tokens, times ``temperature**2``.
+
+    logits: (B, T, V). Zero when the student equals the teacher.
+    """
+    t = temperature
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (B, T)
+    if attention_mask is not None:
+        m = attention_mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
+    return kl.mean() * t * t

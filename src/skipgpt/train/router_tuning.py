@@ -1,0 +1,133 @@
+"""Stage 1, router tuning: the base model is frozen and only the routers learn.
+
+Loss per step::
+
+    lm_weight * LM  +  alpha * |target_t - s|  [+ distill_weight * KL(dense teacher || routed)]
+
+where ``s`` is the realised skip rate of the step (modules or parameters, ``config.budget``),
+``target_t`` the (optionally ramped) target, and the teacher is the same frozen model with
+every module executing (free: no second model in memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SkipGPTError
+from ..io import prepare_output_dir
+from ..model import SkipGPTModel
+from .loop import LoopArgs, train_loop
+from .losses import curriculum_target, distillation_loss, shifted_lm_loss, sparsity_penalty, temperature_at
+
+__all__ = ["RouterTuningArgs", "train_routers"]
+
+
+@dataclass
+class RouterTuningArgs:
+    """Stage-1 settings beyond the router config (which holds target, alpha and tau)."""
+
+    lm_weight: float = 1.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    curriculum: float = 0.0  # fraction of the run over which the target ramps up from 0
+
+    def __post_init__(self) -> None:
+        if self.lm_weight < 0 or self.distill_weight < 0:
+            raise SkipGPTError("lm_weight and distill_weight must be >= 0")
+        if self.lm_weight == 0 and self.distill_weight == 0:
+            raise SkipGPTError("at least one of lm_weight and distill_weight must be > 0")
+        if not 0 <= self.curriculum <= 1:
+            raise SkipGPTError(f"curriculum must be a fraction in [0, 1], got {self.curriculum}")
+        if self.distill_temperature <= 0:
+            raise SkipGPTError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+
+
+def _module_rates(model: SkipGPTModel) -> dict[str, float]:
+    rates = model.state.skip_rates
+    out = {}
+    for m in model.skipgpt_config.modules:
+        vals = [float(v.detach()) for (_, mod), v in rates.items() if mod == m]
+        out[f"{m}_skip"] = sum(vals) / max(len(vals), 1)
+    return out
+
+
+def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
+    cfg = model.skipgpt_config
+
+    def step_fn(forward, input_ids: torch.Tensor, step: int):
+        tau = temperature_at(cfg.tau_start, cfg.tau_end, step, loop.max_steps)
+        target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum)
+        model.set_temperature(tau)
+        metrics: dict[str, float] = {}
+        teacher = None
+        if args.distill_weight > 0:
+            with torch.no_grad(), model.dense():
+                teacher = forward(input_ids=input_ids).logits
+        logits = forward(input_ids=input_ids).logits
+        realised = model.realised_sparsity()
+        loss = sparsity_penalty(realised, target, cfg.alpha)
+        if args.lm_weight > 0:
+            lm = shifted_lm_loss(logits, input_ids)
+            loss = loss + args.lm_weight * lm
+            metrics["lm"] = float(lm.detach())
+        if teacher is not None:
+            kd = distillation_loss(logits, teacher, args.distill_temperature)
+            loss = loss + args.distill_weight * kd
+            metrics["kd"] = float(kd.detach())
+        metrics.update(_module_rates(model))
+        metrics.update(loss=float(loss.detach()), sparsity=float(realised.detach()), tau=tau, target=target)
+        return loss, metrics
+
+    return step_fn
+
+
+def train_routers(
+    model: SkipGPTModel,
+    blocks: torch.Tensor,
+    output_dir: str | Path,
+    loop: LoopArgs,
+    args: RouterTuningArgs | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    metadata: dict | None = None,
+    on_step=None,
+    progress: bool = True,
+) -> dict:
+    """Tune the routers of ``model`` on ``blocks`` (N, T) and save them to ``output_dir``.
+
+    Returns ``{"output", "steps", "final_loss", "history"}``.
+    """
+    args = args or RouterTuningArgs()
+    output_dir = prepare_output_dir(output_dir)
+    if (output_dir / "skipgpt_config.json").exists() and not (resume or overwrite):
+        raise SkipGPTError(
+            f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
+        )
+    model.mark_only_routers_trainable()
+    named = {k: p for k, p in model.router_state_dict().items()}
+    history = train_loop(
+        model,
+        named,
+        blocks,
+        loop,
+        make_step_fn(model, loop, args),
+        output_dir,
+        resume=resume,
+        desc="router tuning",
+        on_step=on_step,
+        progress=progress,
+    )
+    model.eval()
+    meta = {"stage": "router_tuning", "loop": asdict(loop), "router_tuning": asdict(args), **(metadata or {})}
+    meta["history"] = history
+    model.save_pretrained(output_dir, metadata=meta)
+    return {
+        "output": str(output_dir),
+        "steps": loop.max_steps,
+        "final_loss": history[-1]["loss"],
+        "history": history,
+    }
