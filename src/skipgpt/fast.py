@@ -1,18 +1,182 @@
 """Inference execution that really skips work (gather the executing tokens, run, scatter back).
 
 Every function here has a reference twin in ``layer.py`` (module on all tokens, output times
-the 0/1 gate) and is tested against it.
+the 0/1 gate) and is tested against it (``tests/test_fast.py``).
+
+Attention (``fast_attn_residual``), for a block input ``h`` (B, T, d) and an execute mask:
+
+* keys/values for *every* token (``k_proj``, ``v_proj``, optional ``k_norm``, rotary), written
+  into the HF cache with ``past_key_values.update`` exactly as the stock attention does, so a
+  token that skips still leaves its K/V for the tokens that attend to it later;
+* queries (``q_proj``, optional ``q_norm``, rotary), attention and ``o_proj`` only for the
+  executing tokens, whose outputs are scatter-added into the residual stream.
+
+Masking follows what the model passes its layers. A 4D mask (B or 1, 1, T, KV) (boolean for
+sdpa, additive float for eager; it already holds causality, padding and sliding windows) is
+read row by row for the executing queries; ``None`` means what it means to the stock sdpa
+call: causal (upper-left, keys cropped to T) when T > 1, all keys when T == 1.
+
+Prefill packs the executing queries of each sequence into (B, Tq) slots, Tq = the largest
+count, and runs SDPA over query chunks whose keys stop at the chunk's last position, so the
+upper triangle that the dense causal kernel never computes is (mostly) not computed here
+either. Decode (T == 1) runs SDPA per run of consecutive executing sequences on views of the
+cache (no copy of K/V); a step where no sequence executes costs only the K/V projections.
+
+Padding tokens (``RoutingState.token_mask``) never execute here: no real token reads their
+outputs, so their logits are garbage, as they already are in the dense model.
+
+Attention variants the kernel does not implement (softcapping, attention sinks, partial
+rotary, flash/flex attention, ``output_attentions``, an unknown attention class) fall back to
+the reference computation with a one-time warning: slower, never wrong.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
-__all__ = ["fast_attn_residual", "fast_mlp_residual"]
+__all__ = [
+    "AttentionParts",
+    "ATTENTION_PARTS",
+    "register_attention",
+    "fast_attn_residual",
+    "fast_mlp_residual",
+    "fast_attention_supported",
+]
 
 
+@dataclass(frozen=True)
+class AttentionParts:
+    """Attribute names of an attention module's parts (None = the part does not exist)."""
+
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    q_norm: str | None = None
+    k_norm: str | None = None
+
+
+_PLAIN = AttentionParts()
+_QK_NORM = AttentionParts(q_norm="q_norm", k_norm="k_norm")
+
+# Attention classes whose forward the fast kernel reproduces (checked against transformers 5.x):
+# projections -> optional per-head q/k RMSNorm -> rotary on the full head dim -> cache update
+# -> scaled dot-product attention with the model's mask (GQA) -> o_proj.
+ATTENTION_PARTS: dict[str, AttentionParts] = {
+    "LlamaAttention": _PLAIN,
+    "MistralAttention": _PLAIN,
+    "Qwen2Attention": _PLAIN,
+    "Qwen3Attention": _QK_NORM,
+}
+
+# Mask conventions the kernel understands (what create_causal_mask builds for these).
+_FAST_IMPLEMENTATIONS = ("sdpa", "eager")
+
+_MAX_DECODE_RUNS = 4  # above this many runs of executing sequences, gather K/V instead of looping
+_MIN_CHUNK = 64  # prefill query chunk: at least this many packed queries ...
+_MAX_CHUNKS = 8  # ... and at most this many chunks
+
+_warned: set[str] = set()
+
+
+def register_attention(class_name: str, parts: AttentionParts) -> None:
+    """Declare that attention modules of ``class_name`` follow the Llama recipe with these parts."""
+    ATTENTION_PARTS[class_name] = parts
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"skipgpt fast path: {reason}; using the reference (compute-all, gated) attention "
+            "for it: correct, but skipped attention saves no time",
+            stacklevel=3,
+        )
+
+
+def _unsupported(attn, kwargs) -> str | None:
+    """Why the fast kernel cannot run this attention call, or None when it can."""
+    name = type(attn).__name__
+    if name not in ATTENTION_PARTS:
+        return f"attention class {name} is not registered (skipgpt.fast.register_attention)"
+    config = getattr(attn, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _FAST_IMPLEMENTATIONS:
+        return f"attention implementation {impl!r} (fast kernel supports {list(_FAST_IMPLEMENTATIONS)})"
+    for flag in ("attn_logit_softcapping", "attention_logit_softcapping"):
+        if getattr(config, flag, None) is not None:
+            return "attention logit softcapping"
+    if getattr(attn, "sinks", None) is not None:
+        return "attention sinks"
+    if not getattr(attn, "is_causal", True):
+        return "non-causal attention"
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True"
+    pe = kwargs.get("position_embeddings")
+    if not (isinstance(pe, tuple | list) and len(pe) == 2):
+        return "no (cos, sin) position_embeddings"
+    if pe[0].shape[-1] != attn.head_dim:
+        return "partial rotary embeddings"
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        return f"attention mask of type {type(mask).__name__} / shape {getattr(mask, 'shape', None)}"
+    if mask is None and impl == "eager":
+        return "eager attention without a mask"
+    return None
+
+
+def fast_attention_supported(layer, **kwargs) -> str | None:
+    """None when ``layer``'s attention runs on the fast kernel with these kwargs, else why not."""
+    return _unsupported(layer.part("attn"), kwargs)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same arithmetic as HF's apply_rotary_pos_emb (cos/sin already broadcastable to x)."""
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def _effective_execute(layer, execute: torch.Tensor) -> torch.Tensor:
+    """Padding tokens never execute (their outputs are read by nothing but their own logits)."""
+    mask = layer.state.token_mask
+    if mask is not None and mask.shape == execute.shape:
+        return execute & mask.to(execute.device)
+    return execute
+
+
+_causal_cache: list[tuple[torch.Tensor, int, bool]] = []  # the last few masks seen (held, so ids stay valid)
+
+
+def _is_causal_mask(mask: torch.Tensor, past: int) -> bool:
+    """True if no query row j of a 4D mask allows a key after ``past + j`` (lower-right causal).
+
+    Cached per mask object: the model passes the same mask to every layer of a forward.
+    """
+    for seen, seen_past, result in _causal_cache:
+        if seen is mask and seen_past == past:
+            return result
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    result = not bool(allowed.triu(past + 1).any())
+    _causal_cache.append((mask, past, result))
+    del _causal_cache[:-4]
+    return result
+
+
+# -- MLP -------------------------------------------------------------------------------------------
 def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor) -> torch.Tensor:
     """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + MLP branch on executing tokens."""
+    execute = _effective_execute(layer, execute)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     idx = execute.reshape(-1).nonzero().squeeze(-1)
     if idx.numel() == 0:
@@ -23,10 +187,158 @@ def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor)
     return flat.index_add(0, idx, out.to(flat.dtype)).view_as(hidden_states)
 
 
+# -- attention -------------------------------------------------------------------------------------
 def fast_attn_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Attention branch for executing tokens only (K/V of every token still computed).
+    """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + attention branch on executing tokens.
 
-    Placeholder until the real kernel lands: computes the branch for all tokens.
+    K/V of every token are computed and cached; queries, attention and the output projection
+    only for executing tokens. ``kwargs`` are what the model passes its decoder layers.
     """
-    out = layer.attn_branch(hidden_states, **kwargs)
-    return hidden_states + execute.unsqueeze(-1).to(out.dtype) * out
+    attn = layer.part("attn")
+    reason = _unsupported(attn, kwargs)
+    if reason is not None:
+        _warn_once(reason)
+        out = layer.attn_branch(hidden_states, **kwargs)
+        return hidden_states + execute.unsqueeze(-1).to(out.dtype) * out
+
+    execute = _effective_execute(layer, execute)
+    B, T, d = hidden_states.shape
+    flat_idx = execute.reshape(-1).nonzero().squeeze(-1)
+    n = flat_idx.numel()
+    if n == B * T:  # everyone executes: the model's own attention, exactly as the reference
+        return hidden_states + layer.attn_branch(hidden_states, **kwargs)
+
+    parts = ATTENTION_PARTS[type(attn).__name__]
+    hd = attn.head_dim
+    x = layer._norm("attn_pre_norm", hidden_states)
+    cos, sin = kwargs["position_embeddings"]
+    past_key_values = kwargs.get("past_key_values")
+
+    # keys / values of every token, into the cache
+    k = getattr(attn, parts.k_proj)(x).view(B, T, -1, hd)
+    if parts.k_norm is not None:
+        k = getattr(attn, parts.k_norm)(k)
+    k = _rope(k.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
+    v = getattr(attn, parts.v_proj)(x).view(B, T, -1, hd).transpose(1, 2)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, attn.layer_idx)
+    if n == 0:
+        return hidden_states
+
+    # queries of executing tokens only: (n, H, hd)
+    x_flat = x.reshape(B * T, d)
+    q = getattr(attn, parts.q_proj)(x_flat.index_select(0, flat_idx)).view(n, -1, hd)
+    if parts.q_norm is not None:
+        q = getattr(attn, parts.q_norm)(q)
+    if cos.shape[0] == 1:
+        t_of = flat_idx % T
+        cos_q, sin_q = cos[0].index_select(0, t_of), sin[0].index_select(0, t_of)
+    else:
+        cos_q = cos.expand(B, T, hd).reshape(B * T, hd).index_select(0, flat_idx)
+        sin_q = sin.expand(B, T, hd).reshape(B * T, hd).index_select(0, flat_idx)
+    q = _rope(q, cos_q.unsqueeze(1), sin_q.unsqueeze(1))
+
+    mask = kwargs.get("attention_mask")
+    if T == 1:
+        out = _decode_attention(attn, q, k, v, mask, flat_idx)
+    else:
+        out = _prefill_attention(attn, q, k, v, mask, execute, flat_idx)
+    out = getattr(attn, parts.o_proj)(out)
+    out = layer._norm("attn_post_norm", out)
+    flat = hidden_states.reshape(B * T, d)
+    return flat.index_add(0, flat_idx, out.to(flat.dtype)).view_as(hidden_states)
+
+
+def _sdpa(attn, q, k, v, mask):
+    """SDPA with the module's scaling; GQA without copying K/V."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
+
+
+def _decode_attention(attn, q, k, v, mask, idx) -> torch.Tensor:
+    """One new token per sequence; q (n, H, hd) for the executing sequences ``idx`` -> (n, H*hd).
+
+    Keys (B, KVH, KV, hd) of the cache are read through views, one SDPA per run of
+    consecutive executing sequences (a step's runs are few), so no K/V is copied.
+    """
+    n, H, hd = q.shape
+    kvh = k.shape[1]
+    qg = q.view(n, kvh, H // kvh, hd)  # pack GQA: the query heads of one K/V head as query rows
+    if mask is not None:
+        mask = mask if mask.shape[0] > 1 else mask.expand(k.shape[0], *mask.shape[1:])
+    rows = idx.tolist()
+    runs: list[tuple[int, int, int]] = []  # (first sequence, end sequence, first row of q)
+    for i, b in enumerate(rows):
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1, runs[-1][2])
+        else:
+            runs.append((b, b + 1, i))
+    if len(runs) > _MAX_DECODE_RUNS:
+        m = None if mask is None else mask.index_select(0, idx)
+        out = F.scaled_dot_product_attention(
+            qg, k.index_select(0, idx), v.index_select(0, idx), attn_mask=m, scale=attn.scaling
+        )
+        return out.reshape(n, H * hd)
+    outs = []
+    for s, e, i in runs:
+        m = None if mask is None else mask[s:e]
+        outs.append(
+            F.scaled_dot_product_attention(qg[i : i + e - s], k[s:e], v[s:e], attn_mask=m, scale=attn.scaling)
+        )
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return out.reshape(n, H * hd)
+
+
+def _prefill_attention(attn, q, k, v, mask, execute, flat_idx) -> torch.Tensor:
+    """q (n, H, hd) of the executing tokens ``flat_idx`` of execute (B, T) -> (n, H*hd)."""
+    B, T = execute.shape
+    n, H, hd = q.shape
+    KV = k.shape[2]
+    t_of = flat_idx % T
+    if B == 1:
+        qp = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
+        qpos = t_of.unsqueeze(0)
+        b_of = rank = None
+    else:
+        b_of = flat_idx // T
+        rank = (execute.cumsum(1) - 1).reshape(-1).index_select(0, flat_idx)
+        tq = int(execute.sum(1).max())
+        qp = q.new_zeros(B, tq, H, hd)
+        qp[b_of, rank] = q
+        qp = qp.transpose(1, 2)  # (B, H, Tq, hd)
+        qpos = torch.zeros(B, tq, dtype=torch.long, device=q.device)
+        qpos[b_of, rank] = t_of
+        qpos = qpos.cummax(1).values  # empty slots repeat their row's last query (never widen the key range)
+    tq = qp.shape[2]
+
+    if mask is None:  # stock sdpa: is_causal (upper-left), keys cropped to T
+        past, rows, causal = 0, None, True
+        KV = min(KV, T)
+    else:
+        past = KV - T
+        m = mask[:, 0]
+        rows = m[0][qpos] if m.shape[0] == 1 else m[torch.arange(B, device=m.device).unsqueeze(1), qpos]
+        rows = rows.unsqueeze(1)  # (B, 1, Tq, KV)
+        causal = _is_causal_mask(mask, past)
+
+    n_chunks = max(1, min(_MAX_CHUNKS, tq // _MIN_CHUNK)) if causal else 1
+    size = math.ceil(tq / n_chunks)
+    starts = list(range(0, tq, size))
+    ends = [min(s + size, tq) for s in starts]
+    if causal:
+        last = qpos[:, [e - 1 for e in ends]].amax(0)
+        limits = (last + past + 1).clamp(max=KV).tolist()
+    else:
+        limits = [KV] * len(starts)
+    outs = []
+    for s, e, lim in zip(starts, ends, limits, strict=True):
+        if rows is None:
+            cm = torch.arange(lim, device=q.device) <= qpos[:, s:e, None]  # (B, c, lim)
+            cm = cm.unsqueeze(1)
+        else:
+            cm = rows[:, :, s:e, :lim]
+        outs.append(_sdpa(attn, qp[:, :, s:e], k[:, :, :lim], v[:, :, :lim], cm))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (B, H, Tq, hd)
+    out = out.transpose(1, 2)  # (B, Tq, H, hd)
+    out = out[0] if B == 1 else out[b_of, rank]
+    return out.reshape(n, H * hd)
