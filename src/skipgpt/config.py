@@ -72,6 +72,7 @@ class SkipGPTConfig:
         default="modules",
         metadata={"help": "'modules': every decision counts 1; 'params': weighted by module parameters."},
     )
+    seed: int = field(default=0, metadata={"help": "Seed of the routers' initial weights."})
     mlp_router_input: str = field(
         default="block_input",
         metadata={"help": "'block_input' (paper code) or 'post_attention': what the MLP router reads."},

@@ -38,8 +38,8 @@ def run(args) -> int:
     from ..model import get_skipgpt_model
     from ..specs import load_base_model
     from ..train.loop import LoopArgs
-    from ..train.router_tuning import RouterTuningArgs, train_routers
-    from .train_router import router_config_from_args
+    from ..train.router_tuning import train_routers
+    from .train_router import router_config_from_args, tuning_args_from_args
 
     out = prepare_output_dir(args.output)
     t0 = time.time()
@@ -53,12 +53,7 @@ def run(args) -> int:
     }
 
     loop = LoopArgs(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    tuning = RouterTuningArgs(
-        lm_weight=args.lm_weight,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-        curriculum=args.curriculum,
-    )
+    tuning = tuning_args_from_args(args)
     train_routers(
         model,
         train,

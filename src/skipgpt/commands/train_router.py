@@ -60,6 +60,13 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS["curriculum"],
         help="fraction of the run over which the target ramps from 0 (0 = fixed target)",
     )
+    g.add_argument(
+        "--calibrate-blocks",
+        type=int,
+        default=16,
+        help="after training, set θ so that deterministic routing meets the target on this many "
+        "training blocks (0 = keep --threshold)",
+    )
 
 
 def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -83,6 +90,17 @@ def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--warmup-ratio", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps")
+    g.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16", "fp16"],
+        default="no",
+        help="autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder layers in backward: less activation memory for long sequences",
+    )
     g.add_argument(
         "--output", required=True, help="output folder (new, or an earlier skipgpt output with --resume)"
     )
@@ -129,6 +147,20 @@ def loop_args_from_args(args):
         warmup_ratio=args.warmup_ratio,
         seed=args.seed,
         save_every=args.save_every,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def tuning_args_from_args(args):
+    from ..train.router_tuning import RouterTuningArgs
+
+    return RouterTuningArgs(
+        lm_weight=args.lm_weight,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        curriculum=args.curriculum,
+        calibrate_blocks=args.calibrate_blocks,
     )
 
 
@@ -141,16 +173,11 @@ def run(args) -> int:
     from ..loading import is_skipgpt_dir
     from ..model import get_skipgpt_model
     from ..specs import load_base_model
-    from ..train.router_tuning import RouterTuningArgs, train_routers
+    from ..train.router_tuning import train_routers
 
     config = router_config_from_args(args)
     loop = loop_args_from_args(args)
-    tuning = RouterTuningArgs(
-        lm_weight=args.lm_weight,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-        curriculum=args.curriculum,
-    )
+    tuning = tuning_args_from_args(args)
     prepare_output_dir(args.output)  # refuse a foreign folder before any slow work
     if is_skipgpt_dir(args.model):
         raise SkipGPTError(
@@ -180,6 +207,10 @@ def run(args) -> int:
         "final_loss": result["final_loss"],
         "sparsity": {k: v for k, v in check["sparsity"].items() if k != "per_layer"},
     }
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # multi-process launch: rank 0 reports
+        return 0
     s = summary["sparsity"]
     human = (
         f"saved routers to {result['output']} after {result['steps']} steps; final loss {result['final_loss']:.4f}; "

@@ -33,6 +33,7 @@ class RouterTuningArgs:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     curriculum: float = 0.0  # fraction of the run over which the target ramps up from 0
+    calibrate_blocks: int = 16  # after training, set θ to hit the target on this many blocks (0 = keep θ)
 
     def __post_init__(self) -> None:
         if self.lm_weight < 0 or self.distill_weight < 0:
@@ -84,6 +85,25 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
     return step_fn
 
 
+def _calibrate(model: SkipGPTModel, blocks: torch.Tensor) -> dict:
+    """Deterministic sparsity at the configured θ, then θ re-set so the target is met on ``blocks``."""
+    from ..calibration import calibrate_threshold
+    from ..eval.perplexity import evaluate_perplexity
+
+    before = model.state.threshold
+    at_before = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
+    theta = calibrate_threshold(model, blocks, model.skipgpt_config.target_sparsity)
+    at_after = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
+    pick = ("module", "attn", "mlp", "params")
+    return {
+        "threshold_before": before,
+        "sparsity_before": {k: at_before[k] for k in pick},
+        "threshold": theta,
+        "sparsity_after": {k: at_after[k] for k in pick},
+        "blocks": int(blocks.shape[0]),
+    }
+
+
 def train_routers(
     model: SkipGPTModel,
     blocks: torch.Tensor,
@@ -122,9 +142,17 @@ def train_routers(
         progress=progress,
     )
     model.eval()
-    meta = {"stage": "router_tuning", "loop": asdict(loop), "router_tuning": asdict(args), **(metadata or {})}
+    calibration = None
+    if args.calibrate_blocks > 0:
+        calibration = _calibrate(model, blocks[: args.calibrate_blocks])
+    meta = {"stage": "router_tuning", "threshold_calibration": calibration, "loop": asdict(loop), "router_tuning": asdict(args), **(metadata or {})}
     meta["history"] = history
-    model.save_pretrained(output_dir, metadata=meta)
+    from accelerate import PartialState
+
+    state = PartialState()  # under `accelerate launch` every rank holds the same routers: one writes
+    if state.is_main_process:
+        model.save_pretrained(output_dir, metadata=meta)
+    state.wait_for_everyone()
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,

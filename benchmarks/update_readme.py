@@ -1,0 +1,44 @@
+"""Copy result tables made by the benchmark commands into README.md (never typed by hand).
+
+A README section ``<!-- results:NAME -->`` … ``<!-- /results:NAME -->`` is replaced by the
+file named in ``SECTIONS`` (a markdown table + settings line written by its command).
+
+    python benchmarks/update_readme.py            # after running the commands below
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# name -> (result file, the command that writes it)
+SECTIONS = {
+    "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
+    "recipe": ("results/recipe.md", "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md"),
+    "bench": ("results/bench.md", "python benchmarks/bench_speed.py --out results/bench.json"),
+    "compare": ("results/compare.md", "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare"),
+    "lora": ("results/lora.md", "python benchmarks/lora_table.py --out runs/lora"),
+    "zeroshot": ("results/zeroshot.md", "python benchmarks/zeroshot_table.py --out runs/zeroshot"),
+}
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, (path, command) in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+        if not pattern.search(text):
+            continue
+        src = ROOT / path
+        body = src.read_text().strip() if src.exists() else f"_not measured yet: run `{command}`_"
+        text = pattern.sub(lambda m, b=body, c=command: f"{m.group(1)}Made by `{c}`:\n\n{b}\n{m.group(2)}", text)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
