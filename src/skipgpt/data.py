@@ -264,7 +264,7 @@ def pack_blocks(
     seq_len: int,
     max_blocks: int | None = None,
     add_bos: bool = True,
-    name: str = "the text",
+    name: str = "texts",
 ) -> torch.Tensor:
     """Tokenise ``texts``, concatenate, cut into non-overlapping blocks: (N, seq_len) LongTensor.
 
@@ -302,7 +302,7 @@ def pack_blocks(
     n = total // seq_len if need is None else min(total, need) // seq_len
     if n == 0:
         raise SkipGPTError(
-            f"dataset {name} has {total} tokens, fewer than one block of seq_len={seq_len}; "
+            f"dataset '{name}' has {total} tokens, fewer than one block of seq_len={seq_len}; "
             "use a smaller --seq-len or more text"
         )
     flat = torch.tensor(list(chain.from_iterable(pieces))[: n * seq_len], dtype=torch.long)

@@ -192,7 +192,9 @@ def _resolve(spec: str | Path) -> tuple[str, str | Path]:
         raise SkipGPTError(f"model spec '{text}': no such .gguf file; accepted: {model_spec_forms()}")
     if _HUB_ID.match(text):
         return "hub", text
-    raise SkipGPTError(f"unknown model spec '{text}' (no such file or folder); accepted: {model_spec_forms()}")
+    raise SkipGPTError(
+        f"unknown model spec '{text}' (no such file or folder); accepted: {model_spec_forms()}"
+    )
 
 
 def describe_spec(spec: str | Path) -> dict:
@@ -272,7 +274,9 @@ def _load_hub(name: str, dtype: torch.dtype, attn: str):
 
 
 def _load_skipgpt(path: Path, dtype: torch.dtype, attn: str):
-    raise SkipGPTError(f"'{path}' is a skipgpt output folder; load it with skipgpt.load_model, not as a base model")
+    raise SkipGPTError(
+        f"'{path}' is a skipgpt output folder; load it with skipgpt.load_model, not as a base model"
+    )
 
 
 _LOADERS = {
