@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from skipgpt.specs import RANDOM_CONFIGS, load_base_model
 
 from skipgpt import SkipGPTConfig, get_skipgpt_model
+from skipgpt.specs import RANDOM_CONFIGS, load_base_model
 
 ARCHS = sorted(RANDOM_CONFIGS)
 

@@ -5,19 +5,39 @@ A decoder layer is read as two residual branches::
     x = x + attn_post_norm(attn(attn_pre_norm(x)))
     x = x + mlp_post_norm(mlp(mlp_pre_norm(x)))
 
-Llama-like layers have only the pre-norms; Gemma 2/3 have all four norms; OLMo-2 only
-post-norms. A new family is one entry in ``ADAPTERS``.
+Llama-like layers (Llama, Mistral, Qwen2/3, Phi-3) have only the pre-norms; Gemma 2/3 have
+all four norms ("sandwich"); OLMo-2 only post-norms. A new family is one entry in ``ADAPTERS``
+(``model_type`` -> names), checked by the test matrix in ``tests/test_arch_matrix.py``.
+
+Family notes (transformers 5.x):
+
+* Phi-3 fuses ``qkv_proj`` and ``gate_up_proj``; the routed branches call the modules whole,
+  so fusion does not matter here (the fast attention kernel falls back to the reference
+  computation for it). Its ``resid_*_dropout`` are identities in eval and at the usual
+  ``resid_pdrop=0``; the routed layer does not apply them.
+* Gemma 2/3 sliding-window layers need nothing: the model passes each layer its own mask
+  (and, for Gemma 3, its own rotary tables) through the layer kwargs, which go to attention.
+* Multimodal Gemma 3 (``gemma3``, ``Gemma3ForConditionalGeneration``) keeps its decoder in
+  ``model.language_model``; text-only Gemma 3 (``gemma3_text``) in ``model.layers``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from .errors import SkipGPTError
 
-__all__ = ["LayerAdapter", "ADAPTERS", "get_adapter", "register_adapter"]
+__all__ = [
+    "LayerAdapter",
+    "ADAPTERS",
+    "LLAMA_LIKE",
+    "SANDWICH_NORMS",
+    "POST_NORMS",
+    "get_adapter",
+    "register_adapter",
+]
 
 
 @dataclass(frozen=True)
@@ -55,15 +75,28 @@ SANDWICH_NORMS = LayerAdapter(
     mlp_post_norm="post_feedforward_layernorm",
 )
 
+POST_NORMS = LayerAdapter(
+    attn_pre_norm=None,
+    attn_post_norm="post_attention_layernorm",
+    mlp_pre_norm=None,
+    mlp_post_norm="post_feedforward_layernorm",
+)
+
 ADAPTERS: dict[str, LayerAdapter] = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
     "qwen3": LLAMA_LIKE,
+    "phi3": LLAMA_LIKE,
+    "gemma2": SANDWICH_NORMS,
+    "gemma3_text": SANDWICH_NORMS,
+    "gemma3": replace(SANDWICH_NORMS, layers_path="model.language_model.layers"),
+    "olmo2": POST_NORMS,
 }
 
 
 def register_adapter(model_type: str, adapter: LayerAdapter) -> None:
+    """Support another ``model_type`` whose decoder layers follow the two-branch shape above."""
     ADAPTERS[model_type] = adapter
 
 

@@ -8,6 +8,7 @@ uninterrupted run would have computed from k on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from tqdm.auto import tqdm
 from ..errors import SkipGPTError
 from ..io import staged_dir
 
-__all__ = ["LoopArgs", "train_loop", "CHECKPOINT_DIR", "batch_indices"]
+__all__ = ["LoopArgs", "train_loop", "CHECKPOINT_DIR", "MIXED_PRECISION", "batch_indices", "make_accelerator"]
 
 CHECKPOINT_DIR = "checkpoint"
+MIXED_PRECISION = ("no", "bf16", "fp16")
 # step_fn(forward, input_ids (B, T), step) -> (loss, metrics); call `forward` (the accelerate-prepared
 # model, e.g. DDP-wrapped) for the differentiable forward so that gradients are synchronised.
 StepFn = Callable[[Callable, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
@@ -41,6 +43,8 @@ class LoopArgs:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     save_every: int = 50
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16": autocast through accelerate
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (long sequences)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
@@ -51,6 +55,10 @@ class LoopArgs:
             raise SkipGPTError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise SkipGPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise SkipGPTError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
 
 
 def batch_indices(
@@ -68,6 +76,65 @@ def batch_indices(
         sel = epochs == epoch
         out[sel] = perm[positions[sel] % num_blocks]
     return out
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``Accelerator`` with this autocast setting (the launcher's process group is kept).
+
+    accelerate keeps one global state per process; a second run in the same process (tests,
+    notebooks) with another precision would be refused, so only that part is reset.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    # Without a GPU, `accelerate launch --multi_gpu` / `torchrun` processes must still form a
+    # process group: cpu=True makes accelerate pick MULTI_CPU with gloo (it otherwise only does
+    # so under mpirun). On a single process it changes nothing.
+    cpu_only = not torch.accelerator.is_available()
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_only)
+    except ValueError as e:  # e.g. bf16 on a GPU without bf16
+        raise SkipGPTError(f"--mixed-precision {mixed_precision}: {str(e).splitlines()[0]}") from None
+    if mixed_precision == "fp16" and not accelerator.native_amp:
+        # accelerate would silently train in fp32 here
+        raise SkipGPTError(f"--mixed-precision fp16 needs a GPU; on {accelerator.device.type} use bf16 or no")
+    return accelerator
+
+
+def _rank_divergence(accelerator, prepared, params: list[torch.nn.Parameter]) -> float:
+    """Largest difference between ranks of per-tensor (sum, sum of squares) of ``params``.
+
+    0.0 when every rank holds the same weights, which is what synchronised gradients give;
+    ranks that trained on their own shards without an all-reduce drift apart at once. Only
+    replicated (DDP) training is checked: FSDP / ZeRO-3 ranks hold different shards by design.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if accelerator.num_processes == 1 or not isinstance(prepared, DistributedDataParallel):
+        return 0.0
+    sums = torch.stack(
+        [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in params]
+    ).flatten()
+    every = accelerator.gather(sums.to(accelerator.device)[None]).cpu()
+    return float((every - every[0]).abs().max())
+
+
+def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
+    """Turn on/off transformers' activation checkpointing of the decoder layers.
+
+    ``RoutedDecoderLayer`` is a ``GradientCheckpointingLayer``, so the routed layers are the
+    checkpointed units; non-reentrant checkpointing keeps the router gates' side outputs (the
+    skip rates of the sparsity loss) differentiable and replays the same Gumbel noise.
+    """
+    if not enable:
+        if getattr(model, "is_activation_checkpointing", False):
+            model.activation_checkpointing_disable()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SkipGPTError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _save_checkpoint(
@@ -115,19 +182,28 @@ def train_loop(
     desc: str = "training",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    lr_scale: dict[str, float] | None = None,
 ) -> list[dict[str, float]]:
     """Optimise ``named_params`` for ``args.max_steps`` steps; return the per-step metric history.
 
     ``step_fn(forward, input_ids (B, T), step) -> (loss, metrics)`` computes one micro-batch.
     Checkpoints go to ``output_dir/checkpoint`` every ``args.save_every`` steps and at the end.
+    ``lr_scale`` (name -> factor, default 1) gives some parameters another learning rate
+    (SkipGPT-Joint: routers and LoRA in one run).
     """
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator(args.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     params = list(named_params.values())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named_params.items():
+        groups.setdefault((lr_scale or {}).get(name, 1.0), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": args.lr * s} for s, ps in groups.items()],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+    )
     scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
@@ -147,17 +223,23 @@ def train_loop(
             )
 
     model.train()
+    _set_checkpointing(model, args.gradient_checkpointing)
     bar = tqdm(
         total=args.max_steps, initial=start, desc=desc, disable=not (progress and accelerator.is_main_process)
     )
     for step in range(start, args.max_steps):
-        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # Gumbel noise of this step
         sums: dict[str, float] = {}
         for micro in range(args.grad_accum):
+            # Gumbel noise seeded by the global shard (micro-step x rank) of this step's batch, so
+            # N processes x batch B equal one process x batch B with grad_accum N, noise included.
+            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + micro * world + rank)
             idx = batch_indices(blocks.shape[0], step, micro, rank, args, world)
             batch = blocks[idx].to(accelerator.device)
-            loss, metrics = step_fn(prepared, batch, step)
-            accelerator.backward(loss / args.grad_accum)
+            # DDP all-reduces on the last micro-step only; the others just accumulate locally
+            sync = contextlib.nullcontext() if micro == args.grad_accum - 1 else accelerator.no_sync(prepared)
+            with sync:
+                loss, metrics = step_fn(prepared, batch, step)
+                accelerator.backward(loss / args.grad_accum)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
         if args.max_grad_norm:
@@ -178,11 +260,26 @@ def train_loop(
             {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in sums.items() if k != "lr"}
         )
         done = step + 1
-        if accelerator.is_main_process and (done % args.save_every == 0 or done == args.max_steps):
-            state = {"step": done, "history": history, "loop_args": asdict(args)}
-            _save_checkpoint(ckpt, named_params, optimizer, scheduler, state)
+        if done % args.save_every == 0 or done == args.max_steps:
+            # every rank must join the gather; a difference means gradients were not all-reduced
+            divergence = _rank_divergence(accelerator, prepared, params)
+            if divergence > 0:
+                raise SkipGPTError(
+                    f"trainable weights differ across the {world} processes at step {done} "
+                    f"(checksum difference {divergence:.3g}): gradients are not being synchronised"
+                )
+            if accelerator.is_main_process:
+                state = {
+                    "step": done,
+                    "history": history,
+                    "loop_args": asdict(args),
+                    "processes": world,
+                    "rank_divergence": divergence,
+                }
+                _save_checkpoint(ckpt, named_params, optimizer, scheduler, state)
         accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step, sums)
     bar.close()
+    _set_checkpointing(model, False)
     return history
