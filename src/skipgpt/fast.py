@@ -5,7 +5,8 @@ the 0/1 gate) and is tested against it (``tests/test_fast.py``).
 
 Attention (``fast_attn_residual``), for a block input ``h`` (B, T, d) and an execute mask:
 
-* keys/values for *every* token (``k_proj``, ``v_proj``, optional ``k_norm``, rotary), written
+* keys/values for *every* token (``k_proj``, ``v_proj`` or the k/v rows of a fused
+  ``qkv_proj``, optional per-head or full-width ``k_norm``, rotary), written
   into the HF cache with ``past_key_values.update`` exactly as the stock attention does, so a
   token that skips still leaves its K/V for the tokens that attend to it later;
 * queries (``q_proj``, optional ``q_norm``, rotary), attention and ``o_proj`` only for the
@@ -22,6 +23,9 @@ upper triangle that the dense causal kernel never computes is (mostly) not compu
 either. Decode (T == 1) runs SDPA per run of consecutive executing sequences on views of the
 cache (no copy of K/V); a step where no sequence executes costs only the K/V projections.
 
+Batch-1 decode is all or nothing: an executing token runs the model's own attention/MLP, a
+skipping one only its K/V projections.
+
 Padding tokens (``RoutingState.token_mask``) never execute here: no real token reads their
 outputs, so their logits are garbage, as they already are in the dense model.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +64,8 @@ class AttentionParts:
     o_proj: str = "o_proj"
     q_norm: str | None = None
     k_norm: str | None = None
+    qk_norm_full_width: bool = False  # q/k norms over all heads at once (OLMo-2), not per head
+    qkv_proj: str | None = None  # one fused projection, rows [q | k | v] (Phi-3)
 
 
 _PLAIN = AttentionParts()
@@ -72,6 +79,10 @@ ATTENTION_PARTS: dict[str, AttentionParts] = {
     "MistralAttention": _PLAIN,
     "Qwen2Attention": _PLAIN,
     "Qwen3Attention": _QK_NORM,
+    "Gemma2Attention": _PLAIN,  # its logit softcapping falls back unless the config disables it
+    "Gemma3Attention": _QK_NORM,
+    "Olmo2Attention": AttentionParts(q_norm="q_norm", k_norm="k_norm", qk_norm_full_width=True),
+    "Phi3Attention": AttentionParts(qkv_proj="qkv_proj"),
 }
 
 # Mask conventions the kernel understands (what create_causal_mask builds for these).
@@ -109,7 +120,7 @@ def _unsupported(attn, kwargs) -> str | None:
     if impl not in _FAST_IMPLEMENTATIONS:
         return f"attention implementation {impl!r} (fast kernel supports {list(_FAST_IMPLEMENTATIONS)})"
     for flag in ("attn_logit_softcapping", "attention_logit_softcapping"):
-        if getattr(config, flag, None) is not None:
+        if getattr(config, flag, None) is not None or getattr(attn, flag, None) is not None:
             return "attention logit softcapping"
     if getattr(attn, "sinks", None) is not None:
         return "attention sinks"
@@ -155,7 +166,7 @@ def _effective_execute(layer, execute: torch.Tensor) -> torch.Tensor:
     return execute
 
 
-_causal_cache: list[tuple[torch.Tensor, int, bool]] = []  # the last few masks seen (held, so ids stay valid)
+_causal_cache: list[tuple[weakref.ref, int, bool]] = []  # the last few masks seen
 
 
 def _is_causal_mask(mask: torch.Tensor, past: int) -> bool:
@@ -163,12 +174,12 @@ def _is_causal_mask(mask: torch.Tensor, past: int) -> bool:
 
     Cached per mask object: the model passes the same mask to every layer of a forward.
     """
-    for seen, seen_past, result in _causal_cache:
-        if seen is mask and seen_past == past:
+    for ref, seen_past, result in _causal_cache:
+        if ref() is mask and seen_past == past:
             return result
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     result = not bool(allowed.triu(past + 1).any())
-    _causal_cache.append((mask, past, result))
+    _causal_cache.append((weakref.ref(mask), past, result))
     del _causal_cache[:-4]
     return result
 
@@ -176,6 +187,8 @@ def _is_causal_mask(mask: torch.Tensor, past: int) -> bool:
 # -- MLP -------------------------------------------------------------------------------------------
 def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor) -> torch.Tensor:
     """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + MLP branch on executing tokens."""
+    if execute.numel() == 1:  # batch-1 decode: all or nothing, no gather
+        return hidden_states + layer.mlp_branch(hidden_states) if bool(execute) else hidden_states
     execute = _effective_execute(layer, execute)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     idx = execute.reshape(-1).nonzero().squeeze(-1)
@@ -201,12 +214,17 @@ def fast_attn_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor
         out = layer.attn_branch(hidden_states, **kwargs)
         return hidden_states + execute.unsqueeze(-1).to(out.dtype) * out
 
-    execute = _effective_execute(layer, execute)
     B, T, d = hidden_states.shape
-    flat_idx = execute.reshape(-1).nonzero().squeeze(-1)
-    n = flat_idx.numel()
-    if n == B * T:  # everyone executes: the model's own attention, exactly as the reference
-        return hidden_states + layer.attn_branch(hidden_states, **kwargs)
+    if B * T == 1:  # batch-1 decode: all or nothing
+        if bool(execute):
+            return hidden_states + layer.attn_branch(hidden_states, **kwargs)
+        flat_idx, n = None, 0
+    else:
+        execute = _effective_execute(layer, execute)
+        flat_idx = execute.reshape(-1).nonzero().squeeze(-1)
+        n = flat_idx.numel()
+        if n == B * T:  # everyone executes: the model's own attention, exactly as the reference
+            return hidden_states + layer.attn_branch(hidden_states, **kwargs)
 
     parts = ATTENTION_PARTS[type(attn).__name__]
     hd = attn.head_dim
@@ -215,11 +233,9 @@ def fast_attn_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor
     past_key_values = kwargs.get("past_key_values")
 
     # keys / values of every token, into the cache
-    k = getattr(attn, parts.k_proj)(x).view(B, T, -1, hd)
-    if parts.k_norm is not None:
-        k = getattr(attn, parts.k_norm)(k)
-    k = _rope(k.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
-    v = getattr(attn, parts.v_proj)(x).view(B, T, -1, hd).transpose(1, 2)
+    k, v = _project_kv(attn, parts, x)
+    k = _rope(k.view(B, T, -1, hd).transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
+    v = v.view(B, T, -1, hd).transpose(1, 2)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, attn.layer_idx)
     if n == 0:
@@ -227,10 +243,12 @@ def fast_attn_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor
 
     # queries of executing tokens only: (n, H, hd)
     x_flat = x.reshape(B * T, d)
-    q = getattr(attn, parts.q_proj)(x_flat.index_select(0, flat_idx)).view(n, -1, hd)
-    if parts.q_norm is not None:
+    q = _project_q(attn, parts, x_flat.index_select(0, flat_idx)).view(n, -1, hd)
+    if parts.q_norm is not None and not parts.qk_norm_full_width:
         q = getattr(attn, parts.q_norm)(q)
-    if cos.shape[0] == 1:
+    if T == 1 and cos.shape[0] == 1:  # decode: one position for everyone
+        cos_q, sin_q = cos[0], sin[0]
+    elif cos.shape[0] == 1:
         t_of = flat_idx % T
         cos_q, sin_q = cos[0].index_select(0, t_of), sin[0].index_select(0, t_of)
     else:
@@ -247,6 +265,42 @@ def fast_attn_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor
     out = layer._norm("attn_post_norm", out)
     flat = hidden_states.reshape(B * T, d)
     return flat.index_add(0, flat_idx, out.to(flat.dtype)).view_as(hidden_states)
+
+
+def _fused_rows(attn, parts, which: str):
+    """Weight and bias rows of ``which`` ('q' or 'kv') in a fused [q | k | v] projection (views)."""
+    proj = getattr(attn, parts.qkv_proj)
+    q_rows = attn.config.num_attention_heads * attn.head_dim
+    rows = slice(0, q_rows) if which == "q" else slice(q_rows, None)
+    return proj.weight[rows], None if proj.bias is None else proj.bias[rows]
+
+
+def _project_kv(attn, parts, x):
+    """k (after a full-width or per-head k_norm; before rotary) and v, flat (..., KVH*hd)."""
+    if parts.qkv_proj is not None:
+        kv = F.linear(x, *_fused_rows(attn, parts, "kv"))
+        k, v = kv.split(kv.shape[-1] // 2, dim=-1)
+    else:
+        k, v = getattr(attn, parts.k_proj)(x), getattr(attn, parts.v_proj)(x)
+    if parts.k_norm is not None:
+        norm = getattr(attn, parts.k_norm)
+        if parts.qk_norm_full_width:
+            k = norm(k)
+        else:
+            k = norm(k.view(*k.shape[:-1], -1, attn.head_dim)).flatten(-2)
+    return k, v
+
+
+def _project_q(attn, parts, x):
+    """q of the executing tokens, flat (n, H*hd); a full-width q_norm applied here."""
+    q = (
+        F.linear(x, *_fused_rows(attn, parts, "q"))
+        if parts.qkv_proj is not None
+        else getattr(attn, parts.q_proj)(x)
+    )
+    if parts.q_norm is not None and parts.qk_norm_full_width:
+        q = getattr(attn, parts.q_norm)(q)
+    return q
 
 
 def _sdpa(attn, q, k, v, mask):
