@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import CONFIG_NAME, SkipGPTConfig
-from .model import SkipGPTModel
+from .model import SkipGPTModel, resolve_base_spec
 
 __all__ = ["load_model", "is_skipgpt_dir"]
 
@@ -24,7 +24,12 @@ def load_model(spec: str, dtype: torch.dtype | None = None, threshold: float | N
     dtype = dtype or torch.float32
     if is_skipgpt_dir(spec):
         record = SkipGPTConfig.read_json(Path(spec) / CONFIG_NAME)
-        base, tokenizer = load_base_model(record["base_model"], dtype=dtype)
+        base, tokenizer = load_base_model(resolve_base_spec(record, spec), dtype=dtype)
+        if record.get("router_config") is None:  # dense + LoRA (finetune-lora --dense): no routers
+            from .train.lora import ADAPTER_DIR, load_adapter
+
+            load_adapter(base, Path(spec) / ADAPTER_DIR)
+            return base.eval(), tokenizer
         model = SkipGPTModel.from_pretrained(spec, base_model=base)
         if threshold is not None:
             model.state.threshold = SkipGPTConfig(threshold=threshold).threshold

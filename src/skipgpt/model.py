@@ -26,9 +26,17 @@ from .errors import SkipGPTError
 from .io import staged_dir
 from .layer import RoutedDecoderLayer, RoutingState
 
-__all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME"]
+__all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_spec"]
 
 ROUTERS_NAME = "routers.safetensors"
+
+
+def resolve_base_spec(record: dict[str, Any], folder: str | Path) -> str:
+    """The base model spec of a ``skipgpt_config.json``. An exported folder (``skipgpt export``)
+    holds its own HF weights in a sub-folder named by ``base_model_in_folder``, found relative to
+    the folder so that it can be moved."""
+    inside = record.get("base_model_in_folder")
+    return str(Path(folder).resolve() / inside) if inside else record["base_model"]
 
 
 def get_skipgpt_model(model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None) -> SkipGPTModel:
@@ -55,7 +63,7 @@ class SkipGPTModel(nn.Module):
         self.skipgpt_config = config
         self.base_spec = base_spec or getattr(model.config, "_name_or_path", None)
         self.state = RoutingState(num_layers=len(layers), threshold=config.threshold)
-        hidden = model.config.hidden_size
+        hidden = model.config.get_text_config(decoder=True).hidden_size  # multimodal: the LM's
         param = next(model.parameters())
         # Parameters per (layer, branch): the weights of a parameter-weighted budget.
         self.branch_params: dict[tuple[int, str], int] = {}
@@ -63,7 +71,9 @@ class SkipGPTModel(nn.Module):
             for branch in MODULES:
                 n = sum(p.numel() for m in self.adapter.branch_modules(layer, branch) for p in m.parameters())
                 self.branch_params[(i, branch)] = n
-            routed = RoutedDecoderLayer(layer, i, self.adapter, config, hidden, self.state)
+            with torch.random.fork_rng():  # router init depends on the config only, not on global RNG
+                torch.manual_seed(config.seed * 7919 + i)
+                routed = RoutedDecoderLayer(layer, i, self.adapter, config, hidden, self.state)
             routed.routers.to(device=param.device)  # routers stay float32 whatever the base dtype
             layers[i] = routed
         self.train(model.training)
@@ -196,7 +206,7 @@ class SkipGPTModel(nn.Module):
             "skipgpt_version": __version__,
             "base_model": self.base_spec,
             "model_type": self.base_model.config.model_type,
-            "hidden_size": self.base_model.config.hidden_size,
+            "hidden_size": self.base_model.config.get_text_config(decoder=True).hidden_size,
             "num_layers": self.state.num_layers,
             "router_config": self.skipgpt_config.to_dict(),
             "metadata": metadata or {},
@@ -247,14 +257,27 @@ class SkipGPTModel(nn.Module):
         """Rebuild the base model from its recorded spec (unless given) and load the routers."""
         path = Path(path)
         record = SkipGPTConfig.read_json(path / CONFIG_NAME)
+        if record.get("router_config") is None:
+            raise SkipGPTError(
+                f"{path} holds a dense model with LoRA (no routers); load it with skipgpt.load_model"
+            )
         config = SkipGPTConfig.from_dict(record["router_config"])
+        spec = resolve_base_spec(record, path)
         if base_model is None:
             from .specs import load_base_model
 
-            base_model, _ = load_base_model(record["base_model"], dtype=dtype)
-        model = cls(base_model, config, base_spec=record["base_model"])
+            base_model, _ = load_base_model(spec, dtype=dtype)
+        model = cls(base_model, config, base_spec=spec)
         model.load_routers(path / ROUTERS_NAME)
         model.metadata = record.get("metadata", {})
+        if (path / "adapter").is_dir():  # stage 2 (LoRA) output: routers + adapter
+            from .train.lora import load_adapter
+
+            load_adapter(model, path / "adapter")
+        if model.metadata.get("removed_modules"):  # a static baseline (LLM-Drop): modules really gone
+            from .baselines.llm_drop import apply_removal
+
+            apply_removal(model, model.metadata["removed_modules"])
         return model
 
     def unwrap(self) -> nn.Module:

@@ -1,0 +1,124 @@
+"""``skipgpt export``: a self-contained copy of a trained model, LoRA merged with ``--merge``.
+
+Layout of ``--output`` for a routed model::
+
+    skipgpt_config.json   base_model -> OUTPUT/hf (found relative to the folder: it can move)
+    routers.safetensors   copied unchanged
+    hf/                   save_pretrained of the plain HF model (safetensors) + tokenizer;
+                          with --merge its weights have LoRA folded in
+    adapter/              only without --merge (peft adapter, unchanged)
+
+A dense + LoRA folder exported with ``--merge`` becomes a plain HF model folder (no routers).
+With ``--merge`` the result loads without peft and gives the same logits.
+"""
+
+from __future__ import annotations
+
+from .common import add_json_arg, add_model_arg, emit
+
+__all__ = ["add_parser", "run", "export_model", "HF_DIR"]
+
+HF_DIR = "hf"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a self-contained copy of a skipgpt folder (base weights + routers); --merge folds LoRA in",
+    )
+    add_model_arg(p)
+    p.add_argument("--output", required=True, help="new output folder")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the LoRA adapter into the base weights (no peft needed to load)",
+    )
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def export_model(source: str, output: str, merge: bool = False) -> dict:
+    """Export the skipgpt folder ``source`` to the new folder ``output`` (atomically).
+
+    Returns ``{"output", "kind": "routed"|"hf", "merged", "adapter", "base_model"}``.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ..config import CONFIG_NAME, SkipGPTConfig
+    from ..errors import SkipGPTError
+    from ..io import prepare_output_dir, staged_dir
+    from ..loading import is_skipgpt_dir, load_model
+    from ..model import ROUTERS_NAME, SkipGPTModel, resolve_base_spec
+    from ..specs import load_base_model
+    from ..train.lora import ADAPTER_DIR, merge_lora
+
+    src = Path(source)
+    if not is_skipgpt_dir(src):
+        raise SkipGPTError(
+            f"{source} is not a skipgpt output folder (no {CONFIG_NAME}); export takes the output of "
+            "train-router or finetune-lora"
+        )
+    out = prepare_output_dir(output, allow_existing_ours=False)
+    if out.exists() and any(out.iterdir()):
+        raise SkipGPTError(f"output folder {out} is not empty; give a new folder")
+    record = SkipGPTConfig.read_json(src / CONFIG_NAME)
+    routed = record.get("router_config") is not None
+    has_adapter = (src / ADAPTER_DIR).is_dir()
+    merged = merge and has_adapter
+    if merged:
+        model, tokenizer = load_model(str(src))
+        model = merge_lora(model)
+        hf = model.unwrap() if isinstance(model, SkipGPTModel) else model
+    else:  # the clean base weights; the adapter (if any) is copied as it is
+        hf, tokenizer = load_base_model(resolve_base_spec(record, src))
+
+    with staged_dir(out) as stage:
+        if not routed and merged:  # dense + LoRA, merged: just a HF model folder
+            hf.save_pretrained(stage, safe_serialization=True)
+            tokenizer.save_pretrained(stage)
+            return {
+                "output": str(out),
+                "kind": "hf",
+                "merged": True,
+                "adapter": False,
+                "base_model": str(out),
+            }
+        hf.save_pretrained(stage / HF_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(stage / HF_DIR)
+        if routed:
+            shutil.copy2(src / ROUTERS_NAME, stage / ROUTERS_NAME)
+        if has_adapter and not merged:
+            shutil.copytree(src / ADAPTER_DIR, stage / ADAPTER_DIR)
+        new = dict(record)
+        new["base_model"] = str(out.resolve() / HF_DIR)  # for humans; loaders use base_model_in_folder
+        new["base_model_in_folder"] = HF_DIR
+        new["metadata"] = {
+            **record.get("metadata", {}),
+            "export": {
+                "source": str(src.resolve()),
+                "merged": merged,
+                "original_base_model": record["base_model"],
+            },
+        }
+        (stage / CONFIG_NAME).write_text(json.dumps(new, indent=2) + "\n")
+    return {
+        "output": str(out),
+        "kind": "routed" if routed else "dense+adapter",
+        "merged": merged,
+        "adapter": has_adapter and not merged,
+        "base_model": new["base_model"],
+    }
+
+
+def run(args) -> int:
+    result = export_model(args.model, args.output, merge=args.merge)
+    what = {
+        "hf": "a Hugging Face model folder",
+        "routed": "routers + HF weights",
+        "dense+adapter": "HF weights",
+    }
+    extra = " + LoRA adapter" if result["adapter"] else (" (LoRA merged)" if result["merged"] else "")
+    emit(args, result, f"exported {args.model} to {result['output']}: {what[result['kind']]}{extra}")
+    return 0

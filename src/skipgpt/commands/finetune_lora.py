@@ -1,0 +1,176 @@
+"""``skipgpt finetune-lora``: stage 2 (LoRA on a routed model, routers frozen), the dense + LoRA
+control (``--dense``) and SkipGPT-Joint (``--joint``: routers and LoRA from scratch, together)."""
+
+from __future__ import annotations
+
+from .common import add_json_arg, add_model_arg, emit, positive_int
+from .train_router import add_loop_args, add_router_args, loop_args_from_args
+
+__all__ = ["add_parser", "run", "lora_args_from_args", "DEFAULTS"]
+
+# The paper's code: q/v/gate projections, r=16, alpha=32, dropout 0.1; lr 2e-4 cosine, 10% warm-up.
+DEFAULTS = dict(targets="q_proj,v_proj,gate_proj", r=16, alpha=32.0, dropout=0.1, lr=2e-4, router_lr=2e-3)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune-lora",
+        help="stage 2: LoRA on a routed model (routers frozen); --dense: dense + LoRA; --joint: SkipGPT-Joint",
+        description="Stage 2 of SkipGPT: LoRA recovery of a routed model whose routers stay frozen. "
+        "--model is a `train-router` output folder (or, with --dense / --joint, a base model spec). "
+        "The router and loss options apply to --joint only.",
+    )
+    add_model_arg(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dense", action="store_true", help="dense + LoRA control: no routers (the base model of --model)"
+    )
+    mode.add_argument(
+        "--joint",
+        action="store_true",
+        help="SkipGPT-Joint: train new routers (stage-1 loss, router options below) and LoRA together",
+    )
+    g = p.add_argument_group("LoRA")
+    g.add_argument(
+        "--lora-targets",
+        default=DEFAULTS["targets"],
+        help="comma-separated linear module names, or all-linear (routers are never targets)",
+    )
+    g.add_argument("--lora-r", type=positive_int, default=DEFAULTS["r"])
+    g.add_argument("--lora-alpha", type=float, default=DEFAULTS["alpha"])
+    g.add_argument("--lora-dropout", type=float, default=DEFAULTS["dropout"])
+    g.add_argument(
+        "--stage2-routing",
+        choices=["deterministic", "sampled"],
+        default="deterministic",
+        help="router decisions during stage 2: deterministic = as at inference (default), "
+        "sampled = Gumbel at tau-end",
+    )
+    g.add_argument(
+        "--router-lr",
+        type=float,
+        default=DEFAULTS["router_lr"],
+        help="with --joint: learning rate of the routers",
+    )
+    add_router_args(p)
+    add_loop_args(p, lr=DEFAULTS["lr"])
+    p.set_defaults(lr_scheduler="cosine", warmup_ratio=0.1)
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def lora_args_from_args(args):
+    from ..train.lora import LoraArgs
+
+    return LoraArgs(
+        targets=args.lora_targets,
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        routing=args.stage2_routing,
+    )
+
+
+def _routed_source(folder: str):
+    """Check that ``folder`` is a stage-1 output; return its record."""
+    from pathlib import Path
+
+    from ..config import CONFIG_NAME, SkipGPTConfig
+    from ..errors import SkipGPTError
+    from ..loading import is_skipgpt_dir
+    from ..model import ROUTERS_NAME
+    from ..train.lora import ADAPTER_DIR
+
+    hint = "pass --dense for the dense + LoRA control or --joint to train routers and LoRA together"
+    if not is_skipgpt_dir(folder):
+        raise SkipGPTError(
+            f"{folder} is not a skipgpt output folder (no {CONFIG_NAME}): stage 2 needs the routers of "
+            f"`skipgpt train-router`; {hint}"
+        )
+    record = SkipGPTConfig.read_json(Path(folder) / CONFIG_NAME)
+    if record.get("router_config") is None or not (Path(folder) / ROUTERS_NAME).exists():
+        raise SkipGPTError(
+            f"{folder} has no routers ({ROUTERS_NAME} missing): stage 2 needs the output of "
+            f"`skipgpt train-router`; {hint}"
+        )
+    if (Path(folder) / ADAPTER_DIR).is_dir():
+        raise SkipGPTError(
+            f"{folder} already has a LoRA adapter; give its stage-1 folder, or `skipgpt export --merge` it first"
+        )
+    return record
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..config import CONFIG_NAME, SkipGPTConfig
+    from ..data import load_blocks
+    from ..errors import SkipGPTError
+    from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
+    from ..io import prepare_output_dir
+    from ..loading import is_skipgpt_dir
+    from ..model import SkipGPTModel, get_skipgpt_model, resolve_base_spec
+    from ..specs import load_base_model
+    from ..train.lora import finetune_lora, train_joint
+    from .train_router import router_config_from_args, tuning_args_from_args
+
+    lora = lora_args_from_args(args)
+    loop = loop_args_from_args(args)
+    prepare_output_dir(args.output)  # refuse a foreign folder before any slow work
+    if Path(args.model).exists() and Path(args.model).resolve() == Path(args.output).resolve():
+        raise SkipGPTError(
+            "--output must differ from --model (stage 2 writes a new folder beside the routers)"
+        )
+    meta = {"dataset": args.dataset, "seq_len": args.seq_len, "source": str(args.model)}
+    torch.manual_seed(args.seed)
+    spec = args.model
+    if args.joint:
+        if is_skipgpt_dir(args.model):
+            raise SkipGPTError(
+                f"--joint trains routers from scratch; give the base model spec, not {args.model}"
+            )
+        config = router_config_from_args(args)
+        tuning = tuning_args_from_args(args)
+        base, tokenizer = load_base_model(args.model)
+        model = get_skipgpt_model(base, config, base_spec=args.model)
+        kind = "SkipGPT-Joint"
+    elif args.dense:
+        if is_skipgpt_dir(args.model):  # the base model of a routed folder
+            spec = resolve_base_spec(SkipGPTConfig.read_json(Path(args.model) / CONFIG_NAME), args.model)
+        model, tokenizer = load_base_model(spec)
+        kind = "dense + LoRA"
+    else:
+        record = _routed_source(args.model)
+        base, tokenizer = load_base_model(resolve_base_spec(record, args.model))
+        model = SkipGPTModel.from_pretrained(args.model, base_model=base)
+        kind = "stage 2 (LoRA, routers frozen)"
+    blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    meta["blocks"] = int(blocks.shape[0])
+    common = dict(resume=args.resume, overwrite=args.overwrite, metadata=meta)
+    if args.joint:
+        result = train_joint(
+            model, blocks, args.output, loop, lora, tuning, router_lr=args.router_lr, **common
+        )
+    else:
+        result = finetune_lora(model, blocks, args.output, loop, lora, base_spec=str(spec), **common)
+
+    check = evaluate_perplexity(model, blocks[: min(8, blocks.shape[0])], progress=False)
+    sparsity = {k: v for k, v in check["sparsity"].items() if k != "per_layer"} or dict(DENSE_SPARSITY)
+    summary = {
+        "output": result["output"],
+        "steps": result["steps"],
+        "final_loss": result["final_loss"],
+        "mode": "joint" if args.joint else "dense" if args.dense else "stage2",
+        "stage2_routing": None if (args.joint or args.dense) else lora.routing,
+        "train_ppl": check["ppl"],
+        "sparsity": sparsity,
+    }
+    human = (
+        f"{kind}: saved to {result['output']} after {result['steps']} steps; final loss "
+        f"{result['final_loss']:.4f}; on training blocks: ppl {check['ppl']:.3f}, module sparsity "
+        f"{sparsity['module']:.3f} (attn {sparsity['attn']:.3f}, mlp {sparsity['mlp']:.3f}), params {sparsity['params']:.3f}"
+    )
+    emit(args, summary, human)
+    return 0

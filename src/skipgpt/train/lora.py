@@ -1,0 +1,411 @@
+"""Stage 2, LoRA recovery; the SkipGPT-Joint variant; the dense + LoRA control; merging.
+
+LoRA comes from peft (``get_peft_model`` / ``PeftModel.from_pretrained``) applied to the HF
+model *inside* a ``SkipGPTModel``. The routed layers wrap the original layers, so peft's
+suffix matching (``q_proj``, ``v_proj``, ``gate_proj``) finds the same linear layers it would
+find in the plain model; the router MLPs are excluded by name and never become targets.
+
+Stage 2 (``finetune_lora``): routers frozen bit-for-bit, only ``lora_`` parameters train, loss
+= LM. Router decisions during stage 2 are **deterministic** by default (the inference rule,
+execute iff p(execute) >= θ with the calibrated θ of stage 1): LoRA then learns to repair
+exactly the routing the model will face at inference. Sampling (Gumbel at τ_end, what the
+paper's code gets if the routers simply stay in training mode) is available as
+``routing='sampled'``; it trains LoRA on noisier routings than it will meet.
+
+SkipGPT-Joint (``train_joint``): routers and LoRA from scratch in one run, with the stage-1 loss
+``LM + α·|target − s|`` and Gumbel sampling (the paper's ablation).
+
+Output folder: ``skipgpt_config.json`` + ``routers.safetensors`` + ``adapter/`` (peft's
+``adapter_config.json`` and ``adapter_model.safetensors``). A dense + LoRA folder has the
+config (``router_config: null``) and ``adapter/`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import CONFIG_NAME
+from ..errors import SkipGPTError
+from ..io import prepare_output_dir, staged_dir
+from ..model import SkipGPTModel
+from .loop import CHECKPOINT_DIR, LoopArgs, train_loop
+from .losses import shifted_lm_loss
+
+__all__ = [
+    "LoraArgs",
+    "ADAPTER_DIR",
+    "DEFAULT_TARGETS",
+    "STAGE2_ROUTING",
+    "linear_module_names",
+    "add_lora",
+    "load_adapter",
+    "get_peft",
+    "lora_parameters",
+    "merge_lora",
+    "finetune_lora",
+    "train_joint",
+    "save_with_adapter",
+]
+
+ADAPTER_DIR = "adapter"
+DEFAULT_TARGETS = ("q_proj", "v_proj", "gate_proj")  # the paper's code
+STAGE2_ROUTING = ("deterministic", "sampled")
+ROUTING_REASON = {
+    "deterministic": "routers frozen and deciding as at inference (p(execute) >= threshold, no noise), "
+    "so LoRA learns to repair exactly the routing it will face when the model is used",
+    "sampled": "routers frozen but sampling (straight-through Gumbel at tau_end), as the paper's code "
+    "does when the routers stay in training mode; LoRA sees noisier routings than at inference",
+}
+# Router MLPs live under `routers.<module>.net.<i>`; never LoRA targets, whatever the user asks.
+ROUTER_EXCLUDE = r".*\.routers\..*"
+_PEFT_ATTR = "_skipgpt_peft"  # the PeftModel handle, kept out of the module tree (no duplicate params)
+
+
+@dataclass
+class LoraArgs:
+    """LoRA settings (defaults: the paper's code)."""
+
+    targets: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS, metadata={"help": "module names, or all-linear"}
+    )
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    routing: str = field(default="deterministic", metadata={"help": "stage-2 router decisions"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        if not self.targets:
+            raise SkipGPTError("LoRA targets must name at least one module, e.g. q_proj,v_proj,gate_proj")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise SkipGPTError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+        if not self.alpha > 0:
+            raise SkipGPTError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise SkipGPTError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.routing not in STAGE2_ROUTING:
+            raise SkipGPTError(f"stage-2 routing must be one of {list(STAGE2_ROUTING)}, got {self.routing!r}")
+
+
+# -- attaching LoRA ---------------------------------------------------------------------------
+def _hf(model: nn.Module) -> nn.Module:
+    return model.base_model if isinstance(model, SkipGPTModel) else model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Sorted leaf names of the model's linear layers that LoRA may target (routers excluded)."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in _hf(model).named_modules()
+            if isinstance(m, nn.Linear) and not re.fullmatch(ROUTER_EXCLUDE, "." + name)
+        }
+    )
+
+
+def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str] | str:
+    if targets == ("all-linear",):
+        return "all-linear"
+    full = [
+        n
+        for n, m in _hf(model).named_modules()
+        if isinstance(m, nn.Linear) and not re.fullmatch(ROUTER_EXCLUDE, "." + n)
+    ]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in full)]
+    if missing:
+        raise SkipGPTError(
+            f"LoRA target module(s) {missing} not found; this model's linear modules are: "
+            f"{', '.join(linear_module_names(model))} (or all-linear)"
+        )
+    return list(targets)
+
+
+def get_peft(model: nn.Module):
+    """The ``PeftModel`` attached by ``add_lora``/``load_adapter``, or None."""
+    return model.__dict__.get(_PEFT_ATTR)
+
+
+def add_lora(model: nn.Module, args: LoraArgs | None = None):
+    """Inject fresh LoRA layers into ``model`` (a ``SkipGPTModel`` or a plain HF model), in place.
+
+    Everything but the LoRA parameters is frozen (routers included). Returns the PeftModel.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    args = args or LoraArgs()
+    if get_peft(model) is not None:
+        raise SkipGPTError("model already has a LoRA adapter; merge it (skipgpt export --merge) first")
+    targets = _check_targets(model, args.targets)
+    config = LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=targets,
+        exclude_modules=ROUTER_EXCLUDE,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(_hf(model), config)
+    model.__dict__[_PEFT_ATTR] = peft_model
+    return peft_model
+
+
+def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
+    """Restore a saved ``adapter/`` folder into ``model`` (in place); returns the PeftModel."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise SkipGPTError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
+    peft_model = PeftModel.from_pretrained(_hf(model), str(path), is_trainable=trainable)
+    model.__dict__[_PEFT_ATTR] = peft_model
+    return peft_model
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> parameter of every LoRA weight (names as in the HF model)."""
+    return {n: p for n, p in _hf(model).named_parameters() if "lora_" in n}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA into the base weights (peft ``merge_and_unload``); returns the model without peft.
+
+    For a ``SkipGPTModel`` the routed layers are taken off first (peft would mistake their
+    ``base_layer`` attribute for one of its own wrappers) and put back on the merged model with
+    the same routers; a new ``SkipGPTModel`` is returned.
+    """
+    peft_model = get_peft(model)
+    if peft_model is None:
+        return model
+    if not isinstance(model, SkipGPTModel):
+        merged = peft_model.merge_and_unload()
+        merged.__dict__.pop(_PEFT_ATTR, None)
+        return merged
+    routers = {k: v.detach().clone() for k, v in model.router_state_dict().items()}
+    hf = model.unwrap()
+    merged = peft_model.merge_and_unload()
+    out = SkipGPTModel(merged, model.skipgpt_config, base_spec=model.base_spec)
+    with torch.no_grad():
+        for k, p in out.router_state_dict().items():
+            p.copy_(routers[k])
+    out.metadata = getattr(model, "metadata", {})
+    assert merged is hf
+    return out.train(model.training)
+
+
+# -- saving -----------------------------------------------------------------------------------
+def save_with_adapter(
+    model: nn.Module, output_dir: str | Path, metadata: dict, base_spec: str | None = None
+) -> Path:
+    """Write config (+ routers for a routed model) + ``adapter/`` atomically into ``output_dir``."""
+    peft_model = get_peft(model)
+    output_dir = prepare_output_dir(output_dir)
+    with staged_dir(output_dir) as stage:
+        if isinstance(model, SkipGPTModel):
+            model.save_pretrained(stage, metadata=metadata)
+        else:  # dense + LoRA: no routers; loading.load_model knows `router_config: null`
+            record = {
+                "skipgpt_version": __version__,
+                "base_model": base_spec,
+                "model_type": model.config.model_type,
+                "router_config": None,
+                "metadata": metadata,
+            }
+            (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        if peft_model is not None:
+            peft_model.save_pretrained(str(stage / ADAPTER_DIR))
+    return output_dir
+
+
+# -- training ---------------------------------------------------------------------------------
+def _module_rates(model: SkipGPTModel) -> dict[str, float]:
+    out = {"sparsity": float(model.realised_sparsity().detach())}
+    for m in model.skipgpt_config.modules:
+        vals = [float(v.detach()) for (_, mod), v in model.state.skip_rates.items() if mod == m]
+        out[f"{m}_skip"] = sum(vals) / max(len(vals), 1)
+    return out
+
+
+def _deterministic_override(model: SkipGPTModel):
+    """Routing override: the inference decision (no noise) while the layers are in training mode."""
+    layers, state = model.routed_layers, model.state
+
+    def override(i: int, m: str, h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return layers[i].routers[m].decide(h, state.threshold)
+
+    return override
+
+
+def _check_resume(output_dir: Path, named: dict[str, nn.Parameter]) -> None:
+    """A checkpoint made with another rank or other targets is refused before it is loaded."""
+    from safetensors import safe_open
+
+    path = output_dir / CHECKPOINT_DIR / "trainable.safetensors"
+    if not path.exists():
+        return  # train_loop reports the missing checkpoint
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    ours = {k: tuple(p.shape) for k, p in named.items()}
+    if shapes != ours:
+        raise SkipGPTError(
+            f"checkpoint in {output_dir} was made with other LoRA settings (rank, targets or routers); "
+            "resume with the same settings or start a new --output"
+        )
+
+
+def _refuse_finished(output_dir: Path, resume: bool, overwrite: bool) -> Path:
+    output_dir = prepare_output_dir(output_dir)
+    if (output_dir / CONFIG_NAME).exists() and not (resume or overwrite):
+        raise SkipGPTError(
+            f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
+        )
+    return output_dir
+
+
+def finetune_lora(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    output_dir: str | Path,
+    loop: LoopArgs,
+    args: LoraArgs | None = None,
+    *,
+    base_spec: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    metadata: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Stage 2 on a routed ``SkipGPTModel`` (routers frozen), or dense + LoRA on a plain HF model.
+
+    blocks: (N, T) token ids. Saves to ``output_dir``; returns ``{"output", "steps",
+    "final_loss", "history"}``. ``base_spec`` is recorded for a dense model (how to reload it).
+    """
+    args = args or LoraArgs()
+    output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
+    routed = isinstance(model, SkipGPTModel)
+    add_lora(model, args)
+    named = lora_parameters(model)
+    if resume:
+        _check_resume(output_dir, named)
+
+    def step_fn(forward, input_ids: torch.Tensor, step: int):
+        logits = forward(input_ids=input_ids, use_cache=False).logits
+        lm = shifted_lm_loss(logits, input_ids)
+        metrics = {"loss": float(lm.detach()), "lm": float(lm.detach())}
+        if routed:
+            metrics.update(_module_rates(model))
+        return lm, metrics
+
+    if routed and args.routing == "deterministic":
+        ctx = model.routing(override=_deterministic_override(model))
+    elif routed:
+        ctx = model.routing(tau=model.skipgpt_config.tau_end)
+    else:
+        from contextlib import nullcontext
+
+        ctx = nullcontext()
+    with ctx:
+        history = train_loop(
+            model, named, blocks, loop, step_fn, output_dir, resume=resume, desc="LoRA", progress=progress
+        )
+    model.eval()
+    meta = dict(metadata or {})
+    if routed:
+        parent = getattr(model, "metadata", {}) or {}
+        meta.update(
+            stage="lora",
+            stage2_routing=args.routing,
+            stage2_routing_reason=ROUTING_REASON[args.routing],
+            stage1={k: v for k, v in parent.items() if k != "history"},
+        )
+    else:
+        meta.update(stage="dense_lora")
+    meta.update(lora=asdict(args), loop=asdict(loop), history=history)
+    save_with_adapter(model, output_dir, meta, base_spec=base_spec)
+    return {
+        "output": str(output_dir),
+        "steps": loop.max_steps,
+        "final_loss": history[-1]["loss"],
+        "history": history,
+    }
+
+
+def train_joint(
+    model: SkipGPTModel,
+    blocks: torch.Tensor,
+    output_dir: str | Path,
+    loop: LoopArgs,
+    args: LoraArgs | None = None,
+    tuning=None,
+    *,
+    router_lr: float = 2e-3,
+    resume: bool = False,
+    overwrite: bool = False,
+    metadata: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """SkipGPT-Joint: fresh routers and LoRA trained together with the stage-1 loss.
+
+    Routers learn at ``router_lr`` and LoRA at ``loop.lr`` (one optimizer, two groups). After
+    training θ is calibrated to the target as in stage 1 (``tuning.calibrate_blocks``).
+    """
+    from .router_tuning import RouterTuningArgs, _calibrate, make_step_fn
+
+    if not isinstance(model, SkipGPTModel):
+        raise SkipGPTError("--joint needs a routed model (get_skipgpt_model on the base model)")
+    args = args or LoraArgs()
+    tuning = tuning or RouterTuningArgs()
+    if router_lr <= 0:
+        raise SkipGPTError(f"router lr must be > 0, got {router_lr}")
+    output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
+    add_lora(model, args)
+    routers = {f"routers.{k}": p for k, p in model.router_state_dict().items()}
+    for p in routers.values():
+        p.requires_grad_(True)
+    named = {**routers, **lora_parameters(model)}
+    if resume:
+        _check_resume(output_dir, named)
+    history = train_loop(
+        model,
+        named,
+        blocks,
+        loop,
+        make_step_fn(model, loop, tuning),
+        output_dir,
+        resume=resume,
+        desc="joint routers+LoRA",
+        progress=progress,
+        lr_scale={k: router_lr / loop.lr for k in routers},
+    )
+    model.eval()
+    for p in routers.values():
+        p.requires_grad_(False)
+    calibration = (
+        _calibrate(model, blocks[: tuning.calibrate_blocks]) if tuning.calibrate_blocks > 0 else None
+    )
+    meta = dict(metadata or {})
+    meta.update(
+        stage="joint",
+        router_lr=router_lr,
+        threshold_calibration=calibration,
+        router_tuning=asdict(tuning),
+        lora=asdict(args),
+        loop=asdict(loop),
+        history=history,
+    )
+    save_with_adapter(model, output_dir, meta)
+    return {
+        "output": str(output_dir),
+        "steps": loop.max_steps,
+        "final_loss": history[-1]["loss"],
+        "history": history,
+    }
