@@ -45,6 +45,8 @@ class RoutingState:
     override: RoutingOverride | None = None
     token_mask: torch.Tensor | None = None
     keep_decisions: bool = False
+    # (layer, module) pairs statically removed (LLM-Drop): never run, an attention writes no K/V
+    removed: frozenset[tuple[int, str]] = frozenset()
     skip_rates: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     decisions: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
     skipped: dict[tuple[int, str], float] = field(default_factory=dict)
@@ -111,6 +113,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     def gate(self, module: str, router_input: torch.Tensor) -> torch.Tensor | None:
         """Execute gate (B, T) for ``module``, or None when the module always executes."""
         state = self.state
+        if (self.layer_idx, module) in state.removed:
+            g = router_input.new_zeros(router_input.shape[:2])
+            if state.enabled:
+                state.record(self.layer_idx, module, g)
+            return g
         if not state.enabled or module not in self.routers:
             return None
         if state.override is not None:
@@ -144,7 +151,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         """
         block_input = hidden_states
         attn_gate = self.gate("attn", block_input)
-        if attn_gate is not None and not self.training and self.state.execution == "fast":
+        removed = self.state.removed
+        if (self.layer_idx, "attn") in removed:
+            pass  # statically removed: no query, no K/V, no output
+        elif attn_gate is not None and not self.training and self.state.execution == "fast":
             from .fast import fast_attn_residual  # inference path that really skips work
 
             hidden_states = fast_attn_residual(self, hidden_states, attn_gate > 0.5, **kwargs)
@@ -154,6 +164,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
 
         router_input = block_input if self.skipgpt_config.mlp_router_input == "block_input" else hidden_states
         mlp_gate = self.gate("mlp", router_input)
+        if (self.layer_idx, "mlp") in removed:
+            return hidden_states
         if mlp_gate is not None and not self.training and self.state.execution == "fast":
             from .fast import fast_mlp_residual
 

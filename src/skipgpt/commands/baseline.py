@@ -1,0 +1,246 @@
+"""``skipgpt baseline shortgpt|llm-drop|mod``: the static and capacity-routed baselines.
+
+All three meet a *parameter* budget (parameters of removed/skipped attention+MLP modules over
+those of all decoder layers). The static ones remove whole units and round to the nearest
+achievable share (``--rounding``); MoD-D meets it by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+
+__all__ = ["add_parser", "add_static_args", "add_mod_router_args", "mod_router_config", "mod_tuning_args"]
+
+
+def add_static_args(p: argparse.ArgumentParser) -> None:
+    """Calibration and budget options of the static baselines."""
+    p.add_argument(
+        "--sparsity", type=probability, required=True, help="parameter sparsity to remove, in (0, 1)"
+    )
+    p.add_argument("--output", required=True, help="output folder (new, or an earlier one with --overwrite)")
+    p.add_argument("--dataset", default="calib", help="calibration text: calib | a local file | hub dataset")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="calibration block length")
+    p.add_argument("--calib-blocks", type=positive_int, default=32, help="number of calibration blocks")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument(
+        "--rounding",
+        choices=["nearest", "down", "up"],
+        default="nearest",
+        help="whole units are removed: stop at the share nearest the target (ties: fewer), "
+        "the largest not above it, or the smallest not below it",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier model in --output")
+
+
+def add_mod_router_args(p: argparse.ArgumentParser) -> None:
+    """Router options of MoD-D (the budget is --sparsity; no alpha/tau: top-k fixes the rate)."""
+    from .train_router import DEFAULTS
+
+    g = p.add_argument_group("routers")
+    g.add_argument(
+        "--router-hidden", type=int, default=None, help="router hidden width (default hidden/4; 0 = linear)"
+    )
+    g.add_argument("--router-init", choices=["dense", "paper"], default=DEFAULTS["router_init"])
+    g.add_argument("--execute-bias", type=float, default=DEFAULTS["execute_bias"])
+    g.add_argument("--lm-weight", type=float, default=DEFAULTS["lm_weight"])
+    g.add_argument("--distill-weight", type=float, default=DEFAULTS["distill_weight"])
+    g.add_argument("--distill-temperature", type=float, default=DEFAULTS["distill_temperature"])
+    g.add_argument(
+        "--calibrate-blocks",
+        type=int,
+        default=16,
+        help="after training, calibrate θ (causal threshold routing) on this many blocks (0 = skip)",
+    )
+
+
+def mod_router_config(args) -> dict:
+    return {
+        "router_hidden": args.router_hidden,
+        "router_init": args.router_init,
+        "execute_bias": args.execute_bias,
+    }
+
+
+def mod_tuning_args(args):
+    from ..train.router_tuning import RouterTuningArgs
+
+    return RouterTuningArgs(
+        lm_weight=args.lm_weight,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        calibrate_blocks=args.calibrate_blocks,
+    )
+
+
+def add_parser(sub) -> None:
+    from .train_router import DEFAULTS, add_loop_args
+
+    p = sub.add_parser("baseline", help="build a baseline at a parameter budget: shortgpt | llm-drop | mod")
+    bsub = p.add_subparsers(dest="baseline", required=True, metavar="METHOD")
+
+    s = bsub.add_parser("shortgpt", help="ShortGPT: delete the layers of lowest Block Influence")
+    add_model_arg(s)
+    add_static_args(s)
+    add_json_arg(s)
+    s.set_defaults(func=run_shortgpt)
+
+    d = bsub.add_parser("llm-drop", help="LLM-Drop: drop the attention/MLP modules of lowest importance")
+    add_model_arg(d)
+    add_static_args(d)
+    d.add_argument(
+        "--droppable", default="attn,mlp", help="which modules may be dropped: attn,mlp (joint) | attn | mlp"
+    )
+    add_json_arg(d)
+    d.set_defaults(func=run_llm_drop)
+
+    m = bsub.add_parser("mod", help="MoD-D: per-module top-k capacity routing, router-tuned")
+    add_model_arg(m)
+    m.add_argument(
+        "--sparsity", type=probability, required=True, help="skip rate of every module = parameter sparsity"
+    )
+    add_mod_router_args(m)
+    add_loop_args(m, lr=DEFAULTS["lr"])
+    add_json_arg(m)
+    m.set_defaults(func=run_mod)
+
+
+def _base_and_blocks(args, units):
+    from ..baselines.scores import check_budget
+    from ..data import load_blocks
+    from ..errors import SkipGPTError
+    from ..loading import is_skipgpt_dir
+    from ..specs import load_base_model
+
+    if is_skipgpt_dir(args.model):
+        raise SkipGPTError(f"{args.model} is a routed model; give its base model spec to build a baseline")
+    base, tokenizer = load_base_model(args.model)
+    check_budget(base, args.sparsity, args.rounding, units)  # before reading any text
+    blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.calib_blocks)
+    return base.eval(), tokenizer, blocks
+
+
+def _pick(s: dict) -> dict:
+    return {k: round(float(s[k]), 6) for k in ("module", "attn", "mlp", "params")}
+
+
+def run_shortgpt(args) -> int:
+    from ..baselines.scores import check_baseline_output
+    from ..baselines.shortgpt import save_pruned, shortgpt_prune
+
+    check_baseline_output(args.output, args.overwrite)
+    base, tokenizer, blocks = _base_and_blocks(args, "layers")
+    record = shortgpt_prune(base, blocks, args.sparsity, rounding=args.rounding, batch_size=args.batch_size)
+    record["base_model"] = args.model
+    record["calibration"]["dataset"] = args.dataset
+    save_pruned(base, tokenizer, args.output, record, overwrite=args.overwrite)
+    result = {
+        "output": str(args.output),
+        "method": "shortgpt",
+        "target_sparsity": args.sparsity,
+        "removed_layers": record["removed_layers"],
+        "num_layers": record["num_layers_after"],
+        "sparsity": _pick(record["sparsity"]),
+    }
+    human = (
+        f"ShortGPT: removed layers {record['removed_layers']} ({record['num_layers_before']} -> "
+        f"{record['num_layers_after']}); parameter sparsity {record['sparsity']['params']:.4f} "
+        f"(target {args.sparsity}); saved to {args.output}"
+    )
+    emit(args, result, human)
+    return 0
+
+
+def run_llm_drop(args) -> int:
+    from ..baselines.llm_drop import llm_drop_prune, save_llm_drop
+    from ..baselines.scores import check_baseline_output, describe_removed
+    from ..errors import SkipGPTError
+
+    check_baseline_output(args.output, args.overwrite)
+    droppable = [m.strip() for m in args.droppable.split(",") if m.strip()]
+    if not droppable or any(m not in ("attn", "mlp") for m in droppable):
+        raise SkipGPTError(f"--droppable must be attn,mlp | attn | mlp, got {args.droppable!r}")
+    base, _, blocks = _base_and_blocks(args, tuple(droppable))
+    model, record = llm_drop_prune(
+        base,
+        blocks,
+        args.sparsity,
+        base_spec=args.model,
+        modules=droppable,
+        rounding=args.rounding,
+        batch_size=args.batch_size,
+    )
+    record["calibration"]["dataset"] = args.dataset
+    save_llm_drop(model, args.output, record, overwrite=args.overwrite)
+    removed = [tuple(x) for x in record["removed_modules"]]
+    result = {
+        "output": str(args.output),
+        "method": "llm-drop",
+        "target_sparsity": args.sparsity,
+        "removed_modules": record["removed_modules"],
+        "sparsity": _pick(record["sparsity"]),
+    }
+    s = record["sparsity"]
+    human = (
+        f"LLM-Drop: dropped {len(removed)} modules ({describe_removed(sorted(removed))}); "
+        f"attn {s['attn']:.3f} mlp {s['mlp']:.3f}, parameter sparsity {s['params']:.4f} "
+        f"(target {args.sparsity}); saved to {args.output}"
+    )
+    emit(args, result, human)
+    return 0
+
+
+def run_mod(args) -> int:
+    import torch
+
+    from ..baselines.mod import topk_routing, train_mod
+    from ..data import load_blocks
+    from ..errors import SkipGPTError
+    from ..eval.perplexity import evaluate_perplexity
+    from ..io import prepare_output_dir
+    from ..loading import is_skipgpt_dir
+    from ..specs import load_base_model
+    from .train_router import loop_args_from_args
+
+    loop = loop_args_from_args(args)
+    tuning = mod_tuning_args(args)
+    prepare_output_dir(args.output)
+    if is_skipgpt_dir(args.model):
+        raise SkipGPTError(f"{args.model} is a routed model; give its base model spec to train MoD-D routers")
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_base_model(args.model)
+    blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    model, result = train_mod(
+        base,
+        blocks,
+        args.sparsity,
+        args.output,
+        loop,
+        tuning,
+        base_spec=args.model,
+        router_config=mod_router_config(args),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        metadata={"dataset": args.dataset, "seq_len": args.seq_len, "blocks": int(blocks.shape[0])},
+    )
+    check = blocks[: min(8, blocks.shape[0])]
+    with topk_routing(model):
+        topk = evaluate_perplexity(model, check, progress=False)["sparsity"]
+    causal = evaluate_perplexity(model, check, progress=False)["sparsity"]
+    summary = {
+        "output": result["output"],
+        "method": "mod-d",
+        "steps": result["steps"],
+        "final_loss": result["final_loss"],
+        "threshold": model.state.threshold,
+        "sparsity": _pick(topk),
+        "sparsity_threshold_routing": _pick(causal),
+    }
+    human = (
+        f"MoD-D: saved routers to {result['output']} after {result['steps']} steps; final loss "
+        f"{result['final_loss']:.4f}; parameter sparsity on training blocks: top-k {topk['params']:.3f}, "
+        f"θ={model.state.threshold:.4f} routing {causal['params']:.3f}"
+    )
+    emit(args, summary, human)
+    return 0

@@ -1,0 +1,414 @@
+"""``skipgpt compare``: SkipGPT-RT against ShortGPT, LLM-Drop and MoD-D at one parameter budget.
+
+Every method gets the same budget in *parameter sparsity* (parameters of skipped/removed
+attention+MLP modules over those of all decoder layers, DESIGN.md). SkipGPT-RT is trained with
+``--budget params`` and its θ calibrated to the target; MoD-D is router-tuned with the same data,
+steps and seed; the static methods remove whole units, rounded to the nearest achievable share.
+Each row reports the sparsity it *realised* on the evaluation text, PPL on each evaluation set,
+and prefill speed against the dense model (the two timed alternately, median of repeats).
+
+Models are built into ``OUT/models/<method>/`` and then loaded back from there (so the table is
+of what ``load_model`` gives); an interrupted run re-uses finished folders and resumes training
+from checkpoints. ``OUT/compare.json`` and ``OUT/compare.md`` are rewritten (atomically) after
+every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import statistics
+import time
+from pathlib import Path
+
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+
+__all__ = ["add_parser", "run", "METHODS", "measure_prefill", "format_compare_table"]
+
+METHODS = ("skipgpt", "shortgpt", "llm-drop", "mod")
+LABELS = {
+    "dense": "Dense",
+    "skipgpt": "SkipGPT-RT",
+    "shortgpt": "ShortGPT",
+    "llm-drop": "LLM-Drop",
+    "mod": "MoD-D (top-k)",
+    "mod-causal": "MoD-D (θ, causal)",
+}
+# the options a table depends on, recorded in compare.json
+SETTINGS = (
+    "methods dataset seq_len max_blocks max_steps batch_size grad_accum lr seed alpha tau_start tau_end "
+    "router_hidden router_init execute_bias lm_weight distill_weight curriculum calibrate_blocks calib_blocks "
+    "rounding eval_seq_len max_windows eval_batch_size speed_tokens speed_batch speed_repeats tasks limit"
+).split()
+BUDGET = "parameter sparsity: parameters of skipped attention/MLP modules (per token) / attention+MLP parameters of all decoder layers"
+
+
+def add_parser(sub) -> None:
+    from .train_router import DEFAULTS
+
+    p = sub.add_parser("compare", help="SkipGPT-RT vs ShortGPT, LLM-Drop, MoD-D at one parameter budget")
+    add_model_arg(p)
+    p.add_argument("--sparsity", type=probability, default=0.25, help="parameter sparsity of every method")
+    p.add_argument("--out", required=True, help="output folder: models/, compare.json, compare.md")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (dense always)"
+    )
+    t = p.add_argument_group("training / calibration (the same for SkipGPT-RT and MoD-D)")
+    t.add_argument("--dataset", default="calib")
+    t.add_argument("--seq-len", type=positive_int, default=256)
+    t.add_argument("--max-blocks", type=positive_int, default=None)
+    t.add_argument("--max-steps", type=positive_int, default=300)
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--grad-accum", type=positive_int, default=1)
+    t.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=positive_int, default=50)
+    t.add_argument(
+        "--alpha", type=float, default=DEFAULTS["alpha"], help="SkipGPT sparsity regulariser weight"
+    )
+    t.add_argument("--tau-start", type=float, default=DEFAULTS["tau_start"])
+    t.add_argument("--tau-end", type=float, default=DEFAULTS["tau_end"])
+    t.add_argument("--router-hidden", type=int, default=None)
+    t.add_argument("--router-init", choices=["dense", "paper"], default=DEFAULTS["router_init"])
+    t.add_argument("--execute-bias", type=float, default=DEFAULTS["execute_bias"])
+    t.add_argument("--lm-weight", type=float, default=DEFAULTS["lm_weight"])
+    t.add_argument("--distill-weight", type=float, default=DEFAULTS["distill_weight"])
+    t.add_argument(
+        "--curriculum", type=float, default=DEFAULTS["curriculum"], help="SkipGPT target ramp fraction"
+    )
+    t.add_argument("--calibrate-blocks", type=int, default=16, help="θ calibration blocks (0 = none)")
+    t.add_argument("--calib-blocks", type=positive_int, default=32, help="ShortGPT/LLM-Drop scoring blocks")
+    t.add_argument("--rounding", choices=["nearest", "down", "up"], default="nearest")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-datasets", default="wiki-heldout,ptb")
+    e.add_argument("--eval-seq-len", type=positive_int, default=1024)
+    e.add_argument(
+        "--max-windows", type=positive_int, default=None, help="evaluate the first N windows per dataset"
+    )
+    e.add_argument("--eval-batch-size", type=positive_int, default=2)
+    e.add_argument("--speed-tokens", type=int, default=1024, help="prefill length timed (0 = no timing)")
+    e.add_argument("--speed-batch", type=positive_int, default=1)
+    e.add_argument("--speed-repeats", type=positive_int, default=5)
+    e.add_argument("--tasks", default=None, help="zero-shot tasks (needs skipgpt.eval.zeroshot)")
+    e.add_argument("--limit", type=positive_int, default=None, help="zero-shot examples per task")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+# -- speed ---------------------------------------------------------------------------------------
+def _prefill_seconds(model, ids) -> float:
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)  # prefill into a fresh cache, last logits only
+        return time.perf_counter() - t0
+
+
+def measure_prefill(
+    dense, model, ids, repeats: int = 3, warmup: int = 1, routing=contextlib.nullcontext
+) -> dict:
+    """Prefill tokens/s of ``model`` (under ``routing()``) and of ``dense``, timed alternately.
+
+    ids: (B, T). Medians of ``repeats`` timings after ``warmup``; speedup = model / dense tok/s.
+    """
+    td, tm = [], []
+    for r in range(warmup + repeats):
+        a = _prefill_seconds(dense, ids)
+        with routing():
+            b = _prefill_seconds(model, ids)
+        if r >= warmup:
+            td.append(a)
+            tm.append(b)
+    n = ids.numel()
+    d, m = n / statistics.median(td), n / statistics.median(tm)
+    return {"prefill_tok_s": round(m, 2), "dense_tok_s": round(d, 2), "speedup": round(m / d, 4), "tokens": n}
+
+
+# -- building and loading each method ---------------------------------------------------------------
+def _record_target(method: str, folder: Path) -> float | None:
+    """Target sparsity a finished folder was built for, or None when the folder is not finished."""
+    import json
+
+    from ..config import CONFIG_NAME, SkipGPTConfig
+
+    if method == "shortgpt":
+        f = folder / "shortgpt.json"
+        return json.loads(f.read_text())["target_sparsity"] if f.exists() else None
+    if not (folder / CONFIG_NAME).exists():
+        return None
+    rec = SkipGPTConfig.read_json(folder / CONFIG_NAME)
+    meta = rec.get("metadata", {})
+    return meta.get("target_sparsity", meta.get("skip_rate", rec["router_config"]["target_sparsity"]))
+
+
+def _build(method: str, folder: Path, args, base, tokenizer, train_blocks, progress: bool = True) -> None:
+    from ..baselines.llm_drop import llm_drop_prune, save_llm_drop
+    from ..baselines.mod import train_mod
+    from ..baselines.shortgpt import save_pruned, shortgpt_prune
+    from ..config import SkipGPTConfig
+    from ..model import get_skipgpt_model
+    from ..train.loop import CHECKPOINT_DIR, LoopArgs
+    from ..train.router_tuning import RouterTuningArgs, train_routers
+
+    calib = train_blocks[: args.calib_blocks]
+    loop = LoopArgs(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        seed=args.seed,
+        save_every=args.save_every,
+    )
+    tuning = RouterTuningArgs(
+        lm_weight=args.lm_weight,
+        distill_weight=args.distill_weight,
+        curriculum=args.curriculum if method == "skipgpt" else 0.0,  # MoD's rate is fixed by top-k
+        calibrate_blocks=args.calibrate_blocks,
+    )
+    resume = (folder / CHECKPOINT_DIR / "trainer_state.json").exists()
+    meta = {
+        "dataset": args.dataset,
+        "seq_len": args.seq_len,
+        "blocks": int(train_blocks.shape[0]),
+        "target_sparsity": args.sparsity,
+    }
+    routers = {
+        "router_hidden": args.router_hidden,
+        "router_init": args.router_init,
+        "execute_bias": args.execute_bias,
+    }
+    model = copy.deepcopy(base)
+    if method == "skipgpt":
+        import torch
+
+        torch.manual_seed(args.seed)
+        config = SkipGPTConfig(
+            target_sparsity=args.sparsity,
+            budget="params",
+            alpha=args.alpha,
+            tau_start=args.tau_start,
+            tau_end=args.tau_end,
+            **routers,
+        )
+        routed = get_skipgpt_model(model, config, base_spec=args.model)
+        train_routers(
+            routed, train_blocks, folder, loop, tuning, resume=resume, metadata=meta, progress=progress
+        )
+    elif method == "mod":
+        import torch
+
+        torch.manual_seed(args.seed)
+        train_mod(
+            model,
+            train_blocks,
+            args.sparsity,
+            folder,
+            loop,
+            tuning,
+            base_spec=args.model,
+            router_config=routers,
+            resume=resume,
+            metadata=meta,
+            progress=progress,
+        )
+    elif method == "shortgpt":
+        record = shortgpt_prune(model, calib, args.sparsity, rounding=args.rounding, progress=progress)
+        record.update(base_model=args.model)
+        record["calibration"]["dataset"] = args.dataset
+        save_pruned(model, tokenizer, folder, record, overwrite=True)
+    else:
+        routed, record = llm_drop_prune(
+            model, calib, args.sparsity, base_spec=args.model, rounding=args.rounding, progress=progress
+        )
+        record["calibration"]["dataset"] = args.dataset
+        save_llm_drop(routed, folder, record, overwrite=True)
+
+
+def _load(method: str, folder: Path, base):
+    """The model of a finished folder, as ``load_model`` builds it (base weights shared by copy)."""
+    import json
+
+    from ..model import SkipGPTModel
+    from ..specs import load_base_model
+
+    if method == "shortgpt":
+        model, _ = load_base_model(str(folder))
+        return model.eval(), json.loads((folder / "shortgpt.json").read_text())
+    model = SkipGPTModel.from_pretrained(folder, base_model=copy.deepcopy(base)).eval()
+    return model, model.metadata
+
+
+# -- the table ---------------------------------------------------------------------------------------
+def format_compare_table(result: dict) -> str:
+    """Markdown: one row per method, realised sparsity, PPL per dataset, prefill speed."""
+    from ..eval.tables import markdown_table
+
+    datasets = result["settings"]["eval_datasets"]
+    cols = [
+        ("method", "label"),
+        ("params sparsity", lambda r: r["sparsity"]["params"]),
+        ("attn / mlp skipped", lambda r: f"{r['sparsity']['attn']:.3f} / {r['sparsity']['mlp']:.3f}"),
+    ]
+    cols += [(f"{d} PPL", lambda r, d=d: r["ppl"].get(d, "")) for d in datasets]
+    if result["settings"]["speed_tokens"]:
+        cols += [
+            ("prefill tok/s", lambda r: r["speed"]["prefill_tok_s"] if r.get("speed") else ""),
+            ("speedup", lambda r: f"{r['speed']['speedup']:.2f}x" if r.get("speed") else ""),
+        ]
+    if result["settings"].get("tasks"):
+        cols.append(("zero-shot mean acc", lambda r: r.get("zeroshot", {}).get("mean_acc", "")))
+    s = result["settings"]
+    head = (
+        f"Model `{result['model']}`, target {result['target_sparsity']} ({BUDGET}; static methods rounded "
+        f"'{s['rounding']}' to whole units). Sparsity realised on {datasets[0]}. PPL: {s['eval_seq_len']}-token "
+        f"windows (max {s['max_windows'] or 'all'}). Router tuning: {s['max_steps']} steps × {s['batch_size']}×"
+        f"{s['seq_len']} tokens of `{s['dataset']}`. Prefill: {s['speed_batch']}×{s['speed_tokens']} tokens, "
+        f"median of {s['speed_repeats']}, vs dense timed alternately; {result['machine']}."
+    )
+    return head + "\n\n" + markdown_table(result["rows"], cols)
+
+
+def _write(out: Path, result: dict) -> None:
+    from ..io import atomic_path, write_json_atomic
+
+    write_json_atomic(out / "compare.json", result)
+    with atomic_path(out / "compare.md") as tmp:
+        tmp.write_text(format_compare_table(result) + "\n")
+
+
+def _check_out(out: Path) -> None:
+    from ..errors import SkipGPTError
+
+    if out.exists() and (
+        not out.is_dir()
+        or (any(out.iterdir()) and not ((out / "models").is_dir() or (out / "compare.json").exists()))
+    ):
+        raise SkipGPTError(
+            f"--out {out} exists and is not a compare folder; give a new folder or an earlier --out"
+        )
+
+
+def run(args) -> int:
+    import torch
+
+    from ..baselines.mod import topk_routing
+    from ..data import load_blocks
+    from ..errors import SkipGPTError
+    from ..eval.perplexity import evaluate_perplexity
+    from ..eval.speed import machine_string
+    from ..loading import is_skipgpt_dir
+    from ..model import SkipGPTModel
+    from ..specs import load_base_model
+
+    out = Path(args.out)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise SkipGPTError(f"--methods: unknown {bad or 'empty list'}; accepted: {','.join(METHODS)}")
+    datasets = [d.strip() for d in args.eval_datasets.split(",") if d.strip()]
+    if not datasets:
+        raise SkipGPTError("--eval-datasets is empty; give e.g. wiki-heldout,ptb")
+    if args.speed_tokens < 0:
+        raise SkipGPTError(f"--speed-tokens must be >= 0, got {args.speed_tokens}")
+    zeroshot = None
+    if args.tasks:
+        try:
+            from ..eval.zeroshot import evaluate_zeroshot as zeroshot
+        except ImportError:
+            raise SkipGPTError(
+                "zero-shot evaluation is not available here (skipgpt.eval.zeroshot); drop --tasks"
+            ) from None
+    if is_skipgpt_dir(args.model):
+        raise SkipGPTError(f"{args.model} is a routed model; compare needs the base model spec")
+    _check_out(out)
+    for m in methods:  # a finished folder built for another budget would silently mix budgets
+        target = _record_target(m, out / "models" / m)
+        if target is not None and abs(float(target) - args.sparsity) > 1e-9:
+            raise SkipGPTError(
+                f"{out}/models/{m} was built for sparsity {target}, not {args.sparsity}; give a new --out"
+            )
+
+    base, tokenizer = load_base_model(args.model)
+    base.eval()
+    train_blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    evals = {d: load_blocks(d, tokenizer, args.eval_seq_len, max_blocks=args.max_windows) for d in datasets}
+    speed_ids = None
+    if args.speed_tokens:
+        speed_ids = load_blocks(datasets[0], tokenizer, args.speed_tokens, max_blocks=args.speed_batch)
+    result = {
+        "model": args.model,
+        "target_sparsity": args.sparsity,
+        "budget": BUDGET,
+        "settings": {k: getattr(args, k) for k in SETTINGS} | {"eval_datasets": datasets},
+        "machine": machine_string(),
+        "rows": [],
+        "complete": False,
+    }
+
+    def evaluate(key: str, model, routing=contextlib.nullcontext, static_sparsity=None, build=None) -> None:
+        row = {"method": key, "label": LABELS[key], "ppl": {}, "eval": {}}
+        for d, blocks in evals.items():
+            with routing():
+                r = evaluate_perplexity(
+                    model, blocks, batch_size=args.eval_batch_size, desc=f"{LABELS[key]} {d}"
+                )
+            r["sparsity"].pop("per_layer", None)
+            row["ppl"][d] = round(r["ppl"], 4)
+            row["eval"][d] = {k: r[k] for k in ("ppl", "nll", "tokens", "windows", "seq_len", "sparsity")}
+        measured = row["eval"][datasets[0]]["sparsity"]
+        row["sparsity"] = {
+            k: round(float(v), 4) for k, v in (static_sparsity or measured).items() if k in measured
+        }
+        if speed_ids is not None and model is base:  # the reference itself: speedup 1 by definition
+            d = measure_prefill(base, base, speed_ids, repeats=args.speed_repeats)["dense_tok_s"]
+            row["speed"] = {"prefill_tok_s": d, "dense_tok_s": d, "speedup": 1.0, "tokens": speed_ids.numel()}
+        elif speed_ids is not None:
+            row["speed"] = measure_prefill(
+                base, model, speed_ids, repeats=args.speed_repeats, routing=routing
+            )
+        if zeroshot is not None:
+            with routing():
+                row["zeroshot"] = zeroshot(model, tokenizer, tasks=args.tasks.split(","), limit=args.limit)
+        if build:
+            row["build"] = build
+        result["rows"].append(row)
+        _write(out, result)
+
+    out.mkdir(parents=True, exist_ok=True)
+    evaluate("dense", base)
+    for method in methods:
+        folder = out / "models" / method
+        if _record_target(method, folder) is None:
+            _build(method, folder, args, base, tokenizer, train_blocks)
+            gc.collect()
+        model, record = _load(method, folder, base)
+        build = {"folder": str(folder)}
+        if method in ("shortgpt", "llm-drop"):
+            key = "removed_layers" if method == "shortgpt" else "removed_modules"
+            build[key] = record[key]
+        else:
+            build["steps"] = len(record.get("history", []))
+            build["threshold"] = model.state.threshold if isinstance(model, SkipGPTModel) else None
+        static = record["sparsity"] if method == "shortgpt" else None
+        if method == "mod":
+            evaluate("mod", model, routing=lambda model=model: topk_routing(model), build=build)
+            evaluate("mod-causal", model, build=build)
+        else:
+            evaluate(method, model, static_sparsity=static, build=build)
+        del model
+        gc.collect()
+        torch.manual_seed(args.seed)
+    result["complete"] = True
+    _write(out, result)
+    summary = {k: result[k] for k in ("model", "target_sparsity", "budget", "machine")} | {
+        "out": str(out),
+        "rows": [
+            {k: r[k] for k in ("method", "label", "sparsity", "ppl") if k in r}
+            | ({"speedup": r["speed"]["speedup"]} if r.get("speed") else {})
+            for r in result["rows"]
+        ],
+    }
+    emit(args, summary, format_compare_table(result) + f"\n\nwritten to {out}/compare.md and compare.json")
+    return 0
