@@ -34,7 +34,10 @@ VARIANTS = {
     "dense-init+distill": ({}, {"distill_weight": 1.0}),
     "dense-init+distill+curriculum": ({}, {"distill_weight": 1.0, "curriculum": 0.3}),
     "distill-only+curriculum": ({}, {"distill_weight": 1.0, "lm_weight": 0.0, "curriculum": 0.3}),
-    "distill+curriculum, mlp router post-attn": ({"mlp_router_input": "post_attention"}, {"distill_weight": 1.0, "curriculum": 0.3}),
+    "distill+curriculum, mlp router post-attn": (
+        {"mlp_router_input": "post_attention"},
+        {"distill_weight": 1.0, "curriculum": 0.3},
+    ),
 }
 
 
@@ -49,8 +52,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=1024)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
-    p.add_argument("--no-calibrate", action="store_true", help="keep θ = 0.5 instead of calibrating it to the target")
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
+    )
+    p.add_argument(
+        "--no-calibrate", action="store_true", help="keep θ = 0.5 instead of calibrating it to the target"
+    )
     p.add_argument("--out", default="runs/recipe")
     args = p.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -61,10 +68,15 @@ def main() -> None:
     out = Path(args.out)
     base, tok = load_base_model(args.model)
     train = load_blocks("calib", tok, args.seq_len)
-    evalsets = {d: load_blocks(d, tok, args.eval_seq_len, max_blocks=args.eval_windows) for d in ("wiki-heldout", "ptb")}
+    evalsets = {
+        d: load_blocks(d, tok, args.eval_seq_len, max_blocks=args.eval_windows)
+        for d in ("wiki-heldout", "ptb")
+    }
     rows = []
     dense = {d: evaluate_perplexity(base, b, desc=f"dense {d}")["ppl"] for d, b in evalsets.items()}
-    rows.append({"variant": "dense", "module": 0.0, "params": 0.0, **{f"{d} ppl": v for d, v in dense.items()}})
+    rows.append(
+        {"variant": "dense", "module": 0.0, "params": 0.0, **{f"{d} ppl": v for d, v in dense.items()}}
+    )
     for name in names:
         config_changes, tuning_changes = VARIANTS[name]
         config = SkipGPTConfig(target_sparsity=args.target, budget=args.budget, **config_changes)
@@ -73,7 +85,9 @@ def main() -> None:
         t0 = time.time()
         tuning = RouterTuningArgs(calibrate_blocks=0 if args.no_calibrate else 16, **tuning_changes)
         loop = LoopArgs(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-        result = train_routers(model, train, out / name.replace(" ", "_").replace(",", ""), loop, tuning, overwrite=True)
+        result = train_routers(
+            model, train, out / name.replace(" ", "_").replace(",", ""), loop, tuning, overwrite=True
+        )
         wall = time.time() - t0
         row = {"variant": name, "train s": wall, "final lm": result["history"][-1].get("lm", float("nan"))}
         for d, blocks in evalsets.items():
@@ -86,12 +100,25 @@ def main() -> None:
         base = model.unwrap()
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    settings = (f"{args.model}, target {args.target} ({args.budget}), {args.steps} steps × {args.batch_size}×{args.seq_len} "
-                f"calib tokens per variant, lr {args.lr}; PPL on the first {args.eval_windows} windows of "
-                f"{args.eval_seq_len} tokens; sparsity measured on PTB; θ {'0.5' if args.no_calibrate else 'calibrated'}; {machine}")
-    table = markdown_table(rows, [("variant", "variant"), ("module sp.", "module"), ("attn", "attn"), ("mlp", "mlp"),
-                                  ("param sp.", "params"), ("θ", "threshold"), ("wiki-heldout PPL", "wiki-heldout ppl"),
-                                  ("PTB PPL", "ptb ppl"), ("train s", "train s")])
+    settings = (
+        f"{args.model}, target {args.target} ({args.budget}), {args.steps} steps × {args.batch_size}×{args.seq_len} "
+        f"calib tokens per variant, lr {args.lr}; PPL on the first {args.eval_windows} windows of "
+        f"{args.eval_seq_len} tokens; sparsity measured on PTB; θ {'0.5' if args.no_calibrate else 'calibrated'}; {machine}"
+    )
+    table = markdown_table(
+        rows,
+        [
+            ("variant", "variant"),
+            ("module sp.", "module"),
+            ("attn", "attn"),
+            ("mlp", "mlp"),
+            ("param sp.", "params"),
+            ("θ", "threshold"),
+            ("wiki-heldout PPL", "wiki-heldout ppl"),
+            ("PTB PPL", "ptb ppl"),
+            ("train s", "train s"),
+        ],
+    )
     write_json_atomic(out / "recipe.json", {"rows": rows, "settings": settings})
     with atomic_path(out / "recipe.md") as tmp:
         tmp.write_text(table + "\n\n" + settings + "\n")

@@ -16,9 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> (result file, the command that writes it)
 SECTIONS = {
     "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
-    "recipe": ("results/recipe.md", "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md"),
+    "recipe": (
+        "results/recipe.md",
+        "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md",
+    ),
     "bench": ("results/bench.md", "python benchmarks/bench_speed.py --out results/bench.json"),
-    "compare": ("results/compare.md", "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare"),
+    "compare": (
+        "results/compare.md",
+        "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare",
+    ),
     "lora": ("results/lora.md", "python benchmarks/lora_table.py --out runs/lora"),
     "zeroshot": ("results/zeroshot.md", "python benchmarks/zeroshot_table.py --out runs/zeroshot"),
 }
@@ -33,7 +39,9 @@ def main() -> int:
             continue
         src = ROOT / path
         body = src.read_text().strip() if src.exists() else f"_not measured yet: run `{command}`_"
-        text = pattern.sub(lambda m, b=body, c=command: f"{m.group(1)}Made by `{c}`:\n\n{b}\n{m.group(2)}", text)
+        text = pattern.sub(
+            lambda m, b=body, c=command: f"{m.group(1)}Made by `{c}`:\n\n{b}\n{m.group(2)}", text
+        )
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(readme)

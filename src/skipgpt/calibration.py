@@ -29,7 +29,12 @@ def weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> 
 
 @torch.no_grad()
 def calibrate_threshold(
-    model: SkipGPTModel, blocks: torch.Tensor, target: float, budget: str | None = None, iters: int = 3, batch_size: int = 4
+    model: SkipGPTModel,
+    blocks: torch.Tensor,
+    target: float,
+    budget: str | None = None,
+    iters: int = 3,
+    batch_size: int = 4,
 ) -> float:
     """θ such that deterministic routing skips ``target`` of the decisions on ``blocks`` (N, T).
 
@@ -53,7 +58,9 @@ def calibrate_threshold(
 
         with model.routing(override=override, execution="masked"):
             for s in range(0, blocks.shape[0], batch_size):
-                model(input_ids=blocks[s : s + batch_size].to(next(model.parameters()).device), use_cache=False)
+                model(
+                    input_ids=blocks[s : s + batch_size].to(next(model.parameters()).device), use_cache=False
+                )
         theta = weighted_quantile(torch.cat(probs), torch.cat(ws), target)
     theta = min(max(theta, 0.0), 1.0)
     model.state.threshold = model.skipgpt_config.threshold = theta  # saved with the routers

@@ -93,8 +93,9 @@ def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument(
         "--mixed-precision",
         choices=["no", "bf16", "fp16"],
-        default="no",
-        help="autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32",
+        default=None,
+        help="autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32 "
+        "(default: the accelerate launch setting, else no)",
     )
     g.add_argument(
         "--gradient-checkpointing",
@@ -136,6 +137,8 @@ def router_config_from_args(args):
 
 
 def loop_args_from_args(args):
+    import os
+
     from ..train.loop import LoopArgs
 
     return LoopArgs(
@@ -147,7 +150,8 @@ def loop_args_from_args(args):
         warmup_ratio=args.warmup_ratio,
         seed=args.seed,
         save_every=args.save_every,
-        mixed_precision=args.mixed_precision,
+        # unset: what `accelerate launch` (its flag or config file) asked for
+        mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
         gradient_checkpointing=args.gradient_checkpointing,
     )
 

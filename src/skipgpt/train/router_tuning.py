@@ -145,7 +145,13 @@ def train_routers(
     calibration = None
     if args.calibrate_blocks > 0:
         calibration = _calibrate(model, blocks[: args.calibrate_blocks])
-    meta = {"stage": "router_tuning", "threshold_calibration": calibration, "loop": asdict(loop), "router_tuning": asdict(args), **(metadata or {})}
+    meta = {
+        "stage": "router_tuning",
+        "threshold_calibration": calibration,
+        "loop": asdict(loop),
+        "router_tuning": asdict(args),
+        **(metadata or {}),
+    }
     meta["history"] = history
     from accelerate import PartialState
 
