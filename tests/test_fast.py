@@ -503,3 +503,20 @@ def test_gemma2_softcapping_falls_back_and_matches(monkeypatch):
     with pytest.warns(UserWarning, match="softcapping"):
         out = run(model, "fast", 0.5, lambda: model(input_ids=ids, attention_mask=mask).logits)
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("executing, rows", [(6, 8), (3, 8), (2, 2), (0, 0)])
+def test_batched_decode_runs_all_rows_only_when_many_execute(executing, rows):
+    """Decode with B = 8: over a quarter executing -> the MLP/q/o see all 8 rows; else only theirs."""
+    model = make_model("llama")
+    ids, _ = batch(None, B=8, T=5)
+    cache = DynamicCache(config=model.config)
+    execute = torch.arange(8) < executing
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        seen, hooks = count_rows(model, ["q", "k", "o", "mlp"])
+        with model.routing(override=lambda i, m, h: execute.view(8, 1).expand(h.shape[:2])):
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    for h in hooks:
+        h.remove()
+    assert seen == {"q": rows, "k": 8, "o": rows, "mlp": rows}

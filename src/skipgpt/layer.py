@@ -58,17 +58,28 @@ class RoutingState:
         self.decisions.clear()
 
     def record(self, layer_idx: int, module: str, gate: torch.Tensor) -> None:
-        """gate: (B, T) execute gate (0/1 values, differentiable in training)."""
+        """gate: (B, T) execute gate, bool or 0/1 values (differentiable in training)."""
         key = (layer_idx, module)
         mask = self.token_mask
-        if mask is None or mask.shape != gate.shape:
-            mask = torch.ones_like(gate, dtype=torch.bool)
-        valid = mask.to(gate.dtype)
-        n = valid.sum()
-        skips = ((1.0 - gate) * valid).sum()
-        self.skip_rates[key] = skips / n.clamp_min(1.0)
-        self.skipped[key] = self.skipped.get(key, 0.0) + float(skips.detach())
-        self.counted[key] = self.counted.get(key, 0.0) + float(n)
+        if mask is not None and mask.shape != gate.shape:
+            mask = None
+        if gate.requires_grad:  # training: the loss needs the differentiable rate
+            valid = torch.ones_like(gate) if mask is None else mask.to(gate.dtype)
+            n_t = valid.sum()
+            skips_t = ((1.0 - gate) * valid).sum()
+            self.skip_rates[key] = skips_t / n_t.clamp_min(1.0)
+            skips, n = float(skips_t.detach()), float(n_t)
+        else:  # inference: plain counts, one host sync (this runs twice per layer per decode step)
+            executed = gate if gate.dtype == torch.bool else gate > 0.5
+            if mask is None:
+                n = float(gate.numel())
+                skips = n - float(executed.count_nonzero())
+            else:
+                n = float(mask.count_nonzero())
+                skips = float((~executed & mask.to(torch.bool)).count_nonzero())
+            self.skip_rates[key] = torch.tensor(skips / max(n, 1.0))
+        self.skipped[key] = self.skipped.get(key, 0.0) + skips
+        self.counted[key] = self.counted.get(key, 0.0) + n
         if self.keep_decisions:
             self.decisions.setdefault(key, []).append((gate.detach() > 0.5).cpu())
 
@@ -111,7 +122,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
 
     # -- routing ---------------------------------------------------------------------------
     def gate(self, module: str, router_input: torch.Tensor) -> torch.Tensor | None:
-        """Execute gate (B, T) for ``module``, or None when the module always executes."""
+        """Execute gate (B, T) for ``module``, or None when the module always executes.
+
+        Training: 0/1 values that carry the router's gradient. Inference: a bool mask (or what
+        an override returns), turned into a multiplier only by the masked path.
+        """
         state = self.state
         if (self.layer_idx, module) in state.removed:
             g = router_input.new_zeros(router_input.shape[:2])
@@ -121,11 +136,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if not state.enabled or module not in self.routers:
             return None
         if state.override is not None:
-            g = state.override(self.layer_idx, module, router_input).to(router_input.dtype)
+            g = state.override(self.layer_idx, module, router_input)
         elif self.training:
             g = self.routers[module].sample_gate(router_input, state.tau).to(router_input.dtype)
         else:
-            g = self.routers[module].decide(router_input, state.threshold).to(router_input.dtype)
+            g = self.routers[module].decide(router_input, state.threshold)  # bool, no noise
         state.record(self.layer_idx, module, g)
         return g
 
@@ -157,10 +172,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         elif attn_gate is not None and not self.training and self.state.execution == "fast":
             from .fast import fast_attn_residual  # inference path that really skips work
 
-            hidden_states = fast_attn_residual(self, hidden_states, attn_gate > 0.5, **kwargs)
+            hidden_states = fast_attn_residual(self, hidden_states, _as_mask(attn_gate), **kwargs)
         else:
             out = self.attn_branch(hidden_states, **kwargs)
-            hidden_states = hidden_states + (out if attn_gate is None else attn_gate.unsqueeze(-1) * out)
+            hidden_states = hidden_states + (out if attn_gate is None else _as_multiplier(attn_gate, out))
 
         router_input = block_input if self.skipgpt_config.mlp_router_input == "block_input" else hidden_states
         mlp_gate = self.gate("mlp", router_input)
@@ -169,6 +184,16 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if mlp_gate is not None and not self.training and self.state.execution == "fast":
             from .fast import fast_mlp_residual
 
-            return fast_mlp_residual(self, hidden_states, mlp_gate > 0.5)
+            return fast_mlp_residual(self, hidden_states, _as_mask(mlp_gate))
         out = self.mlp_branch(hidden_states)
-        return hidden_states + (out if mlp_gate is None else mlp_gate.unsqueeze(-1) * out)
+        return hidden_states + (out if mlp_gate is None else _as_multiplier(mlp_gate, out))
+
+
+def _as_mask(gate: torch.Tensor) -> torch.Tensor:
+    """(B, T) execute gate -> bool mask."""
+    return gate if gate.dtype == torch.bool else gate > 0.5
+
+
+def _as_multiplier(gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``gate * out`` for a (B, T) gate and a (B, T, d) module output (the masked path)."""
+    return gate.unsqueeze(-1).to(out.dtype) * out
