@@ -113,7 +113,7 @@ def run(args) -> int:
     from ..loading import is_skipgpt_dir
     from ..model import SkipGPTModel, get_skipgpt_model, resolve_base_spec
     from ..specs import load_base_model
-    from ..train.lora import finetune_lora, train_joint
+    from ..train.lora import check_targets, finetune_lora, train_joint
     from .train_router import router_config_from_args, tuning_args_from_args
 
     lora = lora_args_from_args(args)
@@ -146,6 +146,7 @@ def run(args) -> int:
         base, tokenizer = load_base_model(resolve_base_spec(record, args.model))
         model = SkipGPTModel.from_pretrained(args.model, base_model=base)
         kind = "stage 2 (LoRA, routers frozen)"
+    check_targets(model, lora.targets)  # a wrong module name fails before the data is read
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     meta["blocks"] = int(blocks.shape[0])
     common = dict(resume=args.resume, overwrite=args.overwrite, metadata=meta)
@@ -167,6 +168,10 @@ def run(args) -> int:
         "train_ppl": check["ppl"],
         "sparsity": sparsity,
     }
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # multi-process launch: rank 0 reports
+        return 0
     human = (
         f"{kind}: saved to {result['output']} after {result['steps']} steps; final loss "
         f"{result['final_loss']:.4f}; on training blocks: ppl {check['ppl']:.3f}, module sparsity "

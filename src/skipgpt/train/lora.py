@@ -37,6 +37,7 @@ from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
 from .loop import CHECKPOINT_DIR, LoopArgs, train_loop
 from .losses import shifted_lm_loss
+from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, make_step_fn
 
 __all__ = [
     "LoraArgs",
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "STAGE2_ROUTING",
     "linear_module_names",
+    "check_targets",
     "add_lora",
     "load_adapter",
     "get_peft",
@@ -112,7 +114,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     )
 
 
-def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str] | str:
+def check_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str] | str:
+    """``targets`` as peft wants them; a name no linear layer has is refused, listing those there are."""
     if targets == ("all-linear",):
         return "all-linear"
     full = [
@@ -144,13 +147,14 @@ def add_lora(model: nn.Module, args: LoraArgs | None = None):
     args = args or LoraArgs()
     if get_peft(model) is not None:
         raise SkipGPTError("model already has a LoRA adapter; merge it (skipgpt export --merge) first")
-    targets = _check_targets(model, args.targets)
+    targets = check_targets(model, args.targets)
     config = LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         target_modules=targets,
-        exclude_modules=ROUTER_EXCLUDE,
+        # a plain model has no routers (and peft warns when an exclusion matches nothing)
+        exclude_modules=ROUTER_EXCLUDE if isinstance(model, SkipGPTModel) else None,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(_hf(model), config)
@@ -193,6 +197,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     hf = model.unwrap()
     merged = peft_model.merge_and_unload()
     out = SkipGPTModel(merged, model.skipgpt_config, base_spec=model.base_spec)
+    out.state.threshold = model.state.threshold  # e.g. load_model(..., threshold=θ)
     with torch.no_grad():
         for k, p in out.router_state_dict().items():
             p.copy_(routers[k])
@@ -225,15 +230,17 @@ def save_with_adapter(
     return output_dir
 
 
+def _save_on_main_process(model: nn.Module, output_dir: Path, metadata: dict, base_spec: str | None = None):
+    """Under ``accelerate launch`` every rank holds the same weights: rank 0 writes, the others wait."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        save_with_adapter(model, output_dir, metadata, base_spec=base_spec)
+    state.wait_for_everyone()
+
+
 # -- training ---------------------------------------------------------------------------------
-def _module_rates(model: SkipGPTModel) -> dict[str, float]:
-    out = {"sparsity": float(model.realised_sparsity().detach())}
-    for m in model.skipgpt_config.modules:
-        vals = [float(v.detach()) for (_, mod), v in model.state.skip_rates.items() if mod == m]
-        out[f"{m}_skip"] = sum(vals) / max(len(vals), 1)
-    return out
-
-
 def _deterministic_override(model: SkipGPTModel):
     """Routing override: the inference decision (no noise) while the layers are in training mode."""
     layers, state = model.routed_layers, model.state
@@ -282,16 +289,25 @@ def finetune_lora(
     resume: bool = False,
     overwrite: bool = False,
     metadata: dict | None = None,
+    on_step=None,
     progress: bool = True,
 ) -> dict:
     """Stage 2 on a routed ``SkipGPTModel`` (routers frozen), or dense + LoRA on a plain HF model.
 
     blocks: (N, T) token ids. Saves to ``output_dir``; returns ``{"output", "steps",
-    "final_loss", "history"}``. ``base_spec`` is recorded for a dense model (how to reload it).
+    "final_loss", "history"}``. ``base_spec`` is recorded for a dense model (how to reload it;
+    default: the model's ``name_or_path``). ``on_step(step, metrics)`` runs after every step.
     """
     args = args or LoraArgs()
     output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
     routed = isinstance(model, SkipGPTModel)
+    if not routed:
+        base_spec = base_spec or getattr(model.config, "_name_or_path", None)
+        if not base_spec:  # the saved folder could not be loaded again
+            raise SkipGPTError(
+                "dense + LoRA needs base_spec, the model spec to reload the base model from "
+                "(e.g. 'smollm2-135m' or 'random:llama')"
+            )
     add_lora(model, args)
     named = lora_parameters(model)
     if resume:
@@ -302,7 +318,7 @@ def finetune_lora(
         lm = shifted_lm_loss(logits, input_ids)
         metrics = {"loss": float(lm.detach()), "lm": float(lm.detach())}
         if routed:
-            metrics.update(_module_rates(model))
+            metrics.update(sparsity=float(model.realised_sparsity().detach()), **_module_rates(model))
         return lm, metrics
 
     if routed and args.routing == "deterministic":
@@ -315,7 +331,16 @@ def finetune_lora(
         ctx = nullcontext()
     with ctx:
         history = train_loop(
-            model, named, blocks, loop, step_fn, output_dir, resume=resume, desc="LoRA", progress=progress
+            model,
+            named,
+            blocks,
+            loop,
+            step_fn,
+            output_dir,
+            resume=resume,
+            desc="LoRA",
+            on_step=on_step,
+            progress=progress,
         )
     model.eval()
     meta = dict(metadata or {})
@@ -327,10 +352,12 @@ def finetune_lora(
             stage2_routing_reason=ROUTING_REASON[args.routing],
             stage1={k: v for k, v in parent.items() if k != "history"},
         )
+        if parent.get("removed_modules"):  # LLM-Drop: the dropped modules must stay gone on reload
+            meta["removed_modules"] = parent["removed_modules"]
     else:
         meta.update(stage="dense_lora")
     meta.update(lora=asdict(args), loop=asdict(loop), history=history)
-    save_with_adapter(model, output_dir, meta, base_spec=base_spec)
+    _save_on_main_process(model, output_dir, meta, base_spec=base_spec)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,
@@ -345,21 +372,21 @@ def train_joint(
     output_dir: str | Path,
     loop: LoopArgs,
     args: LoraArgs | None = None,
-    tuning=None,
+    tuning: RouterTuningArgs | None = None,
     *,
     router_lr: float = 2e-3,
     resume: bool = False,
     overwrite: bool = False,
     metadata: dict | None = None,
+    on_step=None,
     progress: bool = True,
 ) -> dict:
     """SkipGPT-Joint: fresh routers and LoRA trained together with the stage-1 loss.
 
     Routers learn at ``router_lr`` and LoRA at ``loop.lr`` (one optimizer, two groups). After
     training θ is calibrated to the target as in stage 1 (``tuning.calibrate_blocks``).
+    ``on_step(step, metrics)`` runs after every step.
     """
-    from .router_tuning import RouterTuningArgs, _calibrate, make_step_fn
-
     if not isinstance(model, SkipGPTModel):
         raise SkipGPTError("--joint needs a routed model (get_skipgpt_model on the base model)")
     args = args or LoraArgs()
@@ -383,6 +410,7 @@ def train_joint(
         output_dir,
         resume=resume,
         desc="joint routers+LoRA",
+        on_step=on_step,
         progress=progress,
         lr_scale={k: router_lr / loop.lr for k in routers},
     )
@@ -402,7 +430,7 @@ def train_joint(
         loop=asdict(loop),
         history=history,
     )
-    save_with_adapter(model, output_dir, meta)
+    _save_on_main_process(model, output_dir, meta)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,

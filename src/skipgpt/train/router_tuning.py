@@ -55,6 +55,16 @@ def _module_rates(model: SkipGPTModel) -> dict[str, float]:
     return out
 
 
+def _adapter_disabled(model: SkipGPTModel):
+    """The teacher is the *base* model: with LoRA attached (SkipGPT-Joint), switch it off."""
+    from contextlib import nullcontext
+
+    from .lora import get_peft
+
+    peft_model = get_peft(model)
+    return nullcontext() if peft_model is None else peft_model.disable_adapter()
+
+
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
     cfg = model.skipgpt_config
 
@@ -65,7 +75,7 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
         metrics: dict[str, float] = {}
         teacher = None
         if args.distill_weight > 0:
-            with torch.no_grad(), model.dense():
+            with torch.no_grad(), model.dense(), _adapter_disabled(model):
                 teacher = forward(input_ids=input_ids).logits
         logits = forward(input_ids=input_ids).logits
         realised = model.realised_sparsity()
