@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import random_ids, routed
@@ -67,3 +69,133 @@ def test_params_budget_regulariser_counts_module_sizes():
     attn = sum(v for (i, m), v in model.branch_params.items() if m == "attn")
     assert model.realised_sparsity().item() == pytest.approx(attn / sum(model.branch_params.values()))
     assert model.realised_sparsity("modules").item() == pytest.approx(0.5)
+
+
+# --- benchmarks/recipe.py: resumable per variant -------------------------------------------------
+
+
+def _load_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "recipe.py"
+    spec = importlib.util.spec_from_file_location("recipe_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_recipe(recipe, argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert recipe.main(argv) == 0
+    return buf.getvalue()
+
+
+TINY_RECIPE = [
+    "--model", "random:llama", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+    "--eval-windows", "2", "--eval-seq-len", "64", "--save-every", "1",
+]  # fmt: skip
+TWO = "paper,dense-init"
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    """benchmarks/recipe.py run once with two variants: (module, out folder, stdout)."""
+    recipe = _load_recipe()
+    out = tmp_path_factory.mktemp("recipe")
+    text = _run_recipe(recipe, [*TINY_RECIPE, "--variants", TWO, "--out", str(out)])
+    return recipe, out, text
+
+
+def test_recipe_list_names_every_variant(tmp_path):
+    recipe = _load_recipe()
+    text = _run_recipe(recipe, ["--list", "--out", str(tmp_path)])
+    assert [line.split(":")[0] for line in text.splitlines()] == list(recipe.VARIANTS)
+    assert all("[not run;" in line for line in text.splitlines())
+    assert not (tmp_path / "variants").exists()
+
+
+def test_recipe_stores_each_variant_with_its_settings(recipe_run):
+    recipe, out, _ = recipe_run
+    result = json.loads((out / "recipe.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["dense", "paper", "dense-init"]
+    dense, *variants = result["rows"]
+    assert all(dense[k] == 0.0 for k in ("module", "attn", "mlp", "params"))
+    for row in variants:
+        for k in ("module", "attn", "mlp", "params"):
+            assert 0.0 <= row[k] <= 1.0
+        assert row["module"] > 0.0  # θ calibrated to the 0.25 target
+        assert row["train s"] > 0 and row["wiki-heldout ppl"] > 1 and row["ptb ppl"] > 1
+        assert set(row["sparsity by dataset"]) == {"wiki-heldout", "ptb"}
+        assert {k: row[k] for k in ("module", "params")} == {
+            k: row["sparsity by dataset"]["ptb"][k] for k in ("module", "params")
+        }
+    for name in ("dense", "paper", "dense-init"):
+        record = json.loads((out / "variants" / f"{name}.json").read_text())
+        assert record["row"]["variant"] == name
+        assert record["settings"]["model"] == "random:llama"
+    assert json.loads((out / "variants" / "paper.json").read_text())["settings"]["steps"] == 2
+    assert not list((out / "variants").glob("*.progress.json"))  # finished variants leave no progress file
+    md = (out / "recipe.md").read_text()
+    assert md.splitlines()[0].startswith("| variant | module sp. | attn | mlp | param sp. |")
+    assert "| dense | 0.000 | 0.000 | 0.000 | 0.000 |" in md
+    assert result["settings"] in md
+    listing = _run_recipe(recipe, [*TINY_RECIPE, "--list", "--out", str(out)])
+    assert "paper: " in listing and "[stored;" in listing.splitlines()[0]
+
+
+def test_recipe_rerun_skips_stored_variants_and_rebuilds_the_table(recipe_run, monkeypatch):
+    recipe, out, _ = recipe_run
+    md, js = (out / "recipe.md").read_text(), (out / "recipe.json").read_text()
+    (out / "recipe.md").unlink()
+    (out / "recipe.json").unlink()
+
+    def forbidden(*a, **k):
+        raise AssertionError("a stored row was recomputed")
+
+    monkeypatch.setattr(recipe, "run_variant", forbidden)
+    monkeypatch.setattr(recipe, "run_dense", forbidden)
+    monkeypatch.setattr(recipe.Resources, "base", forbidden)  # not even the model is loaded
+    text = _run_recipe(recipe, [*TINY_RECIPE, "--variants", TWO, "--out", str(out)])
+    assert "paper: stored with these settings" in text and "dense-init: stored with these settings" in text
+    assert "dense: stored with these settings, skipped" in text
+    assert (out / "recipe.md").read_text() == md and (out / "recipe.json").read_text() == js
+    # a subset run still shows every stored row of the same settings
+    _run_recipe(recipe, [*TINY_RECIPE, "--variants", "paper", "--out", str(out)])
+    assert (out / "recipe.md").read_text() == md
+    # other settings: the stored rows are not theirs, so they would be recomputed
+    with pytest.raises(AssertionError, match="recomputed"):
+        _run_recipe(recipe, [*TINY_RECIPE, "--steps", "3", "--variants", "paper", "--out", str(out)])
+
+
+def test_recipe_variant_interrupted_in_training_continues_from_its_checkpoint(recipe_run, monkeypatch):
+    recipe, out, _ = recipe_run
+    done = json.loads((out / "variants" / "dense-init.json").read_text())["row"]
+    (out / "variants" / "dense-init.json").unlink()
+    real = recipe.train_routers
+
+    def interrupted(*args, on_step, **kwargs):
+        def stop_after_first(step, metrics):
+            on_step(step, metrics)
+            raise KeyboardInterrupt  # after the checkpoint of step 1 (save_every 1)
+
+        return real(*args, on_step=stop_after_first, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_routers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run_recipe(recipe, [*TINY_RECIPE, "--variants", "dense-init", "--out", str(out)])
+    assert not (out / "variants" / "dense-init.json").exists()
+    progress = json.loads((out / "variants" / "dense-init.progress.json").read_text())
+    assert progress["step"] == 1
+    monkeypatch.setattr(recipe, "train_routers", real)
+    text = _run_recipe(recipe, [*TINY_RECIPE, "--variants", "dense-init", "--out", str(out)])
+    assert "continuing from its checkpoint at step 1/2" in text
+    row = json.loads((out / "variants" / "dense-init.json").read_text())["row"]
+    assert row["resumed at step"] == 1
+    for k in ("module", "attn", "mlp", "params", "threshold", "wiki-heldout ppl", "ptb ppl", "final lm"):
+        assert row[k] == pytest.approx(done[k], rel=1e-5), k  # exact resume: the same routers
+    assert not (out / "variants" / "dense-init.progress.json").exists()

@@ -7,8 +7,13 @@ routed model and random routing at the routed model's own per-(layer, module) sk
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import add_json_arg, emit, positive_int
 from .train_router import add_router_args
+
+# What a demo writes into its output folder (``routers/`` is a skipgpt output folder).
+DEMO_ENTRIES = ("routers", "results.json", "results.md")
 
 
 def add_parser(sub) -> None:
@@ -16,15 +21,37 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--output", default="runs/demo", help="output folder")
     p.add_argument("--max-steps", type=positive_int, default=150)
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-seq-len", type=positive_int, default=1024)
-    p.add_argument("--eval-windows", type=positive_int, default=40, help="windows per PPL dataset")
+    p.add_argument("--eval-windows", type=positive_int, default=16, help="windows per PPL dataset")
     p.add_argument("--seed", type=int, default=0)
     add_router_args(p)
     add_json_arg(p)
     p.set_defaults(func=run, target_sparsity=0.25)
+
+
+def prepare_demo_dir(path: str | Path) -> Path:
+    """Accept a new or empty folder, or an earlier demo's output (rerun); refuse anything else."""
+    from ..errors import SkipGPTError
+
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise SkipGPTError(f"output {path} exists and is a file; give a new folder or an earlier demo output")
+    foreign = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name not in DEMO_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
+    if foreign:
+        raise SkipGPTError(
+            f"output folder {path} exists and holds files a demo does not write ({', '.join(foreign[:3])}); "
+            "give a new folder or an earlier demo output"
+        )
+    return path
 
 
 def run(args) -> int:
@@ -34,14 +61,14 @@ def run(args) -> int:
     from ..data import load_blocks
     from ..eval.perplexity import evaluate_perplexity
     from ..eval.tables import markdown_table
-    from ..io import prepare_output_dir, write_json_atomic
+    from ..io import atomic_path, write_json_atomic
     from ..model import get_skipgpt_model
     from ..specs import load_base_model
     from ..train.loop import LoopArgs
     from ..train.router_tuning import train_routers
     from .train_router import router_config_from_args, tuning_args_from_args
 
-    out = prepare_output_dir(args.output)
+    out = prepare_demo_dir(args.output)  # before any slow work; a rerun replaces the results
     t0 = time.time()
     base, tokenizer = load_base_model(args.model)
     config = router_config_from_args(args)
@@ -64,26 +91,30 @@ def run(args) -> int:
         metadata={"dataset": "calib", "seq_len": args.seq_len, "blocks": int(train.shape[0])},
     )
 
+    # Random routing takes, per dataset, the skip rate of every (layer, module) that the routers
+    # realised on that dataset, so both rows skip the same amount of each module in expectation.
     rows = []
-    routed_rates = None
-    for name, ctx in (
-        ("dense", model.dense),
-        ("SkipGPT-RT (routers)", model.routing),
-        ("random routing, same rates", None),
+    routed_rates: dict[str, dict] = {}
+    for name, kind in (
+        ("dense", "dense"),
+        ("SkipGPT-RT (routers)", "routers"),
+        ("random routing, same rates", "random"),
     ):
         row = {"model": name}
         for ds, blocks in evalsets.items():
-            if ctx is None:
-                ctx_now = model.routing(override=random_override(routed_rates, seed=args.seed))
+            if kind == "dense":
+                ctx = model.dense()
+            elif kind == "routers":
+                ctx = model.routing()
             else:
-                ctx_now = ctx()
-            with ctx_now:
+                ctx = model.routing(override=random_override(routed_rates[ds], seed=args.seed))
+            with ctx:
                 r = evaluate_perplexity(model, blocks, desc=f"{name} {ds}")
             row[f"{ds} ppl"] = r["ppl"]
-            row["sparsity"] = r["sparsity"]
-            if name.startswith("SkipGPT") and ds == "wiki-heldout":
+            row["sparsity"] = r["sparsity"]  # the last dataset's (PTB), as the settings line says
+            if kind == "routers":
                 st = model.state
-                routed_rates = {k: st.skipped[k] / st.counted[k] for k in st.counted}
+                routed_rates[ds] = {k: st.skipped[k] / st.counted[k] for k in st.counted if st.counted[k]}
         rows.append(row)
 
     table = markdown_table(
@@ -105,10 +136,8 @@ def run(args) -> int:
     )
     for row in rows:
         row["sparsity"].pop("per_layer", None)
-    result = {"rows": rows, "settings": settings, "command": "skipgpt " + " ".join(args.argv)}
+    result = {"rows": rows, "settings": settings, "command": "skipgpt " + " ".join(getattr(args, "argv", []))}
     write_json_atomic(out / "results.json", result)
-    from ..io import atomic_path
-
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(table + "\n\n" + settings + "\n")
     emit(args, result, table + "\n\n" + settings)
