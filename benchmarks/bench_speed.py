@@ -1,10 +1,10 @@
 """Speed of dense vs masked (paper code) vs fast (really skipping) execution; writes a JSON file.
 
-    python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 \
-        --out benchmarks/results/speed_smollm2_random40.json
+    python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --out results/bench.json
 
 Prints the markdown table (the README's) and writes the full result (per-run times, the
-routing's realised sparsity, ideal speedup, cost model, machine) atomically to ``--out``.
+routing's realised sparsity, ideal speedup, cost model, machine) atomically to ``--out``, and
+the table beside it (same name, ``.md``).
 Run it on a quiet machine: every core the benchmark does not own skews the timings.
 """
 
@@ -52,11 +52,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-router-overhead", action="store_true", help="random routing: do not run the routers")
-    p.add_argument("--out", default="benchmarks/results/bench_speed.json")
+    p.add_argument("--out", default="results/bench.json")
     args = p.parse_args(argv)
 
     from skipgpt.eval.speed import format_bench_table, run_bench
-    from skipgpt.io import write_json_atomic
+    from skipgpt.io import atomic_path, write_json_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,8 +79,14 @@ def main(argv=None) -> int:
     result["settings"]["model"] = args.model
     result["settings"]["command"] = " ".join(["python", "benchmarks/bench_speed.py", *sys.argv[1:]])
     result["settings"]["wall_s"] = round(time.time() - t0, 1)
+    table = (
+        format_bench_table(result)
+        + f"\n\nCommand: `{result['settings']['command']}` ({result['settings']['wall_s']} s)."
+    )
     write_json_atomic(Path(args.out), result)
-    print(format_bench_table(result))
+    with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
+        tmp.write_text(table + "\n")
+    print(table)
     print(f"\nwrote {args.out}")
     print(json.dumps({"out": args.out, "scenarios": [s["name"] for s in result["scenarios"]]}))
     return 0

@@ -20,13 +20,19 @@ SECTIONS = {
         "results/recipe.md",
         "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md",
     ),
-    "bench": ("results/bench.md", "python benchmarks/bench_speed.py --out results/bench.json"),
+    "bench": (
+        "results/bench.md",
+        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --out results/bench.json",
+    ),
     "compare": (
         "results/compare.md",
         "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare",
     ),
-    "lora": ("results/lora.md", "python benchmarks/lora_table.py --out runs/lora"),
-    "zeroshot": ("results/zeroshot.md", "python benchmarks/zeroshot_table.py --out runs/zeroshot"),
+    "zeroshot": (
+        "results/zeroshot.md",
+        "python benchmarks/zeroshot_table.py --model runs/demo/routers --limit 100 --out runs/zeroshot "
+        "&& cp runs/zeroshot/zeroshot.md results/zeroshot.md",
+    ),
 }
 
 

@@ -10,6 +10,10 @@ from skipgpt.specs import RANDOM_CONFIGS, load_base_model
 
 ARCHS = sorted(RANDOM_CONFIGS)
 
+# Tiny models: one thread is fastest, and immune to a busy machine (two threads that wait on a
+# busy core make small matmuls ~50x slower). Slow tests on the real model ask for more threads.
+torch.set_num_threads(1)
+
 
 def tiny(arch: str = "llama"):
     """(model, tokenizer) of ``random:<arch>``: a few layers, hidden 64, eval mode."""
@@ -29,3 +33,16 @@ def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tens
 @pytest.fixture
 def tiny_llama():
     return tiny("llama")
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_slow_tests(request):
+    """Tests marked ``slow`` run the real SmolLM2: give them every core."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import os
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)

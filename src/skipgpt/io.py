@@ -15,6 +15,12 @@ from .errors import SkipGPTError
 __all__ = ["atomic_path", "write_json_atomic", "prepare_output_dir", "staged_dir"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
@@ -22,6 +28,7 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -63,6 +70,7 @@ def staged_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(stage, 0o777 & ~_umask())
     try:
         yield stage
         if not path.exists():
