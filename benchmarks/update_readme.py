@@ -22,11 +22,22 @@ SECTIONS = {
     ),
     "bench": (
         "results/bench.md",
-        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --out results/bench.json",
+        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --repeats 3 --out results/bench.json",
+    ),
+    "bench-trained": (
+        "results/bench_trained40.md",
+        "python benchmarks/bench_speed.py --model runs/demo/routers --threshold 0.9049 --repeats 3 "
+        "--out results/bench_trained40.json",
+    ),
+    "lora": (
+        "results/lora.md",
+        "python benchmarks/lora_table.py --routers runs/demo/routers --steps 150 --out runs/lora "
+        "&& cp runs/lora/lora.md results/lora.md",
     ),
     "compare": (
         "results/compare.md",
-        "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare",
+        "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare "
+        "&& cp runs/compare/compare.md results/compare.md",
     ),
     "zeroshot": (
         "results/zeroshot.md",
@@ -44,10 +55,11 @@ def main() -> int:
         if not pattern.search(text):
             continue
         src = ROOT / path
-        body = src.read_text().strip() if src.exists() else f"_not measured yet: run `{command}`_"
-        text = pattern.sub(
-            lambda m, b=body, c=command: f"{m.group(1)}Made by `{c}`:\n\n{b}\n{m.group(2)}", text
-        )
+        if src.exists():
+            body = f"Made by `{command}`:\n\n{src.read_text().strip()}"
+        else:
+            body = f"_not measured yet: run `{command}`_"
+        text = pattern.sub(lambda m, b=body: f"{m.group(1)}{b}\n{m.group(2)}", text)
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(readme)
