@@ -10,12 +10,12 @@ dense mean acc. Writes OUT/zeroshot.json and OUT/zeroshot.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 from skipgpt import SkipGPTConfig, get_skipgpt_model
 from skipgpt.baselines.random_routing import random_override
+from skipgpt.eval.speed import machine_string
 from skipgpt.eval.tables import markdown_table
 from skipgpt.eval.zeroshot import PAPER_TASKS, SOURCES, evaluate_zeroshot, prepare_tasks, retention
 from skipgpt.io import atomic_path, write_json_atomic
@@ -107,14 +107,15 @@ def main() -> None:
         "rows": rows,
         "retention": {n: retention(r, rows["dense"]) for n, r in rows.items() if n != "dense"},
         "seconds": round(time.time() - t0, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine_string(),
     }
     write_json_atomic(out / "zeroshot.json", result)
     limit = f"first {args.limit} documents per task" if args.limit else "full sets"
     md = (
         f"Zero-shot (lm-eval, 0-shot) of `{args.model}`, source `{plan.source}`, {limit}.\n\n"
         + table(rows, plan.splits)
-        + "\n\nacc_norm mean: tasks without acc_norm (boolq, winogrande) count their acc.\n"
+        + "\n\nacc_norm mean: tasks without acc_norm (boolq, winogrande) count their acc. "
+        + f"{result['seconds']:.0f} s on {machine_string()}.\n"
     )
     with atomic_path(out / "zeroshot.md") as tmp:
         tmp.write_text(md)

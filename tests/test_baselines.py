@@ -179,6 +179,21 @@ def test_cli_rejects_sparsity_leaving_no_layers(tmp_path, capsys):
     assert e.value.code == 2 and not out.exists()
 
 
+def test_eval_ppl_of_a_shortgpt_folder_reports_its_removed_share(tmp_path, capsys):
+    out = tmp_path / "sg"
+    argv = ["baseline", "shortgpt", "--model", "random:llama", "--sparsity", "0.25", "--output", str(out)]
+    assert main(argv + ["--seq-len", "16", "--calib-blocks", "2", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert (
+        main(["eval", "ppl", "--model", str(out), "--dataset", str(text), "--seq-len", "32", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["static"] is True
+    assert result["sparsity"] == built["sparsity"] and result["sparsity"]["params"] == 0.25
+
+
 # -- LLM-Drop ---------------------------------------------------------------------------------------
 def test_llm_drop_removes_identity_modules_first_and_roundtrips(tmp_path):
     from skipgpt.loading import load_model

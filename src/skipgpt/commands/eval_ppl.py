@@ -55,6 +55,10 @@ def run(args) -> int:
         result = evaluate_perplexity(model, blocks, batch_size=args.batch_size, desc=f"ppl {args.dataset}")
     result = {"model": args.model, "dataset": args.dataset, **result}
     result["sparsity"].pop("per_layer", None)
+    removed = _static_removal(args.model)
+    if removed is not None:  # a ShortGPT folder: no routing, layers really gone
+        result["sparsity"] = removed
+        result["static"] = True
     s = result["sparsity"]
     human = (
         f"{args.dataset}: ppl {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']}×{result['seq_len']}); "
@@ -62,3 +66,14 @@ def run(args) -> int:
     )
     emit(args, result, human)
     return 0
+
+
+def _static_removal(spec: str) -> dict | None:
+    """Sparsity of a ShortGPT output folder (its layers are removed, not routed), else None."""
+    import json
+    from pathlib import Path
+
+    from ..baselines.shortgpt import RECORD_NAME
+
+    record = Path(spec) / RECORD_NAME
+    return json.loads(record.read_text())["sparsity"] if record.is_file() else None
