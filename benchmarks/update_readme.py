@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> (result file, the command that writes it)
 SECTIONS = {
     "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
+    "demo-params": (
+        "results/demo_params.md",
+        "skipgpt demo --budget params --target-sparsity 0.167 --output runs/demo-params "
+        "&& cp runs/demo-params/results.md results/demo_params.md",
+    ),
     "recipe": (
         "results/recipe.md",
         "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md",

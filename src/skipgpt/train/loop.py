@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 from ..errors import SkipGPTError
 from ..io import staged_dir
 
-__all__ = ["LoopArgs", "train_loop", "CHECKPOINT_DIR", "MIXED_PRECISION", "batch_indices", "make_accelerator"]
+__all__ = [
+    "LoopArgs",
+    "train_loop",
+    "CHECKPOINT_DIR",
+    "MIXED_PRECISION",
+    "batch_indices",
+    "make_accelerator",
+    "save_on_main_process",
+]
 
 CHECKPOINT_DIR = "checkpoint"
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -101,6 +109,17 @@ def make_accelerator(mixed_precision: str = "no"):
         # accelerate would silently train in fp32 here
         raise SkipGPTError(f"--mixed-precision fp16 needs a GPU; on {accelerator.device.type} use bf16 or no")
     return accelerator
+
+
+def save_on_main_process(save, *args, **kwargs) -> None:
+    """Under ``accelerate launch`` every rank holds the same trained weights: rank 0 calls
+    ``save(*args, **kwargs)``, the others wait for it (one process: just saves)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        save(*args, **kwargs)
+    state.wait_for_everyone()
 
 
 def _rank_divergence(accelerator, prepared, params: list[torch.nn.Parameter]) -> float:

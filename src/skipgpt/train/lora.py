@@ -35,7 +35,7 @@ from ..config import CONFIG_NAME
 from ..errors import SkipGPTError
 from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
-from .loop import CHECKPOINT_DIR, LoopArgs, train_loop
+from .loop import CHECKPOINT_DIR, LoopArgs, save_on_main_process, train_loop
 from .losses import shifted_lm_loss
 from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, make_step_fn
 
@@ -230,16 +230,6 @@ def save_with_adapter(
     return output_dir
 
 
-def _save_on_main_process(model: nn.Module, output_dir: Path, metadata: dict, base_spec: str | None = None):
-    """Under ``accelerate launch`` every rank holds the same weights: rank 0 writes, the others wait."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
-        save_with_adapter(model, output_dir, metadata, base_spec=base_spec)
-    state.wait_for_everyone()
-
-
 # -- training ---------------------------------------------------------------------------------
 def _deterministic_override(model: SkipGPTModel):
     """Routing override: the inference decision (no noise) while the layers are in training mode."""
@@ -357,7 +347,7 @@ def finetune_lora(
     else:
         meta.update(stage="dense_lora")
     meta.update(lora=asdict(args), loop=asdict(loop), history=history)
-    _save_on_main_process(model, output_dir, meta, base_spec=base_spec)
+    save_on_main_process(save_with_adapter, model, output_dir, meta, base_spec=base_spec)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,
@@ -430,7 +420,7 @@ def train_joint(
         loop=asdict(loop),
         history=history,
     )
-    _save_on_main_process(model, output_dir, meta)
+    save_on_main_process(save_with_adapter, model, output_dir, meta)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,

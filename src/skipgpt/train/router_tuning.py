@@ -19,7 +19,7 @@ import torch
 from ..errors import SkipGPTError
 from ..io import prepare_output_dir
 from ..model import SkipGPTModel
-from .loop import LoopArgs, train_loop
+from .loop import LoopArgs, save_on_main_process, train_loop
 from .losses import curriculum_target, distillation_loss, shifted_lm_loss, sparsity_penalty, temperature_at
 
 __all__ = ["RouterTuningArgs", "train_routers"]
@@ -163,12 +163,7 @@ def train_routers(
         **(metadata or {}),
     }
     meta["history"] = history
-    from accelerate import PartialState
-
-    state = PartialState()  # under `accelerate launch` every rank holds the same routers: one writes
-    if state.is_main_process:
-        model.save_pretrained(output_dir, metadata=meta)
-    state.wait_for_everyone()
+    save_on_main_process(model.save_pretrained, output_dir, metadata=meta)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,
