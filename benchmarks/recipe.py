@@ -6,6 +6,12 @@ realised module/attn/mlp/parameter sparsity (deterministic routing, calibrated �
 
     python benchmarks/recipe.py --steps 150 --batch-size 8 --out runs/recipe
     python benchmarks/recipe.py --list                  # the variants (and which are stored in OUT)
+    python benchmarks/recipe.py --variants dense-init+distill+curriculum --steps 300 \
+        --curve-every 50 --out runs/recipe-curve        # one variant with its PPL-against-steps curve
+
+With --curve-every N, every N training steps the routers are evaluated as they stand (θ
+calibrated on the same blocks as at the end, then restored; training is not perturbed): the
+row gains a "curve" list and OUT/<variant>.curve.png plots PPL against steps.
 
 Resumable, so the grid can be spread over several sessions: every finished variant is stored
 in OUT/variants/<name>.json (atomically) with its row and the settings that produced it, and
@@ -106,6 +112,7 @@ def variant_settings(args, name: str) -> dict:
             "lr": args.lr,
             "seed": SEED,
             "calibrate_blocks": 0 if args.no_calibrate else CALIBRATE_BLOCKS,
+            **({"curve_every": args.curve_every} if args.curve_every else {}),
         }
     )
 
@@ -139,6 +146,7 @@ class Resources:
     def __init__(self, args):
         self.args = args
         self._base = self._tok = self._train = self._evalsets = None
+        self.dense_row: dict = {}
 
     def base(self):
         if self._base is None:
@@ -180,6 +188,57 @@ def run_dense(res: Resources) -> dict:
     return row
 
 
+def evaluate_routed(model, res: Resources) -> dict:
+    """PPL on every eval set and PTB's sparsity, as the table reports them."""
+    point, by_dataset = {}, {}
+    for d, blocks in res.evalsets().items():
+        r = evaluate_perplexity(model, blocks, progress=False)
+        point[f"{d} ppl"] = r["ppl"]
+        by_dataset[d] = {k: r["sparsity"][k] for k in SPARSITY}
+    point.update(by_dataset[EVAL_SETS[-1]])
+    point["sparsity by dataset"] = by_dataset
+    return point
+
+
+def curve_point(model, res: Resources, calibrate_blocks: int, step: int) -> dict:
+    """The routers as they stand at ``step``: θ calibrated like the final model's, PPL, sparsity.
+
+    Leaves the model as it found it (training mode, θ), so the run goes on unchanged.
+    """
+    from skipgpt.calibration import calibrate_threshold
+
+    theta_before, t0 = model.state.threshold, time.time()
+    model.eval()
+    try:
+        if calibrate_blocks:
+            calibrate_threshold(model, res.train()[:calibrate_blocks], model.skipgpt_config.target_sparsity)
+        point = {"step": step, "threshold": model.state.threshold, **evaluate_routed(model, res)}
+    finally:
+        model.state.threshold = model.skipgpt_config.threshold = theta_before
+        model.train()
+    point["eval s"] = time.time() - t0
+    print(f"[curve] step {step}: " + json.dumps({k: round(v, 4) for k, v in point.items() if isinstance(v, float | int)}), flush=True)
+    return point
+
+
+def plot_curve(path: Path, name: str, curve: list[dict], dense: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d, colour in zip(EVAL_SETS, ("tab:blue", "tab:orange"), strict=True):
+        ax.plot([p["step"] for p in curve], [p[f"{d} ppl"] for p in curve], "o-", color=colour, label=d)
+        ax.axhline(dense[f"{d} ppl"], color=colour, ls="--", lw=1, label=f"{d} dense")
+    ax.set(xlabel="router-tuning step", ylabel="perplexity", yscale="log", title=name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
 def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every: int) -> dict:
     """Train (or continue training) one variant's routers, evaluate them, return its row."""
     args = res.args
@@ -193,7 +252,7 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
     run_settings = {**settings, "save_every": save_every}
 
     # an interrupted run of the same settings continues from its last checkpoint
-    elapsed_before, resume = 0.0, False
+    elapsed_before, resume, curve = 0.0, False, []
     if (routers_dir / CHECKPOINT_DIR / "trainer_state.json").exists() and progress_path.exists():
         try:
             progress = json.loads(progress_path.read_text())
@@ -201,6 +260,7 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
             progress = {}
         if progress.get("settings") == run_settings:
             resume, elapsed_before = True, float(progress.get("elapsed_s", 0.0))
+            curve = list(progress.get("curve", []))
 
     def make_model():
         config = SkipGPTConfig(target_sparsity=args.target, budget=args.budget, **config_changes)
@@ -211,11 +271,19 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
     torch.manual_seed(SEED)
     t0 = time.time()
 
+    curve_s = 0.0  # evaluation time inside the training loop, not counted as training time
+
     def on_step(step: int, metrics: dict) -> None:  # the train loop has just checkpointed this step
+        nonlocal curve_s
         done = step + 1
+        if args.curve_every and done % args.curve_every == 0 and done < args.steps:  # the end is the row
+            curve.append(curve_point(model, res, settings["calibrate_blocks"], done))
+            curve_s += curve[-1]["eval s"]
         if done % save_every == 0 or done == args.steps:
-            elapsed = elapsed_before + time.time() - t0
-            write_json_atomic(progress_path, {"settings": run_settings, "step": done, "elapsed_s": elapsed})
+            elapsed = elapsed_before + time.time() - t0 - curve_s
+            write_json_atomic(
+                progress_path, {"settings": run_settings, "step": done, "elapsed_s": elapsed, "curve": curve}
+            )
 
     resumed_at = None
     if resume:
@@ -232,24 +300,24 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
             raise
         print(f"[{name}] cannot continue ({e}); training from scratch", flush=True)
         res.set_base(model.unwrap())
-        model, resumed_at, elapsed_before = make_model(), None, 0.0
-        t0 = time.time()
+        model, resumed_at, elapsed_before, curve[:] = make_model(), None, 0.0, []
+        t0, curve_s = time.time(), 0.0
         result = train_routers(model, train, routers_dir, loop, tuning, overwrite=True, on_step=on_step)
-    train_s = elapsed_before + time.time() - t0
+    train_s = elapsed_before + time.time() - t0 - curve_s
 
     t1 = time.time()
     row = {"variant": name, "train s": train_s, "final lm": result["history"][-1].get("lm")}
-    by_dataset = {}
-    for d, blocks in res.evalsets().items():
-        r = evaluate_perplexity(model, blocks, desc=f"{name} {d}")
-        row[f"{d} ppl"] = r["ppl"]
-        by_dataset[d] = {k: r["sparsity"][k] for k in SPARSITY}
-    row.update(by_dataset[EVAL_SETS[-1]])  # the table's sparsity: PTB's
-    row["sparsity by dataset"] = by_dataset
+    row.update(evaluate_routed(model, res))  # the table's sparsity: PTB's
     row["threshold"] = model.state.threshold
     row["eval s"] = time.time() - t1
     row["resumed at step"] = resumed_at
     row["machine"] = machine()
+    if args.curve_every:
+        row["curve"] = (
+            [*curve, {"step": args.steps, **{k: row[k] for k in curve[0] if k in row}}] if curve else []
+        )
+        if row["curve"]:
+            plot_curve(out / f"{slug(name)}.curve.png", name, row["curve"], res.dense_row)
     res.set_base(model.unwrap())
     return row
 
@@ -293,6 +361,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint a variant's training every N steps (resume point)",
     )
     p.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="also evaluate the routers every N training steps (PPL-against-steps curve; 0 = off)",
+    )
+    p.add_argument(
         "--list", action="store_true", help="print the variants (and their state in --out), then exit"
     )
     p.add_argument("--out", default="runs/recipe")
@@ -303,6 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown variants {unknown}; accepted: {list(VARIANTS)}")
     if args.save_every < 1:
         p.error("--save-every must be >= 1")
+    if args.curve_every < 0:
+        p.error("--curve-every must be >= 0 (0 = no curve)")
     return args
 
 
@@ -327,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         store(stored_dir / "dense.json", dense_settings(args), dense)
     else:
         print("dense: stored with these settings, skipped", flush=True)
+    res.dense_row = dense
 
     for name in args.names:
         settings = variant_settings(args, name)

@@ -199,3 +199,20 @@ def test_recipe_variant_interrupted_in_training_continues_from_its_checkpoint(re
     for k in ("module", "attn", "mlp", "params", "threshold", "wiki-heldout ppl", "ptb ppl", "final lm"):
         assert row[k] == pytest.approx(done[k], rel=1e-5), k  # exact resume: the same routers
     assert not (out / "variants" / "dense-init.progress.json").exists()
+
+
+def test_recipe_curve_evaluates_during_training_without_changing_it(recipe_run, tmp_path):
+    recipe, out, _ = recipe_run
+    plain = json.loads((out / "variants" / "dense-init.json").read_text())["row"]
+    _run_recipe(
+        recipe, [*TINY_RECIPE, "--variants", "dense-init", "--curve-every", "1", "--out", str(tmp_path)]
+    )
+    record = json.loads((tmp_path / "variants" / "dense-init.json").read_text())
+    assert record["settings"]["curve_every"] == 1
+    row = record["row"]
+    assert [p["step"] for p in row["curve"]] == [1, 2]
+    for k in ("module", "params", "threshold", "wiki-heldout ppl", "ptb ppl", "final lm"):
+        assert row[k] == pytest.approx(plain[k], rel=1e-5), k  # the mid-run evaluation left training alone
+    assert row["curve"][-1]["ptb ppl"] == row["ptb ppl"]
+    assert all(p["ptb ppl"] > 1 and 0 <= p["module"] <= 1 for p in row["curve"])
+    assert (tmp_path / "dense-init.curve.png").read_bytes()[:4] == b"\x89PNG"
