@@ -520,3 +520,69 @@ def test_batched_decode_runs_all_rows_only_when_many_execute(executing, rows):
     for h in hooks:
         h.remove()
     assert seen == {"q": rows, "k": 8, "o": rows, "mlp": rows}
+
+
+# -- fused routers (inference) ---------------------------------------------------------------------
+@pytest.mark.parametrize("router_hidden", [None, 0])
+def test_fused_routers_equal_the_separate_routers_and_follow_weight_changes(router_hidden):
+    from conftest import routed
+
+    model, _ = routed("llama", router_hidden=router_hidden)
+    layer = model.routed_layers[1]
+    for router in layer.routers.values():
+        torch.nn.init.normal_(router.net[-1].weight, std=1.0)
+    h = torch.randn(3, 7, model.config.hidden_size)
+    with torch.no_grad():
+        fused = layer.execute_probabilities(h)
+        for m, router in layer.routers.items():
+            torch.testing.assert_close(fused[m], router.execute_probability(h), rtol=0, atol=1e-6)
+        layer.routers["mlp"].net[-1].bias[1] -= 5.0  # in place, as an optimizer or a load does
+        moved = layer.execute_probabilities(h)
+    torch.testing.assert_close(moved["mlp"], layer.routers["mlp"].execute_probability(h).detach())
+    assert not torch.allclose(moved["mlp"], fused["mlp"])  # not served from a stale stack
+    torch.testing.assert_close(moved["attn"], fused["attn"])
+
+
+def test_inference_decides_both_modules_in_one_router_pass_and_agrees_with_separate_routers():
+    model = make_model("llama")
+    for layer in model.routed_layers:  # routers that skip about half the tokens
+        for router in layer.routers.values():
+            torch.nn.init.normal_(router.net[-1].weight, std=1.0)
+            torch.nn.init.zeros_(router.net[-1].bias)
+    ids, mask = batch("left", T=10)
+    calls = []
+    first = model.routed_layers[0].routers
+    hooks = [r.net[0].register_forward_hook(lambda *a: calls.append(1)) for r in first.values()]
+
+    def separate(layer_idx, module, hidden):  # the unfused decision, module by module
+        with torch.no_grad():
+            return model.routed_layers[layer_idx].routers[module].decide(hidden, model.state.threshold)
+
+    decisions = {}
+    for name, override in (("fused", None), ("separate", separate)):
+        model.reset_stats()
+        with torch.no_grad(), model.routing(override=override):
+            model.state.keep_decisions = True
+            decisions[name] = model(input_ids=ids, attention_mask=mask).logits
+            model.state.keep_decisions = False
+        decisions[name + " masks"] = {k: v[0] for k, v in model.state.decisions.items()}
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2  # only the separate run called layer 0's router modules (one each)
+    assert decisions["fused masks"].keys() == decisions["separate masks"].keys()
+    for k, v in decisions["fused masks"].items():
+        assert torch.equal(v, decisions["separate masks"][k]), k
+    torch.testing.assert_close(decisions["fused"], decisions["separate"], rtol=0, atol=1e-5)
+
+
+def test_routers_are_not_fused_when_their_gradient_is_needed():
+    from conftest import routed
+
+    model, _ = routed("llama")
+    layer = model.routed_layers[0]
+    h = torch.randn(2, 5, model.config.hidden_size)
+    p = layer.execute_probability("attn", h)  # grad enabled, trainable routers: separate, differentiable
+    p.sum().backward()
+    assert layer.routers["attn"].net[0].weight.grad is not None
+    post, _ = routed("llama", mlp_router_input="post_attention")
+    assert not post.routed_layers[0]._fusable()  # the MLP router reads another state

@@ -51,7 +51,7 @@ def calibrate_threshold(
         probs, ws = [], []
 
         def override(i, m, h, theta=theta, probs=probs, ws=ws):
-            p = layers[i].routers[m].execute_probability(h)
+            p = layers[i].execute_probability(m, h)
             probs.append(p.reshape(-1).float().cpu())
             ws.append(torch.full((p.numel(),), weights.get((i, m), 0.0)))
             return p >= theta

@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .adapters import LayerAdapter
 from .config import SkipGPTConfig
-from .router import Router
+from .router import FusedRouters, Router
 
 __all__ = ["RoutedDecoderLayer", "RoutingState"]
 
@@ -110,6 +110,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self.routers = nn.ModuleDict(
             {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
         )
+        # the attention router reads the block input; so does the MLP router unless configured
+        # otherwise, and then both can run as one (inference only, see FusedRouters)
+        shared_input = config.mlp_router_input == "block_input" and len(self.routers) > 1
+        self._fused = FusedRouters(list(self.routers.values())) if shared_input else None
 
     def __getattr__(self, name: str):
         try:
@@ -121,11 +125,47 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         return self.adapter.part(self.base_layer, name)
 
     # -- routing ---------------------------------------------------------------------------
-    def gate(self, module: str, router_input: torch.Tensor) -> torch.Tensor | None:
+    def _fusable(self) -> bool:
+        """The routers can run as one: they share their input and no gradient must reach them."""
+        if self._fused is None:
+            return False
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.routers.parameters())
+
+    def execute_probabilities(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """p(execute) (B, T) of every router of this layer that reads ``hidden``, as inference
+        computes it (one fused pass when the routers share their input)."""
+        if self._fusable():
+            p = self._fused.execute_probability(hidden)
+            return {m: p[..., i] for i, m in enumerate(self.routers)}
+        return {m: r.execute_probability(hidden) for m, r in self.routers.items()}
+
+    def execute_probability(self, module: str, hidden: torch.Tensor) -> torch.Tensor:
+        """p(execute) (B, T) of ``module``'s router: the number inference compares with θ."""
+        if self._fusable():
+            return self.execute_probabilities(hidden)[module]
+        return self.routers[module].execute_probability(hidden)
+
+    def _inference_decisions(self, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both modules' execute masks from one fused router pass, when inference can use it."""
+        state = self.state
+        if (
+            self.training
+            or not state.enabled
+            or state.override is not None
+            or any((self.layer_idx, m) in state.removed for m in self.routers)
+            or not self._fusable()
+        ):
+            return {}
+        return {m: p >= state.threshold for m, p in self.execute_probabilities(block_input).items()}
+
+    def gate(
+        self, module: str, router_input: torch.Tensor, decided: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
         """Execute gate (B, T) for ``module``, or None when the module always executes.
 
         Training: 0/1 values that carry the router's gradient. Inference: a bool mask (or what
-        an override returns), turned into a multiplier only by the masked path.
+        an override returns), turned into a multiplier only by the masked path. ``decided``
+        holds masks already computed for this layer (fused routers).
         """
         state = self.state
         if (self.layer_idx, module) in state.removed:
@@ -139,8 +179,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             g = state.override(self.layer_idx, module, router_input)
         elif self.training:
             g = self.routers[module].sample_gate(router_input, state.tau).to(router_input.dtype)
-        else:
-            g = self.routers[module].decide(router_input, state.threshold)  # bool, no noise
+        elif decided:
+            g = decided[module]
+        else:  # bool, no noise
+            g = self.execute_probability(module, router_input) >= state.threshold
         state.record(self.layer_idx, module, g)
         return g
 
@@ -165,7 +207,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         position_embeddings, past_key_values, ...); they go to the attention module unchanged.
         """
         block_input = hidden_states
-        attn_gate = self.gate("attn", block_input)
+        decided = self._inference_decisions(block_input)
+        attn_gate = self.gate("attn", block_input, decided)
         removed = self.state.removed
         if (self.layer_idx, "attn") in removed:
             pass  # statically removed: no query, no K/V, no output
@@ -178,7 +221,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             hidden_states = hidden_states + (out if attn_gate is None else _as_multiplier(attn_gate, out))
 
         router_input = block_input if self.skipgpt_config.mlp_router_input == "block_input" else hidden_states
-        mlp_gate = self.gate("mlp", router_input)
+        mlp_gate = self.gate("mlp", router_input, decided)
         if (self.layer_idx, "mlp") in removed:
             return hidden_states
         if mlp_gate is not None and not self.training and self.state.execution == "fast":

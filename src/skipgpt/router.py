@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Router", "SKIP", "EXECUTE", "linear_schedule"]
+__all__ = ["Router", "FusedRouters", "SKIP", "EXECUTE", "linear_schedule"]
 
 SKIP, EXECUTE = 0, 1
 
@@ -54,6 +54,50 @@ class Router(nn.Module):
     def decide(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
         """Inference: boolean execute mask (B, T), no noise."""
         return self.execute_probability(hidden) >= threshold
+
+
+class FusedRouters:
+    """Several routers that read the *same* hidden state, evaluated as one router (inference).
+
+    The first layers are stacked into one ``Linear(d, R·h)`` and the last layers into one
+    block-diagonal ``Linear(R·h, 2R)``, so R routers cost two GEMM calls instead of 2R (in
+    decode, where each call multiplies one row, the call count is the cost). The stacked
+    weights are rebuilt whenever a router parameter changes (tracked by the tensors' version
+    counters), so they can never serve stale weights. Not a module: no parameters of its own.
+    """
+
+    def __init__(self, routers: list[Router]):
+        self.routers = routers
+        self._key: tuple | None = None
+        self._weights: tuple[torch.Tensor, ...] = ()
+
+    def _stacked(self) -> tuple[torch.Tensor, ...]:
+        params = [p for r in self.routers for p in r.parameters()]
+        # inference tensors (routers built under torch.inference_mode) have no version counter;
+        # they cannot be trained, so their storage identifies them
+        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.device, p.dtype) for p in params)
+        if key != self._key:
+            with torch.no_grad():
+                first = [r.net[0] for r in self.routers]
+                w1 = torch.cat([f.weight for f in first])
+                b1 = torch.cat([f.bias for f in first])
+                if len(self.routers[0].net) == 1:  # linear routers: one layer only
+                    self._weights = (w1, b1)
+                else:
+                    last = [r.net[-1] for r in self.routers]
+                    w2 = torch.block_diag(*[ll.weight for ll in last])
+                    b2 = torch.cat([ll.bias for ll in last])
+                    self._weights = (w1, b1, w2, b2)
+            self._key = key
+        return self._weights
+
+    def execute_probability(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> p(execute) of every router, (B, T, R)."""
+        w = self._stacked()
+        h = F.linear(hidden.to(w[0].dtype), w[0], w[1])
+        if len(w) == 4:
+            h = F.linear(F.relu(h), w[2], w[3])
+        return h.unflatten(-1, (len(self.routers), 2)).softmax(-1)[..., EXECUTE]
 
 
 def linear_schedule(start: float, end: float, step: int, total: int) -> float:

@@ -49,7 +49,7 @@ def topk_override(model: SkipGPTModel, skip_rate: float, straight_through: bool 
     layers = model.routed_layers
 
     def override(layer_idx: int, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        p = layers[layer_idx].routers[module].execute_probability(hidden)  # (B, T)
+        p = layers[layer_idx].execute_probability(module, hidden)  # (B, T)
         mask = model.state.token_mask
         real = (
             mask.to(p.device)

@@ -101,16 +101,22 @@ def machine_string() -> str:
 def random_routing_override(model: SkipGPTModel, rate: float, seed: int = 0, router_overhead: bool = True):
     """An ``override`` skipping each (token, module) with probability ``rate`` (private generator).
 
-    With ``router_overhead`` the layer's router still runs on the hidden state (its decision is
-    discarded), so timings include what a trained router costs.
+    With ``router_overhead`` the layer's routers still run as inference runs them (fused when
+    they share their input) and their decisions are discarded, so timings include what trained
+    routers cost.
     """
     gen = torch.Generator().manual_seed(seed)
     layers = model.routed_layers
     threshold = model.state.threshold
 
     def override(layer_idx: int, module: str, hidden: torch.Tensor) -> torch.Tensor:
+        layer = layers[layer_idx]
         if router_overhead:
-            layers[layer_idx].routers[module].decide(hidden, threshold)
+            if not layer._fusable():
+                probs = {module: layer.execute_probability(module, hidden)}
+            else:  # one pass decides both modules, at the attention router
+                probs = layer.execute_probabilities(hidden) if module == "attn" else {}
+            _discarded = [p >= threshold for p in probs.values()]
         return (torch.rand(hidden.shape[:2], generator=gen) >= rate).to(hidden.device)
 
     return override

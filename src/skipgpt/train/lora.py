@@ -237,7 +237,7 @@ def _deterministic_override(model: SkipGPTModel):
 
     def override(i: int, m: str, h: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return layers[i].routers[m].decide(h, state.threshold)
+            return layers[i].execute_probability(m, h) >= state.threshold
 
     return override
 
