@@ -217,8 +217,22 @@ def curve_point(model, res: Resources, calibrate_blocks: int, step: int) -> dict
         model.state.threshold = model.skipgpt_config.threshold = theta_before
         model.train()
     point["eval s"] = time.time() - t0
-    print(f"[curve] step {step}: " + json.dumps({k: round(v, 4) for k, v in point.items() if isinstance(v, float | int)}), flush=True)
+    print(
+        f"[curve] step {step}: "
+        + json.dumps({k: round(v, 4) for k, v in point.items() if isinstance(v, float | int)}),
+        flush=True,
+    )
     return point
+
+
+def load_checkpoint_routers(model, checkpoint: Path) -> None:
+    """Router weights of a training checkpoint into ``model`` (as --resume will load them)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(checkpoint / "trainable.safetensors"))
+    with torch.no_grad():
+        for k, p in model.router_state_dict().items():
+            p.copy_(tensors[k])
 
 
 def plot_curve(path: Path, name: str, curve: list[dict], dense: dict) -> None:
@@ -252,7 +266,7 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
     run_settings = {**settings, "save_every": save_every}
 
     # an interrupted run of the same settings continues from its last checkpoint
-    elapsed_before, resume, curve = 0.0, False, []
+    elapsed_before, resume, curve, progress_step = 0.0, False, [], 0
     if (routers_dir / CHECKPOINT_DIR / "trainer_state.json").exists() and progress_path.exists():
         try:
             progress = json.loads(progress_path.read_text())
@@ -260,7 +274,7 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
             progress = {}
         if progress.get("settings") == run_settings:
             resume, elapsed_before = True, float(progress.get("elapsed_s", 0.0))
-            curve = list(progress.get("curve", []))
+            curve, progress_step = list(progress.get("curve", [])), int(progress.get("step", 0))
 
     def make_model():
         config = SkipGPTConfig(target_sparsity=args.target, budget=args.budget, **config_changes)
@@ -289,6 +303,12 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
     if resume:
         resumed_at = json.loads((routers_dir / CHECKPOINT_DIR / "trainer_state.json").read_text())["step"]
         print(f"[{name}] continuing from its checkpoint at step {resumed_at}/{args.steps}", flush=True)
+        if progress_step < resumed_at:  # stopped between a checkpoint and its progress record
+            elapsed_before *= resumed_at / max(progress_step, 1)  # the lost steps at the mean pace so far
+        missing_point = args.curve_every and resumed_at % args.curve_every == 0 and resumed_at < args.steps
+        if missing_point and all(p["step"] != resumed_at for p in curve):
+            load_checkpoint_routers(model, routers_dir / CHECKPOINT_DIR)  # the point the stop skipped
+            curve.append(curve_point(model, res, settings["calibrate_blocks"], resumed_at))
     else:
         write_json_atomic(progress_path, {"settings": run_settings, "step": 0, "elapsed_s": 0.0})
     try:

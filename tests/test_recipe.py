@@ -216,3 +216,29 @@ def test_recipe_curve_evaluates_during_training_without_changing_it(recipe_run, 
     assert row["curve"][-1]["ptb ppl"] == row["ptb ppl"]
     assert all(p["ptb ppl"] > 1 and 0 <= p["module"] <= 1 for p in row["curve"])
     assert (tmp_path / "dense-init.curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recipe_curve_point_lost_by_a_stop_is_made_on_resume(recipe_run, tmp_path, monkeypatch):
+    recipe, _, _ = recipe_run
+    argv = [*TINY_RECIPE, "--variants", "dense-init", "--curve-every", "1"]
+    _run_recipe(recipe, [*argv, "--out", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "variants" / "dense-init.json").read_text())["row"]
+    real = recipe.train_routers
+
+    def stopped(*args, on_step, **kwargs):
+        def stop(step, metrics):  # after the checkpoint of step 1, before its curve point
+            raise KeyboardInterrupt
+
+        return real(*args, on_step=stop, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_routers", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _run_recipe(recipe, [*argv, "--out", str(tmp_path / "split")])
+    monkeypatch.setattr(recipe, "train_routers", real)
+    text = _run_recipe(recipe, [*argv, "--out", str(tmp_path / "split")])
+    assert "continuing from its checkpoint at step 1/2" in text
+    split = json.loads((tmp_path / "split" / "variants" / "dense-init.json").read_text())["row"]
+    assert [p["step"] for p in split["curve"]] == [1, 2]
+    for a, b in zip(split["curve"], whole["curve"], strict=True):
+        for k in ("module", "threshold", "ptb ppl", "wiki-heldout ppl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), k
