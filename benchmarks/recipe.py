@@ -351,6 +351,13 @@ def build_table(args, out: Path, dense: dict, rows: list[dict]) -> tuple[str, st
         f"{'; '.join(machines)}"
     )
     table = markdown_table([dense, *rows], COLUMNS)
+    for row in rows:  # variants trained with --curve-every: their PPL against steps
+        if row.get("curve"):
+            curve_table = markdown_table(row["curve"], [("step", "step"), *COLUMNS[1:-1]])
+            table += (
+                f"\n\nPPL against router-tuning steps, {row['variant']} (θ calibrated at each point; "
+                f"plot: {slug(row['variant'])}.curve.png):\n\n{curve_table}"
+            )
     write_json_atomic(out / "recipe.json", {"rows": [dense, *rows], "settings": settings})
     with atomic_path(out / "recipe.md") as tmp:
         tmp.write_text(table + "\n\n" + settings + "\n")

@@ -216,6 +216,8 @@ def test_recipe_curve_evaluates_during_training_without_changing_it(recipe_run, 
     assert row["curve"][-1]["ptb ppl"] == row["ptb ppl"]
     assert all(p["ptb ppl"] > 1 and 0 <= p["module"] <= 1 for p in row["curve"])
     assert (tmp_path / "dense-init.curve.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "recipe.md").read_text()
+    assert "PPL against router-tuning steps, dense-init" in md and "| step | module sp." in md
 
 
 def test_recipe_curve_point_lost_by_a_stop_is_made_on_resume(recipe_run, tmp_path, monkeypatch):
