@@ -25,6 +25,13 @@ SECTIONS = {
         "results/recipe.md",
         "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md",
     ),
+    "recipe-curve": (
+        "results/recipe_curve.md",
+        "python benchmarks/recipe.py --variants dense-init+distill+curriculum --steps 300 --batch-size 8 "
+        "--eval-windows 16 --curve-every 50 --out runs/recipe-curve "
+        "&& cp runs/recipe-curve/recipe.md results/recipe_curve.md "
+        "&& cp runs/recipe-curve/dense-init+distill+curriculum.curve.png results/",
+    ),
     "bench": (
         "results/bench.md",
         "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --repeats 3 --out results/bench.json",

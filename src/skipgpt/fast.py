@@ -29,6 +29,10 @@ module on every row and drops the skipping rows' outputs (``_decode_runs_all_row
 GEMMs cost about the same for n rows as for B); a module that no sequence executes costs nothing
 (attention: its K/V projections only).
 
+The decisions themselves are cheap on purpose: at inference a layer's attention and MLP
+routers, which both read the block input by default, run as one (``router.FusedRouters``: two
+GEMM calls per layer instead of four), before the attention.
+
 Padding tokens (``RoutingState.token_mask``) never execute here: no real token reads their
 outputs, so their logits are garbage, as they already are in the dense model.
 
