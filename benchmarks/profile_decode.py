@@ -1,0 +1,98 @@
+"""Where a decode step's time goes: torch.profiler over decode steps of dense, masked and fast.
+
+    python benchmarks/profile_decode.py --model smollm2-135m --random-routing 0.4 --batch 8
+    python benchmarks/profile_decode.py --model runs/demo/routers --threshold 0.9049 --batch 1
+
+For each variant, prints the wall time per decode step (median over the profiled steps' total,
+profiler on) and the operators taking the most self CPU time, grouped by input shapes, so the
+routers' GEMMs (d → R·h and R·h → 2R with fused routers) can be told from the model's. Writes
+the tables to ``--out`` (markdown) when given. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import load  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model spec or skipgpt output folder")
+    p.add_argument(
+        "--random-routing", type=float, default=None, help="force random routing at this skip rate"
+    )
+    p.add_argument("--threshold", type=float, default=None, help="trained routers: execute iff p >= θ")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=384)
+    p.add_argument("--steps", type=int, default=32, help="profiled decode steps per variant")
+    p.add_argument("--top", type=int, default=15, help="operators listed per variant")
+    p.add_argument("--variants", default="dense,masked,fast")
+    p.add_argument("--out", default=None, help="also write the tables here (markdown)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.context < 1:
+        p.error("--batch, --steps and --context must be >= 1")
+
+    from skipgpt import SkipGPTConfig, SkipGPTModel, get_skipgpt_model
+    from skipgpt.eval.speed import _new_cache, _Routing, _token_pool, machine_string
+
+    model, tokenizer = load(args.model, args.threshold)
+    if not isinstance(model, SkipGPTModel):
+        if args.random_routing is None:
+            p.error("a model without routers needs --random-routing")
+        model = get_skipgpt_model(model, SkipGPTConfig())
+    model.eval()
+    routing = _Routing(model, args.random_routing, args.threshold, seed=0, router_overhead=True)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    need = args.context + args.steps + 1
+    ids, source = _token_pool(tokenizer, args.batch * need, vocab, 0, None)
+    ids = ids.view(args.batch, need)
+
+    lines = [
+        f"Decode profile: {args.model}, {routing.describe()}, batch {args.batch}, context {args.context}, "
+        f"{args.steps} profiled steps after 1 warm-up step; input: {source}.",
+        f"Machine: {machine_string()}.",
+    ]
+    for variant in args.variants.split(","):
+        with torch.inference_mode(), routing(variant):
+            cache = _new_cache(model)
+            model(input_ids=ids[:, : args.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                t0 = time.perf_counter()
+                for s in range(args.steps):
+                    t = args.context + 1 + s
+                    model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                wall = (time.perf_counter() - t0) / args.steps
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total",
+            row_limit=args.top,
+            max_name_column_width=28,
+            max_shapes_column_width=60,
+        )
+        lines += [
+            f"\n### {variant}: {wall * 1e3:.2f} ms per decode step (profiler on)\n",
+            "```",
+            table,
+            "```",
+        ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        from skipgpt.io import atomic_path
+
+        with atomic_path(Path(args.out)) as tmp:
+            tmp.write_text(text + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
