@@ -586,3 +586,43 @@ def test_routers_are_not_fused_when_their_gradient_is_needed():
     assert layer.routers["attn"].net[0].weight.grad is not None
     post, _ = routed("llama", mlp_router_input="post_attention")
     assert not post.routed_layers[0]._fusable()  # the MLP router reads another state
+
+
+def test_cli_bench_sweeps_the_threshold(tmp_path, capsys):
+    import json
+
+    from conftest import routed
+
+    from skipgpt.cli import main
+
+    model, _ = routed("llama")
+    for layer in model.routed_layers:  # routers with spread-out decisions
+        for router in layer.routers.values():
+            torch.nn.init.normal_(router.net[-1].weight, std=1.0)
+            torch.nn.init.zeros_(router.net[-1].bias)
+    model.save_pretrained(tmp_path / "routed")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["bench", "--model", str(tmp_path / "routed"), "--scenarios", "prefill_1x16", "--repeats", "1"]
+    sweep = [
+        "--sweep",
+        "0.2,0.8",
+        "--sweep-dataset",
+        str(text),
+        "--sweep-windows",
+        "2",
+        "--sweep-seq-len",
+        "32",
+    ]
+    assert main([*args, *sweep, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    low, high = result["sweep"]
+    assert (low["threshold"], high["threshold"]) == (0.2, 0.8)
+    assert low["sparsity"]["module"] < high["sparsity"]["module"]  # a higher θ skips more
+    assert low["ppl"] > 1 and high["ppl"] > 1 and "prefill_1x16" in low["scenarios"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--sweep", "0.5,1.5"])
+    assert exc.value.code == 2
+    assert "outside [0, 1]" in capsys.readouterr().err
+    assert main([*args, *sweep, "--threshold", "0.5"]) == 2
+    assert "--sweep needs" in capsys.readouterr().err
