@@ -43,7 +43,7 @@ SECTIONS = {
     ),
     "lora": (
         "results/lora.md",
-        "python benchmarks/lora_table.py --routers runs/demo/routers --steps 150 --out runs/lora "
+        "python benchmarks/lora_table.py --steps 50 --batch-size 4 --eval-windows 16 --out runs/lora "
         "&& cp runs/lora/lora.md results/lora.md",
     ),
     "compare": (
