@@ -51,6 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="HF KV cache: dynamic (grows by concatenation) or static (preallocated, written in place)",
+    )
     p.add_argument("--no-router-overhead", action="store_true", help="random routing: do not run the routers")
     p.add_argument("--out", default="results/bench.json")
     args = p.parse_args(argv)
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
         decode_context=args.decode_context,
         decode_steps=args.decode_steps,
         router_overhead=not args.no_router_overhead,
+        cache=args.cache,
         progress=True,
     )
     result["settings"]["model"] = args.model

@@ -626,3 +626,18 @@ def test_cli_bench_sweeps_the_threshold(tmp_path, capsys):
     assert "outside [0, 1]" in capsys.readouterr().err
     assert main([*args, *sweep, "--threshold", "0.5"]) == 2
     assert "--sweep needs" in capsys.readouterr().err
+
+
+def test_run_bench_with_a_static_cache():
+    from skipgpt import SkipGPTError
+    from skipgpt.eval.speed import format_bench_table, run_bench
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    kwargs = dict(scenarios=["decode_b2_ctx8"], repeats=1, warmup=0, random_routing=0.4, decode_steps=3)
+    res = run_bench(plain, None, cache="static", progress=False, **kwargs)
+    assert res["settings"]["cache"] == "StaticCache" and "(StaticCache)" in format_bench_table(res)
+    dynamic = run_bench(plain, None, progress=False, **kwargs)
+    assert res["scenarios"][0]["sparsity"] == dynamic["scenarios"][0]["sparsity"]  # the same routing taken
+    with pytest.raises(SkipGPTError, match="accepted"):
+        run_bench(plain, None, cache="paged", progress=False, **kwargs)

@@ -176,9 +176,16 @@ def _token_pool(tokenizer, n: int, vocab: int, seed: int, text: str | None) -> t
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def _new_cache(model):
-    from transformers import DynamicCache
+CACHES = ("dynamic", "static")
 
+
+def _new_cache(model, kind: str = "dynamic", max_len: int = 0):
+    """A fresh HF cache. ``dynamic`` grows by concatenation (copies each layer's K/V every step);
+    ``static`` is preallocated to ``max_len`` tokens and written in place."""
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
     return DynamicCache(config=model.config)
 
 
@@ -190,8 +197,8 @@ def _croppable(cache) -> bool:
 class _Runner:
     """Runs one scenario for one variant; keeps a decode cache between repeats."""
 
-    def __init__(self, model, scenario: Scenario, ids: torch.Tensor):
-        self.model, self.sc = model, scenario
+    def __init__(self, model, scenario: Scenario, ids: torch.Tensor, cache: str = "dynamic"):
+        self.model, self.sc, self.cache_kind = model, scenario, cache
         b, L = scenario.batch, scenario.length
         if scenario.kind == "prefill":
             self.prompt, self.new = ids[: b * L].view(b, L), None
@@ -204,13 +211,13 @@ class _Runner:
     def prepare(self) -> None:
         """Decode: (re)fill the cache with the context (untimed)."""
         if self.sc.kind == "decode" and self.cache is None:
-            self.cache = _new_cache(self.model)
+            self.cache = _new_cache(self.model, self.cache_kind, self.sc.length + self.sc.steps)
             self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
 
     def run(self) -> float:
         model, sc = self.model, self.sc
         if sc.kind == "prefill":
-            cache = _new_cache(model)
+            cache = _new_cache(model, self.cache_kind, sc.length)
             t0 = time.perf_counter()
             model(input_ids=self.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - t0
@@ -256,6 +263,7 @@ def run_bench(
     decode_context: int = 384,
     decode_steps: int = 64,
     router_overhead: bool = True,
+    cache: str = "dynamic",
     text: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -267,6 +275,8 @@ def run_bench(
     Returns the ``bench`` JSON of DESIGN.md: ``scenarios``, ``sparsity``, ``cost_model``,
     ``machine``, ``settings``.
     """
+    if cache not in CACHES:
+        raise SkipGPTError(f"unknown cache {cache!r}; accepted: {list(CACHES)}")
     if repeats < 1 or warmup < 0:
         raise SkipGPTError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if random_routing is not None and not 0.0 <= float(random_routing) <= 1.0:
@@ -301,7 +311,7 @@ def run_bench(
     )
     try:
         for sc in parsed:
-            runners = {v: _Runner(model, sc, ids) for v in VARIANTS}
+            runners = {v: _Runner(model, sc, ids, cache) for v in VARIANTS}
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(warmup + repeats):
                 for v in VARIANTS:
@@ -315,7 +325,7 @@ def run_bench(
                         times[v].append(dt)
                     bar.update()
             # the decisions actually taken (same routing as the timed fast runs), untimed
-            rec = _Runner(model, sc, ids)
+            rec = _Runner(model, sc, ids, cache)
             with routing("fast"):
                 rec.prepare()
             model.reset_stats()
@@ -373,7 +383,7 @@ def run_bench(
             "statistic": "median",
             "decode_context": decode_context,
             "decode_steps": decode_steps,
-            "cache": "DynamicCache",
+            "cache": "StaticCache" if cache == "static" else "DynamicCache",
             "input": source,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "seed": seed,
@@ -428,7 +438,8 @@ def format_bench_table(result: dict) -> str:
     st = result.get("settings", {})
     contexts = sorted({s["context"] for s in result["scenarios"] if s["kind"] == "decode"})
     decode = (
-        f"decode: {st.get('decode_steps', '?')} steps after {'/'.join(map(str, contexts))} context tokens; "
+        f"decode: {st.get('decode_steps', '?')} steps after {'/'.join(map(str, contexts))} context tokens "
+        f"({st.get('cache', 'DynamicCache')}); "
         if contexts
         else ""
     )
