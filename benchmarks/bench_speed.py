@@ -37,13 +37,18 @@ def load(spec: str, threshold: float | None):
     return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_and_routing_args(p: argparse.ArgumentParser) -> None:
+    """--model, --random-routing, --threshold (shared with profile_decode.py)."""
     p.add_argument("--model", default="smollm2-135m", help="model spec or skipgpt output folder")
     p.add_argument(
         "--random-routing", type=float, default=None, help="force random routing at this skip rate"
     )
     p.add_argument("--threshold", type=float, default=None, help="trained routers: execute iff p >= θ")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_and_routing_args(p)
     p.add_argument("--scenarios", default=None, help="e.g. prefill_1x1024,prefill_4x512,decode_b1,decode_b8")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

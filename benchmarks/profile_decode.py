@@ -20,16 +20,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import load  # noqa: E402
+from bench_speed import add_model_and_routing_args, load  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="model spec or skipgpt output folder")
-    p.add_argument(
-        "--random-routing", type=float, default=None, help="force random routing at this skip rate"
-    )
-    p.add_argument("--threshold", type=float, default=None, help="trained routers: execute iff p >= θ")
+    add_model_and_routing_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=384)
     p.add_argument("--steps", type=int, default=32, help="profiled decode steps per variant")

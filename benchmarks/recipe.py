@@ -38,7 +38,7 @@ from skipgpt.errors import SkipGPTError
 from skipgpt.eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
 from skipgpt.eval.tables import markdown_table
 from skipgpt.io import atomic_path, write_json_atomic
-from skipgpt.train.loop import CHECKPOINT_DIR, LoopArgs
+from skipgpt.train.loop import CHECKPOINT_DIR, LoopArgs, load_trainable
 from skipgpt.train.router_tuning import RouterTuningArgs, train_routers
 
 # name -> (router config changes, stage-1 loss changes), relative to SkipGPTConfig() and
@@ -188,11 +188,11 @@ def run_dense(res: Resources) -> dict:
     return row
 
 
-def evaluate_routed(model, res: Resources) -> dict:
-    """PPL on every eval set and PTB's sparsity, as the table reports them."""
+def evaluate_routed(model, res: Resources, name: str | None = None) -> dict:
+    """PPL on every eval set and PTB's sparsity, as the table reports them (progress bars when named)."""
     point, by_dataset = {}, {}
     for d, blocks in res.evalsets().items():
-        r = evaluate_perplexity(model, blocks, progress=False)
+        r = evaluate_perplexity(model, blocks, desc=f"{name} {d}", progress=name is not None)
         point[f"{d} ppl"] = r["ppl"]
         by_dataset[d] = {k: r["sparsity"][k] for k in SPARSITY}
     point.update(by_dataset[EVAL_SETS[-1]])
@@ -223,16 +223,6 @@ def curve_point(model, res: Resources, calibrate_blocks: int, step: int) -> dict
         flush=True,
     )
     return point
-
-
-def load_checkpoint_routers(model, checkpoint: Path) -> None:
-    """Router weights of a training checkpoint into ``model`` (as --resume will load them)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(checkpoint / "trainable.safetensors"))
-    with torch.no_grad():
-        for k, p in model.router_state_dict().items():
-            p.copy_(tensors[k])
 
 
 def plot_curve(path: Path, name: str, curve: list[dict], dense: dict) -> None:
@@ -307,7 +297,9 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
             elapsed_before *= resumed_at / max(progress_step, 1)  # the lost steps at the mean pace so far
         missing_point = args.curve_every and resumed_at % args.curve_every == 0 and resumed_at < args.steps
         if missing_point and all(p["step"] != resumed_at for p in curve):
-            load_checkpoint_routers(model, routers_dir / CHECKPOINT_DIR)  # the point the stop skipped
+            load_trainable(
+                routers_dir / CHECKPOINT_DIR, model.router_state_dict()
+            )  # the point the stop skipped
             curve.append(curve_point(model, res, settings["calibrate_blocks"], resumed_at))
     else:
         write_json_atomic(progress_path, {"settings": run_settings, "step": 0, "elapsed_s": 0.0})
@@ -327,7 +319,7 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
 
     t1 = time.time()
     row = {"variant": name, "train s": train_s, "final lm": result["history"][-1].get("lm")}
-    row.update(evaluate_routed(model, res))  # the table's sparsity: PTB's
+    row.update(evaluate_routed(model, res, name))  # the table's sparsity: PTB's
     row["threshold"] = model.state.threshold
     row["eval s"] = time.time() - t1
     row["resumed at step"] = resumed_at

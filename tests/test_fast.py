@@ -625,7 +625,7 @@ def test_cli_bench_sweeps_the_threshold(tmp_path, capsys):
     assert exc.value.code == 2
     assert "outside [0, 1]" in capsys.readouterr().err
     assert main([*args, *sweep, "--threshold", "0.5"]) == 2
-    assert "--sweep needs" in capsys.readouterr().err
+    assert "--sweep sets θ itself" in capsys.readouterr().err
 
 
 def test_run_bench_with_a_static_cache():

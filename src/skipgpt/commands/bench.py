@@ -44,9 +44,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import SkipGPTError
     from ..eval.speed import format_bench_table, run_bench
     from ..loading import load_model
 
+    if args.sweep is not None and (args.random_routing is not None or args.threshold is not None):
+        raise SkipGPTError("--sweep sets θ itself: drop --threshold and --random-routing")
     model, tokenizer = load_model(args.model, threshold=args.threshold)
     scenarios = args.scenarios.split(",") if args.scenarios else None
     if args.sweep is not None:
@@ -70,9 +73,9 @@ def _sweep(args, model, tokenizer, scenarios) -> int:
     from ..eval.speed import format_sweep_table, machine_string, sweep_threshold
     from ..model import SkipGPTModel
 
-    if not isinstance(model, SkipGPTModel) or args.random_routing is not None or args.threshold is not None:
+    if not isinstance(model, SkipGPTModel):
         raise SkipGPTError(
-            "--sweep needs a skipgpt output folder with trained routers, without --threshold or --random-routing"
+            f"--sweep needs a skipgpt output folder with trained routers; {args.model} has none"
         )
     blocks = load_blocks(args.sweep_dataset, tokenizer, args.sweep_seq_len, max_blocks=args.sweep_windows)
     rows = sweep_threshold(

@@ -176,12 +176,13 @@ def _token_pool(tokenizer, n: int, vocab: int, seed: int, text: str | None) -> t
 
 
 # -- timing ----------------------------------------------------------------------------------------
-CACHES = ("dynamic", "static")
+# --cache name -> transformers class: DynamicCache grows by concatenation (copies each layer's
+# K/V every step); StaticCache is preallocated and written in place
+CACHES = {"dynamic": "DynamicCache", "static": "StaticCache"}
 
 
 def _new_cache(model, kind: str = "dynamic", max_len: int = 0):
-    """A fresh HF cache. ``dynamic`` grows by concatenation (copies each layer's K/V every step);
-    ``static`` is preallocated to ``max_len`` tokens and written in place."""
+    """A fresh HF cache of ``kind`` (a static one holds ``max_len`` tokens)."""
     from transformers import DynamicCache, StaticCache
 
     if kind == "static":
@@ -383,7 +384,7 @@ def run_bench(
             "statistic": "median",
             "decode_context": decode_context,
             "decode_steps": decode_steps,
-            "cache": "StaticCache" if cache == "static" else "DynamicCache",
+            "cache": CACHES[cache],
             "input": source,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "seed": seed,

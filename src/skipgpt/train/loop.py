@@ -170,11 +170,8 @@ def _save_checkpoint(
         (stage / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
-    if not (path / "trainer_state.json").exists():
-        raise SkipGPTError(
-            f"no checkpoint to resume from in {path.parent} (missing {path.name}/trainer_state.json)"
-        )
+def load_trainable(path: Path, named_params: dict[str, torch.nn.Parameter]) -> None:
+    """The trainable weights of checkpoint ``path`` into ``named_params`` (same names, in place)."""
     tensors = load_file(str(path / "trainable.safetensors"))
     if set(tensors) != set(named_params):
         raise SkipGPTError(
@@ -183,6 +180,14 @@ def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], op
     with torch.no_grad():
         for k, p in named_params.items():
             p.copy_(tensors[k])
+
+
+def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
+    if not (path / "trainer_state.json").exists():
+        raise SkipGPTError(
+            f"no checkpoint to resume from in {path.parent} (missing {path.name}/trainer_state.json)"
+        )
+    load_trainable(path, named_params)
     opt = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
