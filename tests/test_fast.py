@@ -115,6 +115,14 @@ def batch(padding: str | None, B: int = 3, T: int = 13, seed: int = 1):
     return ids, mask
 
 
+def half_skipping_routers(model):
+    """Router weights that make the routers themselves (no override) skip about half the tokens."""
+    for layer in model.routed_layers:
+        for router in layer.routers.values():
+            torch.nn.init.normal_(router.net[-1].weight, std=1.0)
+            torch.nn.init.zeros_(router.net[-1].bias)
+
+
 P_SKIPS = [0.0, 0.4, 0.7, 1.0]
 
 
@@ -241,10 +249,7 @@ def test_batched_sampling_generate_runs():
 def test_generate_with_trained_style_routers():
     """No override: the routers decide (threshold), in both paths."""
     model = make_model("llama")
-    for layer in model.routed_layers:  # make the routers skip about half the tokens
-        for router in layer.routers.values():
-            torch.nn.init.normal_(router.net[-1].weight, std=1.0)
-            torch.nn.init.zeros_(router.net[-1].bias)
+    half_skipping_routers(model)
     ids, mask = batch("left", T=8)
     outs = {}
     for execution in ("masked", "fast"):
@@ -255,6 +260,35 @@ def test_generate_with_trained_style_routers():
             )
         assert 0.1 < model.sparsity_stats()["module"] < 0.9
     assert torch.equal(outs["fast"], outs["masked"])
+
+
+def test_batch1_decode_decided_on_the_host_matches_masked():
+    """Batch-1 decode reads a layer's two decisions as Python bools in one go (fast path only):
+    same tokens, same statistics and same kept decisions as the masked path's tensors."""
+    model = make_model("llama")
+    half_skipping_routers(model)
+    ids, _ = batch(None, B=1, T=6)
+    seen = {}
+    for execution in ("masked", "fast"):
+        model.reset_stats()
+        with torch.no_grad(), model.routing(execution=execution, keep_decisions=True):
+            out = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
+        decisions = {k: [d.tolist() for d in v] for k, v in model.state.decisions.items()}
+        seen[execution] = (out, dict(model.state.skipped), dict(model.state.counted), decisions)
+    assert torch.equal(seen["fast"][0], seen["masked"][0])
+    assert seen["fast"][1:] == seen["masked"][1:]
+    assert 0.1 < sum(seen["fast"][1].values()) / sum(seen["fast"][2].values()) < 0.9
+
+    # a lone padding token is counted by neither path; the one-token sparsity is exact
+    for execution in ("masked", "fast"):
+        model.reset_stats()
+        with torch.no_grad(), model.routing(execution=execution):
+            model(input_ids=ids[:, :1], attention_mask=torch.zeros(1, 1, dtype=torch.long))
+            assert sum(model.state.counted.values()) == 0
+            model(input_ids=ids[:, :1])
+            rate = float(model.realised_sparsity("modules"))
+        assert sum(model.state.counted.values()) == len(model.state.counted)
+        assert rate == sum(model.state.skipped.values()) / len(model.state.skipped)
 
 
 # -- it really skips -------------------------------------------------------------------------------
@@ -545,10 +579,7 @@ def test_fused_routers_equal_the_separate_routers_and_follow_weight_changes(rout
 
 def test_inference_decides_both_modules_in_one_router_pass_and_agrees_with_separate_routers():
     model = make_model("llama")
-    for layer in model.routed_layers:  # routers that skip about half the tokens
-        for router in layer.routers.values():
-            torch.nn.init.normal_(router.net[-1].weight, std=1.0)
-            torch.nn.init.zeros_(router.net[-1].bias)
+    half_skipping_routers(model)
     ids, mask = batch("left", T=10)
     calls = []
     first = model.routed_layers[0].routers

@@ -24,7 +24,9 @@ either. Decode (T == 1) runs SDPA per run of consecutive executing sequences on 
 cache (no copy of K/V); a step where no sequence executes costs only the K/V projections.
 
 Batch-1 decode is all or nothing: an executing token runs the model's own attention/MLP, a
-skipping one only its K/V projections. Batched decode where over a quarter of the sequences execute runs the
+skipping one only its K/V projections. Its two decisions per layer reach the host as Python
+bools in one read (``RoutedDecoderLayer._inference_decisions``), so the branch and the
+statistics cost no further tensor operations. Batched decode where over a quarter of the sequences execute runs the
 module on every row and drops the skipping rows' outputs (``_decode_runs_all_rows``: small-M
 GEMMs cost about the same for n rows as for B); a module that no sequence executes costs nothing
 (attention: its K/V projections only).
@@ -205,9 +207,11 @@ def _decode_runs_all_rows(shape: tuple[int, int, int], n: int) -> bool:
 
 
 # -- MLP -------------------------------------------------------------------------------------------
-def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor) -> torch.Tensor:
-    """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + MLP branch on executing tokens."""
-    if execute.numel() == 1:  # batch-1 decode: all or nothing, no gather
+def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor | bool) -> torch.Tensor:
+    """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + MLP branch on executing tokens.
+
+    A single token's decision may come as a Python bool (already read on the host)."""
+    if isinstance(execute, bool) or execute.numel() == 1:  # batch-1 decode: all or nothing, no gather
         return hidden_states + layer.mlp_branch(hidden_states) if bool(execute) else hidden_states
     execute = _effective_execute(layer, execute)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -223,17 +227,22 @@ def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor)
 
 
 # -- attention -------------------------------------------------------------------------------------
-def fast_attn_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor, **kwargs) -> torch.Tensor:
+def fast_attn_residual(
+    layer, hidden_states: torch.Tensor, execute: torch.Tensor | bool, **kwargs
+) -> torch.Tensor:
     """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + attention branch on executing tokens.
 
     K/V of every token are computed and cached; queries, attention and the output projection
-    only for executing tokens. ``kwargs`` are what the model passes its decoder layers.
+    only for executing tokens. ``kwargs`` are what the model passes its decoder layers. A
+    single token's decision may come as a Python bool (already read on the host).
     """
     attn = layer.part("attn")
     reason = _unsupported(attn, kwargs)
     if reason is not None:
         _warn_once(reason)
         out = layer.attn_branch(hidden_states, **kwargs)
+        if isinstance(execute, bool):
+            return hidden_states + out if execute else hidden_states
         return hidden_states + execute.unsqueeze(-1).to(out.dtype) * out
 
     B, T, d = hidden_states.shape

@@ -47,19 +47,45 @@ class RoutingState:
     keep_decisions: bool = False
     # (layer, module) pairs statically removed (LLM-Drop): never run, an attention writes no K/V
     removed: frozenset[tuple[int, str]] = frozenset()
-    skip_rates: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # training: differentiable tensors; inference: plain floats
+    skip_rates: dict[tuple[int, str], torch.Tensor | float] = field(default_factory=dict)
     decisions: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
     skipped: dict[tuple[int, str], float] = field(default_factory=dict)
     counted: dict[tuple[int, str], float] = field(default_factory=dict)
+    # single_token_is_real's cache: the mask it last read, and what it found
+    _real_mask: torch.Tensor | None = field(default=None, repr=False)
+    _real: bool = field(default=True, repr=False)
 
     def reset_stats(self) -> None:
         self.skipped.clear()
         self.counted.clear()
         self.decisions.clear()
 
-    def record(self, layer_idx: int, module: str, gate: torch.Tensor) -> None:
-        """gate: (B, T) execute gate, bool or 0/1 values (differentiable in training)."""
+    def single_token_is_real(self) -> bool:
+        """For a one-token forward (batch-1 decode): whether that token is real, not padding.
+
+        Read from ``token_mask`` once per forward (cached on the mask object), not per decision.
+        """
+        mask = self.token_mask
+        if mask is None:
+            return True
+        if self._real_mask is not mask:
+            self._real_mask, self._real = mask, bool(mask.reshape(-1)[0])
+        return self._real
+
+    def record(self, layer_idx: int, module: str, gate: torch.Tensor | bool) -> None:
+        """gate: (B, T) execute gate, bool or 0/1 values (differentiable in training), or a
+        Python bool for a one-token forward decided on the host (batch-1 decode)."""
         key = (layer_idx, module)
+        if isinstance(gate, bool):
+            n = 1.0 if self.single_token_is_real() else 0.0
+            skips = 0.0 if gate else n
+            self.skip_rates[key] = skips
+            self.skipped[key] = self.skipped.get(key, 0.0) + skips
+            self.counted[key] = self.counted.get(key, 0.0) + n
+            if self.keep_decisions:
+                self.decisions.setdefault(key, []).append(torch.tensor([[gate]]))
+            return
         mask = self.token_mask
         if mask is not None and mask.shape != gate.shape:
             mask = None
@@ -77,7 +103,7 @@ class RoutingState:
             else:
                 n = float(mask.count_nonzero())
                 skips = float((~executed & mask.to(torch.bool)).count_nonzero())
-            self.skip_rates[key] = torch.tensor(skips / max(n, 1.0))
+            self.skip_rates[key] = skips / max(n, 1.0)
         self.skipped[key] = self.skipped.get(key, 0.0) + skips
         self.counted[key] = self.counted.get(key, 0.0) + n
         if self.keep_decisions:
@@ -145,8 +171,13 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             return self.execute_probabilities(hidden)[module]
         return self.routers[module].execute_probability(hidden)
 
-    def _inference_decisions(self, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both modules' execute masks from one fused router pass, when inference can use it."""
+    def _inference_decisions(self, block_input: torch.Tensor) -> dict[str, torch.Tensor | bool]:
+        """Both modules' execute masks (B, T) from one fused router pass, when inference can use it.
+
+        For a single token on the fast path (batch-1 decode) they are Python bools, read from
+        the device in one go: the fast path branches on them anyway, and one host read per
+        layer costs less than the per-module tensor bookkeeping it replaces.
+        """
         state = self.state
         if (
             self.training
@@ -156,16 +187,20 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             or not self._fusable()
         ):
             return {}
-        return {m: p >= state.threshold for m, p in self.execute_probabilities(block_input).items()}
+        execute = self._fused.execute_probability(block_input) >= state.threshold  # (B, T, R)
+        if execute.shape[0] * execute.shape[1] == 1 and state.execution == "fast":
+            return dict(zip(self.routers, execute.view(-1).tolist(), strict=True))
+        return {m: execute[..., i] for i, m in enumerate(self.routers)}
 
     def gate(
-        self, module: str, router_input: torch.Tensor, decided: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor | None:
+        self, module: str, router_input: torch.Tensor, decided: dict[str, torch.Tensor | bool] | None = None
+    ) -> torch.Tensor | bool | None:
         """Execute gate (B, T) for ``module``, or None when the module always executes.
 
         Training: 0/1 values that carry the router's gradient. Inference: a bool mask (or what
         an override returns), turned into a multiplier only by the masked path. ``decided``
-        holds masks already computed for this layer (fused routers).
+        holds masks already computed for this layer (fused routers); a single token's is a
+        Python bool (fast path only).
         """
         state = self.state
         if (self.layer_idx, module) in state.removed:
@@ -232,9 +267,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + (out if mlp_gate is None else _as_multiplier(mlp_gate, out))
 
 
-def _as_mask(gate: torch.Tensor) -> torch.Tensor:
-    """(B, T) execute gate -> bool mask."""
-    return gate if gate.dtype == torch.bool else gate > 0.5
+def _as_mask(gate: torch.Tensor | bool) -> torch.Tensor | bool:
+    """(B, T) execute gate -> bool mask (a single token's Python bool stays as it is)."""
+    return gate if isinstance(gate, bool) or gate.dtype == torch.bool else gate > 0.5
 
 
 def _as_multiplier(gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

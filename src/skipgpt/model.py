@@ -167,7 +167,7 @@ class SkipGPTModel(nn.Module):
         if not rates:
             raise SkipGPTError("no routing decisions recorded; run a forward with routing enabled first")
         total = sum(weights.values())
-        return sum(w * rates[k] for k, w in weights.items() if k in rates) / total
+        return torch.as_tensor(sum(w * rates[k] for k, w in weights.items() if k in rates) / total)
 
     def reset_stats(self) -> None:
         self.state.reset_stats()

@@ -7,7 +7,26 @@ import torch.nn.functional as F
 
 from ..router import linear_schedule
 
-__all__ = ["sparsity_penalty", "distillation_loss", "curriculum_target", "temperature_at", "shifted_lm_loss"]
+__all__ = [
+    "sparsity_penalty",
+    "distillation_loss",
+    "curriculum_target",
+    "temperature_at",
+    "shifted_lm_loss",
+    "check_loss_weights",
+]
+
+
+def check_loss_weights(lm_weight: float, distill_weight: float, distill_temperature: float) -> None:
+    """Refuse LM / self-distillation weights that leave no loss or make no sense."""
+    from ..errors import SkipGPTError
+
+    if lm_weight < 0 or distill_weight < 0:
+        raise SkipGPTError(f"lm_weight and distill_weight must be >= 0, got {lm_weight} and {distill_weight}")
+    if lm_weight == 0 and distill_weight == 0:
+        raise SkipGPTError("at least one of lm_weight and distill_weight must be > 0")
+    if distill_temperature <= 0:
+        raise SkipGPTError(f"distill_temperature must be > 0, got {distill_temperature}")
 
 
 def sparsity_penalty(realised: torch.Tensor, target: float, alpha: float) -> torch.Tensor:

@@ -20,7 +20,14 @@ from ..errors import SkipGPTError
 from ..io import prepare_output_dir
 from ..model import SkipGPTModel
 from .loop import LoopArgs, save_on_main_process, train_loop
-from .losses import curriculum_target, distillation_loss, shifted_lm_loss, sparsity_penalty, temperature_at
+from .losses import (
+    check_loss_weights,
+    curriculum_target,
+    distillation_loss,
+    shifted_lm_loss,
+    sparsity_penalty,
+    temperature_at,
+)
 
 __all__ = ["RouterTuningArgs", "train_routers"]
 
@@ -36,33 +43,34 @@ class RouterTuningArgs:
     calibrate_blocks: int = 16  # after training, set θ to hit the target on this many blocks (0 = keep θ)
 
     def __post_init__(self) -> None:
-        if self.lm_weight < 0 or self.distill_weight < 0:
-            raise SkipGPTError("lm_weight and distill_weight must be >= 0")
-        if self.lm_weight == 0 and self.distill_weight == 0:
-            raise SkipGPTError("at least one of lm_weight and distill_weight must be > 0")
+        check_loss_weights(self.lm_weight, self.distill_weight, self.distill_temperature)
         if not 0 <= self.curriculum <= 1:
             raise SkipGPTError(f"curriculum must be a fraction in [0, 1], got {self.curriculum}")
-        if self.distill_temperature <= 0:
-            raise SkipGPTError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
 
 def _module_rates(model: SkipGPTModel) -> dict[str, float]:
     rates = model.state.skip_rates
     out = {}
     for m in model.skipgpt_config.modules:
-        vals = [float(v.detach()) for (_, mod), v in rates.items() if mod == m]
+        vals = [float(v.detach() if torch.is_tensor(v) else v) for (_, mod), v in rates.items() if mod == m]
         out[f"{m}_skip"] = sum(vals) / max(len(vals), 1)
     return out
 
 
-def _adapter_disabled(model: SkipGPTModel):
-    """The teacher is the *base* model: with LoRA attached (SkipGPT-Joint), switch it off."""
-    from contextlib import nullcontext
+def dense_teacher(model):
+    """Context in which ``model`` is its own distillation teacher: the frozen base model, every
+    module executing (routing off) and LoRA, if attached, switched off."""
+    from contextlib import ExitStack
 
     from .lora import get_peft
 
+    stack = ExitStack()
+    if isinstance(model, SkipGPTModel):
+        stack.enter_context(model.dense())
     peft_model = get_peft(model)
-    return nullcontext() if peft_model is None else peft_model.disable_adapter()
+    if peft_model is not None:
+        stack.enter_context(peft_model.disable_adapter())
+    return stack
 
 
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
@@ -75,7 +83,7 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
         metrics: dict[str, float] = {}
         teacher = None
         if args.distill_weight > 0:
-            with torch.no_grad(), model.dense(), _adapter_disabled(model):
+            with torch.no_grad(), dense_teacher(model):
                 teacher = forward(input_ids=input_ids).logits
         logits = forward(input_ids=input_ids).logits
         realised = model.realised_sparsity()
