@@ -1,5 +1,9 @@
 """LoRA recovery table: dense, dense + LoRA, SkipGPT-RT, SkipGPT-RT + LoRA, SkipGPT-Joint.
 
+Stage 2 is run twice on the same routers: with the command's default loss and with the other
+choice of self-distillation (KL to the dense base model on or off), since that choice decides
+how much LoRA recovers (SkipGPT-Joint always has the stage-1 loss, distillation included).
+
 Every stage gets the same token budget (steps × batch × seq-len tokens of calib): stage 1
 (router tuning) for SkipGPT-RT, stage 2 (LoRA, routers frozen) for SkipGPT-RT + LoRA and for
 dense + LoRA, and stage 1 + stage 2 together for SkipGPT-Joint (routers and LoRA from scratch
@@ -68,6 +72,16 @@ def _stage1_tokens(meta: dict) -> tuple[int, str]:
     batch = loop["batch_size"] * loop.get("grad_accum", 1)
     tokens = loop["max_steps"] * batch * seq_len
     return tokens, f"{loop['max_steps']} steps × {batch}×{seq_len} {meta.get('dataset', '?')} tokens"
+
+
+def _loss_text(lora) -> str:
+    """The stage-2 loss in words, e.g. 'LM + KD' or 'LM'."""
+    terms = []
+    if lora.lm_weight > 0:
+        terms.append("LM" if lora.lm_weight == 1 else f"{lora.lm_weight:g}·LM")
+    if lora.distill_weight > 0:
+        terms.append("KD" if lora.distill_weight == 1 else f"{lora.distill_weight:g}·KD")
+    return " + ".join(terms)
 
 
 def _evaluate(name: str, model, evalsets: dict[str, torch.Tensor]) -> dict:
@@ -191,7 +205,7 @@ def _run(args: argparse.Namespace) -> dict:
         overwrite=True,
         metadata=meta,
     )
-    add("dense + LoRA", f"LoRA {args.steps} steps", model, wall, stage_tokens)
+    add("dense + LoRA", f"LoRA {args.steps} steps, {_loss_text(lora)}", model, wall, stage_tokens)
 
     # 3. SkipGPT-RT (stage 1): the given routers, or routers trained here
     if record is not None:
@@ -205,11 +219,20 @@ def _run(args: argparse.Namespace) -> dict:
         rt_training = f"routers {args.steps} steps"
     add("SkipGPT-RT", rt_training, model, wall, s1_tokens)
 
-    # 4. SkipGPT-RT + LoRA (stage 2, routers frozen)
-    model = SkipGPTModel.from_pretrained(rt_dir, base_model=copy.deepcopy(base))
-    wall = timed(finetune_lora, model, train, out / "rt_lora", loop2, lora, overwrite=True, metadata=meta)
-    rt_lora_training = f"{rt_training} + LoRA {args.steps} steps"
-    add("SkipGPT-RT + LoRA", rt_lora_training, model, wall, s1_tokens + stage_tokens)
+    # 4. SkipGPT-RT + LoRA (stage 2, routers frozen): the default loss, then the other choice
+    # of self-distillation (the ablation that justifies the default)
+    other = dataclasses.replace(lora, distill_weight=0.0 if lora.distill_weight > 0 else 1.0)
+    other_name = "SkipGPT-RT + LoRA, LM only" if lora.distill_weight > 0 else "SkipGPT-RT + LoRA, + KD"
+    for name, folder, stage2_lora in (
+        ("SkipGPT-RT + LoRA", "rt_lora", lora),
+        (other_name, "rt_lora_alt", other),
+    ):
+        model = SkipGPTModel.from_pretrained(rt_dir, base_model=copy.deepcopy(base))
+        wall = timed(
+            finetune_lora, model, train, out / folder, loop2, stage2_lora, overwrite=True, metadata=meta
+        )
+        training = f"{rt_training} + LoRA {args.steps} steps, {_loss_text(stage2_lora)}"
+        add(name, training, model, wall, s1_tokens + stage_tokens)
 
     # 5. SkipGPT-Joint: routers and LoRA from scratch, stage-1 + stage-2 budget in one run
     model = get_skipgpt_model(copy.deepcopy(base), config, base_spec=spec)
@@ -236,7 +259,8 @@ def _run(args: argparse.Namespace) -> dict:
         f"{args.steps} steps × {args.batch_size}×{args.seq_len} = {stage_tokens} {TRAIN_DATA} tokens "
         f"(stage 1: {s1_text}); SkipGPT-Joint: {joint_steps} steps = stage 1 + stage 2. "
         f"Stage 1 lr {loop1.lr} {loop1.lr_scheduler}; LoRA r={lora.r} α={lora.alpha} on {','.join(lora.targets)}, "
-        f"lr {loop2.lr} {loop2.lr_scheduler} (warm-up {loop2.warmup_ratio}), stage-2 routing {lora.routing}; "
+        f"lr {loop2.lr} {loop2.lr_scheduler} (warm-up {loop2.warmup_ratio}), stage-2 routing {lora.routing}, "
+        f"stage-2 loss {_loss_text(lora)} (KD: KL(dense base model ‖ student), T={lora.distill_temperature:g}); "
         f"Joint router lr {stage2.router_lr}. PPL on the first {args.eval_windows} windows of {args.eval_seq_len} "
         f"tokens; sparsity: deterministic routing at the calibrated θ, pooled over both sets. "
         f"train s: training done by this run (SkipGPT-RT + LoRA: stage 2 only). {machine}"

@@ -233,6 +233,40 @@ def test_dense_lora_without_a_base_spec_is_refused(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_stage2_self_distillation_teacher_is_the_dense_base_model(tmp_path):
+    """The teacher of stage 2 is the base model with every module executing and LoRA off: the
+    KL term is 0 for dense + LoRA at step 0 (LoRA starts as a no-op) and > 0 for a routed model,
+    and after training the teacher context still gives the base model's logits exactly."""
+    from skipgpt.train.router_tuning import dense_teacher
+
+    ids = _blocks(2, 16, seed=7)
+    s1 = _stage1(tmp_path / "s1")
+    base_logits, _ = _logits_and_stats(tiny("llama")[0], ids)
+    args = LoraArgs(r=4, distill_weight=1.0)
+
+    dense = tiny("llama")[0]
+    first = finetune_lora(
+        dense, _blocks(), tmp_path / "d", _loop(1), args, base_spec="random:llama", progress=False
+    )["history"][0]
+    assert first["kd"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(first["lm"] + first["kd"])
+
+    model = SkipGPTModel.from_pretrained(s1)
+    history = finetune_lora(model, _blocks(), tmp_path / "s2", _loop(3), args, progress=False)["history"]
+    assert history[0]["kd"] > 0 and 0 < history[0]["sparsity"] < 1
+    model.eval()
+    routed_logits, _ = _logits_and_stats(model, ids)
+    with torch.no_grad(), dense_teacher(model):
+        teacher_logits = model(input_ids=ids).logits
+    torch.testing.assert_close(teacher_logits, base_logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(routed_logits, base_logits, atol=1e-3)
+
+    lm_only = finetune_lora(
+        SkipGPTModel.from_pretrained(s1), _blocks(), tmp_path / "lm", _loop(1), LoraArgs(r=4), progress=False
+    )["history"][0]
+    assert "kd" not in lm_only and lm_only["loss"] == lm_only["lm"]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -240,6 +274,9 @@ def test_dense_lora_without_a_base_spec_is_refused(tmp_path):
         ({"dropout": 1.0}, "dropout"),
         ({"targets": ""}, "targets"),
         ({"routing": "x"}, "routing"),
+        ({"lm_weight": 0.0, "distill_weight": 0.0}, "at least one"),
+        ({"distill_weight": -1.0}, "distill_weight"),
+        ({"distill_temperature": 0.0}, "distill_temperature"),
     ],
 )
 def test_bad_lora_args(kwargs, match):
@@ -536,7 +573,7 @@ def _lora_table():
     return module
 
 
-def test_lora_table_builds_the_five_rows(tmp_path):
+def test_lora_table_builds_its_rows(tmp_path):
     table = _lora_table()
     tiny_run = [
         "--steps",
@@ -551,17 +588,19 @@ def test_lora_table_builds_the_five_rows(tmp_path):
         "32",
     ]
     result = table.main(["--model", "random:llama", *tiny_run, "--out", str(tmp_path / "t")])
-    names = ["dense", "dense + LoRA", "SkipGPT-RT", "SkipGPT-RT + LoRA", "SkipGPT-Joint"]
-    assert [r["model"] for r in result["rows"]] == names
+    names = ["dense", "dense + LoRA", "SkipGPT-RT", "SkipGPT-RT + LoRA", "SkipGPT-RT + LoRA, LM only"]
+    assert [r["model"] for r in result["rows"]] == [*names, "SkipGPT-Joint"]
     assert json.loads((tmp_path / "t" / "lora.json").read_text())["rows"] == json.loads(
         json.dumps(result["rows"])
     )
     md = (tmp_path / "t" / "lora.md").read_text()
-    assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + 5
+    assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + 6
+    assert "LoRA 2 steps, LM + KD" in md and "LoRA 2 steps, LM |" in md
     assert "128 calib tokens" in md and "SkipGPT-Joint: 4 steps" in md
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["dense"]["module"] == 0.0 and rows["dense + LoRA"]["params"] == 0.0
     assert rows["SkipGPT-RT"]["module"] == rows["SkipGPT-RT + LoRA"]["module"] > 0  # same frozen routers
+    assert rows["SkipGPT-RT + LoRA"]["ptb ppl"] != rows["SkipGPT-RT + LoRA, LM only"]["ptb ppl"]
     assert rows["SkipGPT-Joint"]["train tokens"] == rows["SkipGPT-RT + LoRA"]["train tokens"] == 256
     assert all(math.isfinite(r["ptb ppl"]) and math.isfinite(r["wiki-heldout ppl"]) for r in rows.values())
 

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
         help="stage 2: LoRA on a routed model (routers frozen); --dense: dense + LoRA; --joint: SkipGPT-Joint",
         description="Stage 2 of SkipGPT: LoRA recovery of a routed model whose routers stay frozen. "
         "--model is a `train-router` output folder (or, with --dense / --joint, a base model spec). "
-        "The router and loss options apply to --joint only.",
+        "The router options apply to --joint only; the loss weights (--lm-weight, --distill-weight, "
+        "--distill-temperature) to every mode.",
     )
     add_model_arg(p)
     mode = p.add_mutually_exclusive_group()
@@ -68,6 +69,9 @@ def lora_args_from_args(args):
         alpha=args.lora_alpha,
         dropout=args.lora_dropout,
         routing=args.stage2_routing,
+        lm_weight=args.lm_weight,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
     )
 
 

@@ -6,7 +6,9 @@ suffix matching (``q_proj``, ``v_proj``, ``gate_proj``) finds the same linear la
 find in the plain model; the router MLPs are excluded by name and never become targets.
 
 Stage 2 (``finetune_lora``): routers frozen bit-for-bit, only ``lora_`` parameters train, loss
-= LM. Router decisions during stage 2 are **deterministic** by default (the inference rule,
+= ``lm_weight`` · LM + ``distill_weight`` · KL(dense teacher ‖ routed), the teacher being the
+same frozen base model with every module executing and LoRA off (as in stage 1; LM only by
+default here, self-distillation is what the CLI defaults to). Router decisions during stage 2 are **deterministic** by default (the inference rule,
 execute iff p(execute) >= θ with the calibrated θ of stage 1): LoRA then learns to repair
 exactly the routing the model will face at inference. Sampling (Gumbel at τ_end, what the
 paper's code gets if the routers simply stay in training mode) is available as
@@ -36,8 +38,8 @@ from ..errors import SkipGPTError
 from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
 from .loop import CHECKPOINT_DIR, LoopArgs, save_on_main_process, train_loop
-from .losses import shifted_lm_loss
-from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, make_step_fn
+from .losses import check_loss_weights, distillation_loss, shifted_lm_loss
+from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, dense_teacher, make_step_fn
 
 __all__ = [
     "LoraArgs",
@@ -81,8 +83,13 @@ class LoraArgs:
     alpha: float = 32.0
     dropout: float = 0.1
     routing: str = field(default="deterministic", metadata={"help": "stage-2 router decisions"})
+    # the loss of stage 2 and of the dense + LoRA control (SkipGPT-Joint uses RouterTuningArgs')
+    lm_weight: float = 1.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        check_loss_weights(self.lm_weight, self.distill_weight, self.distill_temperature)
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
@@ -304,12 +311,24 @@ def finetune_lora(
         _check_resume(output_dir, named)
 
     def step_fn(forward, input_ids: torch.Tensor, step: int):
+        teacher = None
+        if args.distill_weight > 0:
+            with torch.no_grad(), dense_teacher(model):
+                teacher = forward(input_ids=input_ids, use_cache=False).logits
         logits = forward(input_ids=input_ids, use_cache=False).logits
-        lm = shifted_lm_loss(logits, input_ids)
-        metrics = {"loss": float(lm.detach()), "lm": float(lm.detach())}
+        loss, metrics = 0.0, {}
+        if args.lm_weight > 0:
+            lm = shifted_lm_loss(logits, input_ids)
+            loss = loss + args.lm_weight * lm
+            metrics["lm"] = float(lm.detach())
+        if teacher is not None:
+            kd = distillation_loss(logits, teacher, args.distill_temperature)
+            loss = loss + args.distill_weight * kd
+            metrics["kd"] = float(kd.detach())
+        metrics = {"loss": float(loss.detach()), **metrics}
         if routed:
             metrics.update(sparsity=float(model.realised_sparsity().detach()), **_module_rates(model))
-        return lm, metrics
+        return loss, metrics
 
     if routed and args.routing == "deterministic":
         ctx = model.routing(override=_deterministic_override(model))
