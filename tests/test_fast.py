@@ -575,6 +575,12 @@ def test_fused_routers_equal_the_separate_routers_and_follow_weight_changes(rout
     torch.testing.assert_close(moved["mlp"], layer.routers["mlp"].execute_probability(h).detach())
     assert not torch.allclose(moved["mlp"], fused["mlp"])  # not served from a stale stack
     torch.testing.assert_close(moved["attn"], fused["attn"])
+    first = layer.routers["attn"].net[0]
+    first.weight = torch.nn.Parameter(first.weight.detach() * 2)  # a Parameter replaced, not written
+    with torch.no_grad():
+        replaced = layer.execute_probabilities(h)
+        torch.testing.assert_close(replaced["attn"], layer.routers["attn"].execute_probability(h))
+    assert not torch.allclose(replaced["attn"], fused["attn"])
 
 
 def test_inference_decides_both_modules_in_one_router_pass_and_agrees_with_separate_routers():

@@ -68,11 +68,14 @@ class FusedRouters:
 
     def __init__(self, routers: list[Router]):
         self.routers = routers
+        # where each parameter lives, read afresh on every call (a replaced Parameter is seen);
+        # cheaper than walking the modules with .parameters(), which decode pays once per layer
+        self._slots = [(m, name) for r in routers for m in r.modules() for name in m._parameters]
         self._key: tuple | None = None
         self._weights: tuple[torch.Tensor, ...] = ()
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
-        params = [p for r in self.routers for p in r.parameters()]
+        params = [m._parameters[name] for m, name in self._slots]
         # inference tensors (routers built under torch.inference_mode) have no version counter;
         # they cannot be trained, so their storage identifies them
         key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.device, p.dtype) for p in params)
