@@ -1,8 +1,9 @@
 """LoRA recovery table: dense, dense + LoRA, SkipGPT-RT, SkipGPT-RT + LoRA, SkipGPT-Joint.
 
-Stage 2 is run twice on the same routers: with the command's default loss and with the other
-choice of self-distillation (KL to the dense base model on or off), since that choice decides
-how much LoRA recovers (SkipGPT-Joint always has the stage-1 loss, distillation included).
+Stage 2 is run twice on the same routers: with the command's loss (LM, plus self-distillation
+at ``--stage2-distill-weight``) and with the other choice of self-distillation (KL to the dense
+base model on or off): SkipGPT-Joint trains with the stage-1 loss, distillation included, so the
+pair shows whether that alone explains a gap between Joint and the two-stage path.
 
 Every stage gets the same token budget (steps × batch × seq-len tokens of calib): stage 1
 (router tuning) for SkipGPT-RT, stage 2 (LoRA, routers frozen) for SkipGPT-RT + LoRA and for
@@ -118,6 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--target", type=float, default=None, help="target sparsity (default: that of --routers, else 0.25)"
     )
+    p.add_argument(
+        "--stage2-distill-weight",
+        type=float,
+        default=None,
+        help="self-distillation weight of the first stage-2 row and of dense + LoRA (default: the "
+        "command's); the second stage-2 row flips it between 0 and 1",
+    )
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -148,7 +156,12 @@ def _run(args: argparse.Namespace) -> dict:
     budget = f"--max-steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len}".split()
     common = ["--model", spec, "--output", str(out), *budget]
     stage1 = _command_args(["train-router", *common, "--target-sparsity", str(args.target or 0.25)])
-    stage2 = _command_args(["finetune-lora", *common])
+    kd = (
+        []
+        if args.stage2_distill_weight is None
+        else ["--stage2-distill-weight", str(args.stage2_distill_weight)]
+    )
+    stage2 = _command_args(["finetune-lora", *common, *kd])
     if record is not None:  # Joint and the given routers share their router config and stage-1 loss
         config = dataclasses.replace(SkipGPTConfig.from_dict(record["router_config"]), threshold=0.5)
         if args.target is not None and args.target != config.target_sparsity:

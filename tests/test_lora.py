@@ -588,27 +588,38 @@ def test_lora_table_builds_its_rows(tmp_path):
         "32",
     ]
     result = table.main(["--model", "random:llama", *tiny_run, "--out", str(tmp_path / "t")])
-    names = ["dense", "dense + LoRA", "SkipGPT-RT", "SkipGPT-RT + LoRA", "SkipGPT-RT + LoRA, LM only"]
+    names = ["dense", "dense + LoRA", "SkipGPT-RT", "SkipGPT-RT + LoRA", "SkipGPT-RT + LoRA, + KD"]
     assert [r["model"] for r in result["rows"]] == [*names, "SkipGPT-Joint"]
     assert json.loads((tmp_path / "t" / "lora.json").read_text())["rows"] == json.loads(
         json.dumps(result["rows"])
     )
     md = (tmp_path / "t" / "lora.md").read_text()
     assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + 6
-    assert "LoRA 2 steps, LM + KD" in md and "LoRA 2 steps, LM |" in md
+    assert "LoRA 2 steps, LM |" in md and "LoRA 2 steps, LM + KD |" in md
     assert "128 calib tokens" in md and "SkipGPT-Joint: 4 steps" in md
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["dense"]["module"] == 0.0 and rows["dense + LoRA"]["params"] == 0.0
     assert rows["SkipGPT-RT"]["module"] == rows["SkipGPT-RT + LoRA"]["module"] > 0  # same frozen routers
-    assert rows["SkipGPT-RT + LoRA"]["ptb ppl"] != rows["SkipGPT-RT + LoRA, LM only"]["ptb ppl"]
+    assert rows["SkipGPT-RT + LoRA"]["ptb ppl"] != rows["SkipGPT-RT + LoRA, + KD"]["ptb ppl"]
     assert rows["SkipGPT-Joint"]["train tokens"] == rows["SkipGPT-RT + LoRA"]["train tokens"] == 256
     assert all(math.isfinite(r["ptb ppl"]) and math.isfinite(r["wiki-heldout ppl"]) for r in rows.values())
 
     # given routers: used as they are, their budget read from their metadata
     given = table.main(
-        ["--routers", str(tmp_path / "t" / "routers"), *tiny_run, "--out", str(tmp_path / "g")]
+        [
+            "--routers",
+            str(tmp_path / "t" / "routers"),
+            *tiny_run,
+            "--stage2-distill-weight",
+            "1",
+            "--out",
+            str(tmp_path / "g"),
+        ]
     )
     g = {r["model"]: r for r in given["rows"]}
+    assert g["SkipGPT-RT + LoRA"]["training"].endswith("LoRA 2 steps, LM + KD")
+    assert g["SkipGPT-RT + LoRA, LM only"]["training"].endswith("LoRA 2 steps, LM")
+    assert g["dense + LoRA"]["training"] == "LoRA 2 steps, LM + KD"
     assert g["SkipGPT-RT"]["train s"] is None and g["SkipGPT-RT"]["train tokens"] == 128
     assert g["SkipGPT-RT"]["ptb ppl"] == pytest.approx(rows["SkipGPT-RT"]["ptb ppl"])
     assert given["joint_steps"] == 4

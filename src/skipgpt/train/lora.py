@@ -7,8 +7,9 @@ find in the plain model; the router MLPs are excluded by name and never become t
 
 Stage 2 (``finetune_lora``): routers frozen bit-for-bit, only ``lora_`` parameters train, loss
 = ``lm_weight`` · LM + ``distill_weight`` · KL(dense teacher ‖ routed), the teacher being the
-same frozen base model with every module executing and LoRA off (as in stage 1; LM only by
-default here, self-distillation is what the CLI defaults to). Router decisions during stage 2 are **deterministic** by default (the inference rule,
+same frozen base model with every module executing and LoRA off (as in stage 1). LM only by
+default: on SmolLM2 (routers of 100 steps, LoRA 50 steps of 4×256) adding it moved PPL by
+0.5% at twice the step time (``benchmarks/lora_table.py`` runs both). Router decisions during stage 2 are **deterministic** by default (the inference rule,
 execute iff p(execute) >= θ with the calibrated θ of stage 1): LoRA then learns to repair
 exactly the routing the model will face at inference. Sampling (Gumbel at τ_end, what the
 paper's code gets if the routers simply stay in training mode) is available as
