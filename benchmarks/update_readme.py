@@ -46,7 +46,7 @@ SECTIONS = {
         "skipgpt train-router --model smollm2-135m --max-steps 100 --batch-size 4 --output runs/rt100 "
         "&& python benchmarks/lora_table.py --routers runs/rt100 --stage2-distill-weight 1 --steps 50 --batch-size 4 "
         "--eval-windows 16 "
-        "--out runs/lora-rt100 && cp runs/lora-rt100/lora.md results/lora.md",
+        "--out runs/lora-rt100-kd && cp runs/lora-rt100-kd/lora.md results/lora.md",
     ),
     "compare": (
         "results/compare.md",
