@@ -39,8 +39,8 @@ from ..errors import SkipGPTError
 from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
 from .loop import CHECKPOINT_DIR, LoopArgs, save_on_main_process, train_loop
-from .losses import check_loss_weights, distillation_loss, shifted_lm_loss
-from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, dense_teacher, make_step_fn
+from .losses import check_loss_weights
+from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, lm_and_distillation, make_step_fn
 
 __all__ = [
     "LoraArgs",
@@ -312,21 +312,8 @@ def finetune_lora(
         _check_resume(output_dir, named)
 
     def step_fn(forward, input_ids: torch.Tensor, step: int):
-        teacher = None
-        if args.distill_weight > 0:
-            with torch.no_grad(), dense_teacher(model):
-                teacher = forward(input_ids=input_ids, use_cache=False).logits
-        logits = forward(input_ids=input_ids, use_cache=False).logits
-        loss, metrics = 0.0, {}
-        if args.lm_weight > 0:
-            lm = shifted_lm_loss(logits, input_ids)
-            loss = loss + args.lm_weight * lm
-            metrics["lm"] = float(lm.detach())
-        if teacher is not None:
-            kd = distillation_loss(logits, teacher, args.distill_temperature)
-            loss = loss + args.distill_weight * kd
-            metrics["kd"] = float(kd.detach())
-        metrics = {"loss": float(loss.detach()), **metrics}
+        loss, terms = lm_and_distillation(model, forward, input_ids, args, use_cache=False)
+        metrics = {"loss": float(loss.detach()), **terms}
         if routed:
             metrics.update(sparsity=float(model.realised_sparsity().detach()), **_module_rates(model))
         return loss, metrics

@@ -73,6 +73,30 @@ def dense_teacher(model):
     return stack
 
 
+def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forward_kwargs):
+    """One student forward (after a teacher forward in ``dense_teacher`` when distilling).
+
+    ``weights`` has ``lm_weight``, ``distill_weight`` and ``distill_temperature`` (the stage-1
+    or stage-2 args). Returns ``(loss, metrics)``: ``lm_weight·LM + distill_weight·KD`` (0.0
+    when both terms are off) and the terms' values under ``lm`` / ``kd``.
+    """
+    teacher = None
+    if weights.distill_weight > 0:
+        with torch.no_grad(), dense_teacher(model):
+            teacher = forward(input_ids=input_ids, **forward_kwargs).logits
+    logits = forward(input_ids=input_ids, **forward_kwargs).logits
+    loss, metrics = 0.0, {}
+    if weights.lm_weight > 0:
+        lm = shifted_lm_loss(logits, input_ids)
+        loss = loss + weights.lm_weight * lm
+        metrics["lm"] = float(lm.detach())
+    if teacher is not None:
+        kd = distillation_loss(logits, teacher, weights.distill_temperature)
+        loss = loss + weights.distill_weight * kd
+        metrics["kd"] = float(kd.detach())
+    return loss, metrics
+
+
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
     cfg = model.skipgpt_config
 
@@ -80,22 +104,9 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
         tau = temperature_at(cfg.tau_start, cfg.tau_end, step, loop.max_steps)
         target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum)
         model.set_temperature(tau)
-        metrics: dict[str, float] = {}
-        teacher = None
-        if args.distill_weight > 0:
-            with torch.no_grad(), dense_teacher(model):
-                teacher = forward(input_ids=input_ids).logits
-        logits = forward(input_ids=input_ids).logits
+        task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
         realised = model.realised_sparsity()
-        loss = sparsity_penalty(realised, target, cfg.alpha)
-        if args.lm_weight > 0:
-            lm = shifted_lm_loss(logits, input_ids)
-            loss = loss + args.lm_weight * lm
-            metrics["lm"] = float(lm.detach())
-        if teacher is not None:
-            kd = distillation_loss(logits, teacher, args.distill_temperature)
-            loss = loss + args.distill_weight * kd
-            metrics["kd"] = float(kd.detach())
+        loss = sparsity_penalty(realised, target, cfg.alpha) + task_loss
         metrics.update(_module_rates(model))
         metrics.update(loss=float(loss.detach()), sparsity=float(realised.detach()), tau=tau, target=target)
         return loss, metrics
