@@ -81,11 +81,16 @@ class RoutingState:
             n = 1.0 if self.single_token_is_real() else 0.0
             skips = 0.0 if gate else n
             self.skip_rates[key] = skips
-            self.skipped[key] = self.skipped.get(key, 0.0) + skips
-            self.counted[key] = self.counted.get(key, 0.0) + n
-            if self.keep_decisions:
-                self.decisions.setdefault(key, []).append(torch.tensor([[gate]]))
-            return
+        else:
+            skips, n = self._count(key, gate)
+        self.skipped[key] = self.skipped.get(key, 0.0) + skips
+        self.counted[key] = self.counted.get(key, 0.0) + n
+        if self.keep_decisions:
+            kept = torch.tensor([[gate]]) if isinstance(gate, bool) else (gate.detach() > 0.5).cpu()
+            self.decisions.setdefault(key, []).append(kept)
+
+    def _count(self, key: tuple[int, str], gate: torch.Tensor) -> tuple[float, float]:
+        """(skipped, real) tokens of a (B, T) gate, padding excluded; sets ``skip_rates[key]``."""
         mask = self.token_mask
         if mask is not None and mask.shape != gate.shape:
             mask = None
@@ -94,20 +99,17 @@ class RoutingState:
             n_t = valid.sum()
             skips_t = ((1.0 - gate) * valid).sum()
             self.skip_rates[key] = skips_t / n_t.clamp_min(1.0)
-            skips, n = float(skips_t.detach()), float(n_t)
-        else:  # inference: plain counts, one host sync (this runs twice per layer per decode step)
-            executed = gate if gate.dtype == torch.bool else gate > 0.5
-            if mask is None:
-                n = float(gate.numel())
-                skips = n - float(executed.count_nonzero())
-            else:
-                n = float(mask.count_nonzero())
-                skips = float((~executed & mask.to(torch.bool)).count_nonzero())
-            self.skip_rates[key] = skips / max(n, 1.0)
-        self.skipped[key] = self.skipped.get(key, 0.0) + skips
-        self.counted[key] = self.counted.get(key, 0.0) + n
-        if self.keep_decisions:
-            self.decisions.setdefault(key, []).append((gate.detach() > 0.5).cpu())
+            return float(skips_t.detach()), float(n_t)
+        # inference: plain counts, one host sync
+        executed = gate if gate.dtype == torch.bool else gate > 0.5
+        if mask is None:
+            n = float(gate.numel())
+            skips = n - float(executed.count_nonzero())
+        else:
+            n = float(mask.count_nonzero())
+            skips = float((~executed & mask.to(torch.bool)).count_nonzero())
+        self.skip_rates[key] = skips / max(n, 1.0)
+        return skips, n
 
 
 class RoutedDecoderLayer(GradientCheckpointingLayer):
