@@ -164,6 +164,37 @@ def test_joint_trains_routers_and_lora(tmp_path):
     assert torch.equal(a, b) and stats_a == stats_b
 
 
+def test_joint_from_stage1_routers_continues_them_at_tau_end_without_curriculum(tmp_path):
+    s1 = _stage1(tmp_path / "s1")
+    model = SkipGPTModel.from_pretrained(s1)
+    routers_before = {k: v.detach().clone() for k, v in model.router_state_dict().items()}
+    cfg = model.skipgpt_config
+    result = train_joint(
+        model,
+        _blocks(),
+        tmp_path / "s2",
+        _loop(),
+        LoraArgs(r=4),
+        RouterTuningArgs(curriculum=0.5, calibrate_blocks=0),
+        router_lr=1e-2,
+        continue_routers=True,
+        progress=False,
+    )
+    after = model.router_state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in routers_before.items())
+    assert [h["tau"] for h in result["history"]] == [cfg.tau_end] * len(result["history"])
+    assert [h["target"] for h in result["history"]] == [cfg.target_sparsity] * len(result["history"])
+    record = json.loads((tmp_path / "s2" / "skipgpt_config.json").read_text())
+    stage1 = json.loads((s1 / "skipgpt_config.json").read_text())
+    assert record["router_config"] == stage1["router_config"]  # θ kept: calibrate_blocks=0
+    assert record["metadata"]["routers"] == "continued from stage 1"
+    assert record["metadata"]["stage1"]["stage"] == stage1["metadata"]["stage"]
+    ids = _blocks(2, 16, seed=5)
+    a, stats_a = _logits_and_stats(model.eval(), ids)
+    b, stats_b = _logits_and_stats(load_model(str(tmp_path / "s2"))[0], ids)
+    assert torch.equal(a, b) and stats_a == stats_b
+
+
 class _Stop(Exception):
     pass
 
@@ -340,6 +371,13 @@ def test_cli_stage2_dense_and_joint_reload(tmp_path, text_file, capsys):
     assert summary["mode"] == "joint"
     assert isinstance(_train_ppl(tmp_path / "j", text_file, summary), SkipGPTModel)
 
+    # --joint on a routed folder: its routers keep training beside LoRA
+    summary = _cli_train("joint", s1, tmp_path / "j2", text_file, capsys)
+    assert summary["mode"] == "stage2+routers"
+    record = json.loads((tmp_path / "j2" / "skipgpt_config.json").read_text())
+    assert record["metadata"]["routers"] == "continued from stage 1"
+    assert isinstance(_train_ppl(tmp_path / "j2", text_file, summary), SkipGPTModel)
+
 
 def test_cli_resume_continues_an_interrupted_stage2_run(tmp_path, text_file, capsys, monkeypatch):
     import skipgpt.train.lora as lora_module
@@ -506,7 +544,7 @@ def test_stage2_without_routers_is_refused(tmp_path, text_file, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "empty", "s1", "train.txt"]
 
 
-def test_stage2_on_a_stage2_folder_and_joint_on_a_routed_folder_are_refused(tmp_path, text_file, capsys):
+def test_stage2_or_joint_on_a_stage2_folder_is_refused(tmp_path, text_file, capsys):
     s1 = _stage1(tmp_path / "s1")
     finetune_lora(
         SkipGPTModel.from_pretrained(s1), _blocks(), tmp_path / "s2", _loop(1), LoraArgs(r=2), progress=False
@@ -517,7 +555,10 @@ def test_stage2_on_a_stage2_folder_and_joint_on_a_routed_folder_are_refused(tmp_
         ["finetune-lora", "--model", tmp_path / "s2", *common], "already has a LoRA adapter", capsys, out
     )
     _assert_refused(
-        ["finetune-lora", "--joint", "--model", s1, *common], "--joint trains routers", capsys, out
+        ["finetune-lora", "--joint", "--model", tmp_path / "s2", *common],
+        "already has a LoRA adapter",
+        capsys,
+        out,
     )
     same = ["finetune-lora", "--model", s1, "--dataset", text_file, "--output", s1]
     before = sorted(s1.iterdir())

@@ -1,5 +1,6 @@
 """``skipgpt finetune-lora``: stage 2 (LoRA on a routed model, routers frozen), the dense + LoRA
-control (``--dense``) and SkipGPT-Joint (``--joint``: routers and LoRA from scratch, together)."""
+control (``--dense``) and SkipGPT-Joint (``--joint``: routers and LoRA together, the routers new or,
+from a ``train-router`` folder, continued)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def add_parser(sub) -> None:
         help="stage 2: LoRA on a routed model (routers frozen); --dense: dense + LoRA; --joint: SkipGPT-Joint",
         description="Stage 2 of SkipGPT: LoRA recovery of a routed model whose routers stay frozen. "
         "--model is a `train-router` output folder (or, with --dense / --joint, a base model spec). "
-        "The router and loss options apply to --joint only (stage 2's loss: LM, plus "
-        "--stage2-distill-weight).",
+        "The loss options apply to --joint only, the router options to --joint from a base model "
+        "(stage 2's loss: LM, plus --stage2-distill-weight).",
     )
     add_model_arg(p)
     mode = p.add_mutually_exclusive_group()
@@ -29,7 +30,10 @@ def add_parser(sub) -> None:
     mode.add_argument(
         "--joint",
         action="store_true",
-        help="SkipGPT-Joint: train new routers (stage-1 loss, router options below) and LoRA together",
+        help="train routers and LoRA together with the stage-1 loss: new routers from a base model "
+        "spec (SkipGPT-Joint, router options below), or the routers of a train-router folder, "
+        "which keep training instead of staying frozen (their config kept, tau held at tau-end, "
+        "no curriculum)",
     )
     g = p.add_argument_group("LoRA")
     g.add_argument(
@@ -137,11 +141,14 @@ def run(args) -> int:
     meta = {"dataset": args.dataset, "seq_len": args.seq_len, "source": str(args.model)}
     torch.manual_seed(args.seed)
     spec = args.model
-    if args.joint:
-        if is_skipgpt_dir(args.model):
-            raise SkipGPTError(
-                f"--joint trains routers from scratch; give the base model spec, not {args.model}"
-            )
+    continue_routers = args.joint and is_skipgpt_dir(args.model)
+    if continue_routers:  # the stage-1 routers keep training beside LoRA
+        record = _routed_source(args.model)
+        base, tokenizer = load_base_model(resolve_base_spec(record, args.model))
+        model = SkipGPTModel.from_pretrained(args.model, base_model=base)
+        tuning = tuning_args_from_args(args)
+        kind = "stage 2 (LoRA, routers still training)"
+    elif args.joint:
         config = router_config_from_args(args)
         tuning = tuning_args_from_args(args)
         base, tokenizer = load_base_model(args.model)
@@ -163,7 +170,15 @@ def run(args) -> int:
     common = dict(resume=args.resume, overwrite=args.overwrite, metadata=meta)
     if args.joint:
         result = train_joint(
-            model, blocks, args.output, loop, lora, tuning, router_lr=args.router_lr, **common
+            model,
+            blocks,
+            args.output,
+            loop,
+            lora,
+            tuning,
+            router_lr=args.router_lr,
+            continue_routers=continue_routers,
+            **common,
         )
     else:
         result = finetune_lora(model, blocks, args.output, loop, lora, base_spec=str(spec), **common)
@@ -174,7 +189,13 @@ def run(args) -> int:
         "output": result["output"],
         "steps": result["steps"],
         "final_loss": result["final_loss"],
-        "mode": "joint" if args.joint else "dense" if args.dense else "stage2",
+        "mode": "stage2+routers"
+        if continue_routers
+        else "joint"
+        if args.joint
+        else "dense"
+        if args.dense
+        else "stage2",
         "stage2_routing": None if (args.joint or args.dense) else lora.routing,
         "train_ppl": check["ppl"],
         "sparsity": sparsity,

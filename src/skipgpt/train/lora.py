@@ -16,7 +16,10 @@ paper's code gets if the routers simply stay in training mode) is available as
 ``routing='sampled'``; it trains LoRA on noisier routings than it will meet.
 
 SkipGPT-Joint (``train_joint``): routers and LoRA from scratch in one run, with the stage-1 loss
-``LM + α·|target − s|`` and Gumbel sampling (the paper's ablation).
+``LM + α·|target − s|`` and Gumbel sampling (the paper's ablation). With
+``continue_routers`` the same run starts from stage-1 routers, which keep training beside LoRA
+(τ held at τ_end): at small budgets, where routers are far from converged, this beat both
+frozen-router stage 2 and Joint from scratch on SmolLM2 (README, stage 2).
 
 Output folder: ``skipgpt_config.json`` + ``routers.safetensors`` + ``adapter/`` (peft's
 ``adapter_config.json`` and ``adapter_model.safetensors``). A dense + LoRA folder has the
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -372,17 +375,21 @@ def train_joint(
     tuning: RouterTuningArgs | None = None,
     *,
     router_lr: float = 2e-3,
+    continue_routers: bool = False,
     resume: bool = False,
     overwrite: bool = False,
     metadata: dict | None = None,
     on_step=None,
     progress: bool = True,
 ) -> dict:
-    """SkipGPT-Joint: fresh routers and LoRA trained together with the stage-1 loss.
+    """SkipGPT-Joint: routers and LoRA trained together with the stage-1 loss.
 
-    Routers learn at ``router_lr`` and LoRA at ``loop.lr`` (one optimizer, two groups). After
-    training θ is calibrated to the target as in stage 1 (``tuning.calibrate_blocks``).
-    ``on_step(step, metrics)`` runs after every step.
+    Fresh routers by default (the paper's ablation). ``continue_routers``: the model holds
+    stage-1 routers, which keep training beside LoRA instead of staying frozen; they are
+    already annealed, so the Gumbel temperature stays at tau_end and the target is not ramped
+    (``tuning.curriculum`` ignored). Routers learn at ``router_lr`` and LoRA at ``loop.lr`` (one
+    optimizer, two groups). After training θ is calibrated to the target as in stage 1
+    (``tuning.calibrate_blocks``). ``on_step(step, metrics)`` runs after every step.
     """
     if not isinstance(model, SkipGPTModel):
         raise SkipGPTError("--joint needs a routed model (get_skipgpt_model on the base model)")
@@ -390,6 +397,9 @@ def train_joint(
     tuning = tuning or RouterTuningArgs()
     if router_lr <= 0:
         raise SkipGPTError(f"router lr must be > 0, got {router_lr}")
+    if continue_routers:
+        tuning = replace(tuning, curriculum=0.0)
+    parent = (getattr(model, "metadata", {}) or {}) if continue_routers else {}
     output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
     add_lora(model, args)
     routers = {f"routers.{k}": p for k, p in model.router_state_dict().items()}
@@ -403,10 +413,10 @@ def train_joint(
         named,
         blocks,
         loop,
-        make_step_fn(model, loop, tuning),
+        make_step_fn(model, loop, tuning, anneal=not continue_routers),
         output_dir,
         resume=resume,
-        desc="joint routers+LoRA",
+        desc="routers+LoRA" if continue_routers else "joint routers+LoRA",
         on_step=on_step,
         progress=progress,
         lr_scale={k: router_lr / loop.lr for k in routers},
@@ -420,6 +430,7 @@ def train_joint(
     meta = dict(metadata or {})
     meta.update(
         stage="joint",
+        routers="continued from stage 1" if continue_routers else "new",
         router_lr=router_lr,
         threshold_calibration=calibration,
         router_tuning=asdict(tuning),
@@ -427,6 +438,10 @@ def train_joint(
         loop=asdict(loop),
         history=history,
     )
+    if continue_routers:
+        meta["stage1"] = {k: v for k, v in parent.items() if k != "history"}
+        if parent.get("removed_modules"):
+            meta["removed_modules"] = parent["removed_modules"]
     save_on_main_process(save_with_adapter, model, output_dir, meta)
     return {
         "output": str(output_dir),

@@ -97,11 +97,14 @@ def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forw
     return loss, metrics
 
 
-def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs):
+def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *, anneal: bool = True):
+    """The stage-1 step: Gumbel temperature annealed tau_start → tau_end over the run (held at
+    tau_end if not ``anneal``), target ramped by the curriculum, task loss + sparsity penalty."""
     cfg = model.skipgpt_config
+    tau_start = cfg.tau_start if anneal else cfg.tau_end
 
     def step_fn(forward, input_ids: torch.Tensor, step: int):
-        tau = temperature_at(cfg.tau_start, cfg.tau_end, step, loop.max_steps)
+        tau = temperature_at(tau_start, cfg.tau_end, step, loop.max_steps)
         target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum)
         model.set_temperature(tau)
         task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
