@@ -50,8 +50,8 @@ SECTIONS = {
     ),
     "compare": (
         "results/compare.md",
-        "skipgpt compare --model smollm2-135m --sparsity 0.25 --out runs/compare "
-        "&& cp runs/compare/compare.md results/compare.md",
+        "skipgpt compare --model smollm2-135m --sparsity 0.25 --max-steps 100 --batch-size 4 --max-windows 16 "
+        "--out runs/compare-100x4 && cp runs/compare-100x4/compare.md results/compare.md",
     ),
     "zeroshot": (
         "results/zeroshot.md",
