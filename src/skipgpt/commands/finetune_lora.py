@@ -185,17 +185,14 @@ def run(args) -> int:
 
     check = evaluate_perplexity(model, blocks[: min(8, blocks.shape[0])], progress=False)
     sparsity = {k: v for k, v in check["sparsity"].items() if k != "per_layer"} or dict(DENSE_SPARSITY)
+    mode = "dense" if args.dense else "stage2"
+    if args.joint:
+        mode = "stage2+routers" if continue_routers else "joint"
     summary = {
         "output": result["output"],
         "steps": result["steps"],
         "final_loss": result["final_loss"],
-        "mode": "stage2+routers"
-        if continue_routers
-        else "joint"
-        if args.joint
-        else "dense"
-        if args.dense
-        else "stage2",
+        "mode": mode,
         "stage2_routing": None if (args.joint or args.dense) else lora.routing,
         "train_ppl": check["ppl"],
         "sparsity": sparsity,
