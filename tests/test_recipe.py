@@ -61,6 +61,19 @@ def test_calibrated_threshold_meets_the_target(budget):
     assert model.sparsity_stats()[key] == pytest.approx(0.3, abs=0.03)
 
 
+def test_calibration_bisects_when_the_quantile_fixed_point_misses(monkeypatch):
+    import skipgpt.calibration as calibration
+
+    model, _ = routed("llama", router_init="paper", budget="modules")
+    blocks = random_ids(8, 32, model.config.vocab_size)
+    monkeypatch.setattr(calibration, "weighted_quantile", lambda *a: 1.0)  # a fixed point that skips all
+    theta = calibrate_threshold(model, blocks, 0.3, tolerance=0.02)
+    model.reset_stats()
+    with torch.no_grad():
+        model(blocks)
+    assert theta < 1.0 and model.sparsity_stats()["module"] == pytest.approx(0.3, abs=0.02)
+
+
 def test_params_budget_regulariser_counts_module_sizes():
     model, _ = routed("llama", budget="params")
     attn_only = lambda i, m, h: torch.full(h.shape[:2], m != "attn")  # noqa: E731

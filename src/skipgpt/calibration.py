@@ -35,22 +35,29 @@ def calibrate_threshold(
     budget: str | None = None,
     iters: int = 3,
     batch_size: int = 4,
+    tolerance: float = 0.01,
+    bisect_steps: int = 24,
 ) -> float:
     """θ such that deterministic routing skips ``target`` of the decisions on ``blocks`` (N, T).
 
     ``budget``: 'modules' (each decision counts 1) or 'params' (weighted by module size);
-    defaults to the model's config. Sets the model's threshold (state and config) and returns θ.
+    defaults to the model's config. The quantile fixed point is checked by one more pass; if the
+    sparsity it realises misses the target by more than ``tolerance`` (routers whose scores sit
+    on a cliff, where skipping in one layer moves every later one), θ is bisected on the
+    realised sparsity instead and the closest θ kept. Sets the model's threshold (state and
+    config) and returns θ.
     """
     budget = budget or model.skipgpt_config.budget
     weights = model._weights(budget)
     layers = model.routed_layers
     was_training = model.training
     model.eval()
-    theta = model.state.threshold
-    for _ in range(iters):
+
+    def route_at(theta: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Run ``blocks`` with routing at ``theta``: every p(execute), its weight, the sparsity."""
         probs, ws = [], []
 
-        def override(i, m, h, theta=theta, probs=probs, ws=ws):
+        def override(i, m, h):
             p = layers[i].execute_probability(m, h)
             probs.append(p.reshape(-1).float().cpu())
             ws.append(torch.full((p.numel(),), weights.get((i, m), 0.0)))
@@ -61,8 +68,22 @@ def calibrate_threshold(
                 model(
                     input_ids=blocks[s : s + batch_size].to(next(model.parameters()).device), use_cache=False
                 )
-        theta = weighted_quantile(torch.cat(probs), torch.cat(ws), target)
-    theta = min(max(theta, 0.0), 1.0)
+        p, w = torch.cat(probs), torch.cat(ws).to(torch.float64)
+        return p, w, float((w * (p < theta)).sum() / w.sum())
+
+    theta = model.state.threshold
+    for _ in range(iters):
+        probs, ws, _ = route_at(theta)
+        theta = min(max(weighted_quantile(probs, ws, target), 0.0), 1.0)
+    miss = abs(route_at(theta)[2] - target)
+    if miss > tolerance:
+        best, lo, hi = (miss, theta), 0.0, 1.0
+        for _ in range(bisect_steps):
+            mid = (lo + hi) / 2
+            realised = route_at(mid)[2]
+            best = min(best, (abs(realised - target), mid))
+            lo, hi = (mid, hi) if realised < target else (lo, mid)
+        theta = best[1]
     model.state.threshold = model.skipgpt_config.threshold = theta  # saved with the routers
     model.train(was_training)
     return theta
