@@ -345,15 +345,12 @@ def finetune_lora(
     model.eval()
     meta = dict(metadata or {})
     if routed:
-        parent = getattr(model, "metadata", {}) or {}
         meta.update(
             stage="lora",
             stage2_routing=args.routing,
             stage2_routing_reason=ROUTING_REASON[args.routing],
-            stage1={k: v for k, v in parent.items() if k != "history"},
+            **_stage1_metadata(model),
         )
-        if parent.get("removed_modules"):  # LLM-Drop: the dropped modules must stay gone on reload
-            meta["removed_modules"] = parent["removed_modules"]
     else:
         meta.update(stage="dense_lora")
     meta.update(lora=asdict(args), loop=asdict(loop), history=history)
@@ -364,6 +361,16 @@ def finetune_lora(
         "final_loss": history[-1]["loss"],
         "history": history,
     }
+
+
+def _stage1_metadata(model: SkipGPTModel) -> dict:
+    """What a folder trained from stage-1 routers keeps of theirs: the stage-1 metadata (without
+    its history) under ``stage1``, and LLM-Drop's removed modules, which must stay gone on reload."""
+    parent = getattr(model, "metadata", {}) or {}
+    meta = {"stage1": {k: v for k, v in parent.items() if k != "history"}}
+    if parent.get("removed_modules"):
+        meta["removed_modules"] = parent["removed_modules"]
+    return meta
 
 
 def train_joint(
@@ -399,7 +406,6 @@ def train_joint(
         raise SkipGPTError(f"router lr must be > 0, got {router_lr}")
     if continue_routers:
         tuning = replace(tuning, curriculum=0.0)
-    parent = (getattr(model, "metadata", {}) or {}) if continue_routers else {}
     output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
     add_lora(model, args)
     routers = {f"routers.{k}": p for k, p in model.router_state_dict().items()}
@@ -439,9 +445,7 @@ def train_joint(
         history=history,
     )
     if continue_routers:
-        meta["stage1"] = {k: v for k, v in parent.items() if k != "history"}
-        if parent.get("removed_modules"):
-            meta["removed_modules"] = parent["removed_modules"]
+        meta.update(_stage1_metadata(model))
     save_on_main_process(save_with_adapter, model, output_dir, meta)
     return {
         "output": str(output_dir),
