@@ -285,6 +285,10 @@ def test_mod_trains_routers_and_saves(tmp_path):
     )  # the straight-through gradient reached the routers
     loaded, _ = load_model(str(tmp_path / "mod"))
     assert loaded.metadata["baseline"] == "mod-d" and 0 < loaded.state.threshold < 1
+    calibration = loaded.metadata["threshold_calibration"]  # the causal variant meets the budget
+    assert calibration["threshold"] == pytest.approx(loaded.state.threshold)
+    assert calibration["budget"] == "params" and calibration["blocks"] == 4
+    assert calibration["sparsity_after"]["params"] == pytest.approx(0.25, abs=0.05)
     loaded.reset_stats()
     with torch.no_grad(), topk_routing(loaded):
         loaded(input_ids=blocks[:2])
@@ -328,3 +332,11 @@ def test_every_family_prunes_and_generates(arch):
         routed = build_llm_drop(ref, [(0, "attn"), (1, "mlp")], base_spec=f"random:{arch}")
         gen = routed.generate(ids, max_new_tokens=4, do_sample=False)
     assert gen.tolist() == _greedy(routed, ids, 4).tolist()
+
+
+def test_tables_write_huge_perplexities_in_three_significant_digits():
+    from skipgpt.eval.tables import markdown_table
+
+    rows = [{"ppl": 1.8125091201551643e47}, {"ppl": 42.30721}, {"ppl": 1.23456}, {"ppl": 999999.0}]
+    body = markdown_table(rows, [("PPL", "ppl")]).splitlines()[2:]
+    assert body == ["| 1.81e+47 |", "| 42.31 |", "| 1.235 |", "| 999999.00 |"]

@@ -99,7 +99,7 @@ def train_mod(
     After training, θ is calibrated on ``tuning.calibrate_blocks`` blocks so that threshold
     routing meets the same parameter budget (the causal variant ``load_model`` gives).
     """
-    from ..calibration import calibrate_threshold
+    from ..train.router_tuning import calibrate_and_measure
 
     tuning = tuning or RouterTuningArgs()
     fields = dict(router_config or {})
@@ -125,15 +125,9 @@ def train_mod(
             metadata=meta,
             progress=progress,
         )
-    if tuning.calibrate_blocks > 0:
-        calib = blocks[: tuning.calibrate_blocks]
-        theta = calibrate_threshold(model, calib, sparsity, budget="params")
+    if tuning.calibrate_blocks > 0:  # θ for the causal variant, on the model's params budget
         saved = SkipGPTConfig.read_json(Path(output) / CONFIG_NAME)["metadata"]
-        saved["threshold_calibration"] = {
-            "threshold": theta,
-            "blocks": int(calib.shape[0]),
-            "budget": "params",
-        }
+        saved["threshold_calibration"] = calibrate_and_measure(model, blocks[: tuning.calibrate_blocks])
         model.save_pretrained(output, metadata=saved)
     model.metadata = meta
     return model, result

@@ -10,8 +10,12 @@ Column = tuple[str, str | Callable[[dict], object]]
 
 
 def _fmt(v) -> str:
+    """Floats: 3 decimals below 10, 2 up to a million, then 3 significant digits (a collapsed
+    model's PPL of 1e47 stays one short cell)."""
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+        if abs(v) < 10:
+            return f"{v:.3f}"
+        return f"{v:.2f}" if abs(v) < 1e6 else f"{v:.3g}"
     return str(v)
 
 

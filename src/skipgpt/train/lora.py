@@ -43,7 +43,13 @@ from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
 from .loop import CHECKPOINT_DIR, LoopArgs, save_on_main_process, train_loop
 from .losses import check_loss_weights
-from .router_tuning import RouterTuningArgs, _calibrate, _module_rates, lm_and_distillation, make_step_fn
+from .router_tuning import (
+    RouterTuningArgs,
+    _module_rates,
+    calibrate_and_measure,
+    lm_and_distillation,
+    make_step_fn,
+)
 
 __all__ = [
     "LoraArgs",
@@ -431,7 +437,9 @@ def train_joint(
     for p in routers.values():
         p.requires_grad_(False)
     calibration = (
-        _calibrate(model, blocks[: tuning.calibrate_blocks]) if tuning.calibrate_blocks > 0 else None
+        calibrate_and_measure(model, blocks[: tuning.calibrate_blocks])
+        if tuning.calibrate_blocks > 0
+        else None
     )
     meta = dict(metadata or {})
     meta.update(

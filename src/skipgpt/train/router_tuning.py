@@ -117,8 +117,9 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
     return step_fn
 
 
-def _calibrate(model: SkipGPTModel, blocks: torch.Tensor) -> dict:
-    """Deterministic sparsity at the configured θ, then θ re-set so the target is met on ``blocks``."""
+def calibrate_and_measure(model: SkipGPTModel, blocks: torch.Tensor) -> dict:
+    """Deterministic sparsity at the configured θ, then θ re-set so the config's target is met
+    on ``blocks`` (in the config's budget); returns both θs and the sparsity realised at each."""
     from ..calibration import calibrate_threshold
     from ..eval.perplexity import evaluate_perplexity
 
@@ -133,6 +134,7 @@ def _calibrate(model: SkipGPTModel, blocks: torch.Tensor) -> dict:
         "threshold": theta,
         "sparsity_after": {k: at_after[k] for k in pick},
         "blocks": int(blocks.shape[0]),
+        "budget": model.skipgpt_config.budget,
     }
 
 
@@ -176,7 +178,7 @@ def train_routers(
     model.eval()
     calibration = None
     if args.calibrate_blocks > 0:
-        calibration = _calibrate(model, blocks[: args.calibrate_blocks])
+        calibration = calibrate_and_measure(model, blocks[: args.calibrate_blocks])
     meta = {
         "stage": "router_tuning",
         "threshold_calibration": calibration,
