@@ -566,6 +566,27 @@ def test_stage2_or_joint_on_a_stage2_folder_is_refused(tmp_path, text_file, caps
     assert sorted(s1.iterdir()) == before
 
 
+def test_options_a_mode_would_ignore_are_refused(tmp_path, text_file, capsys):
+    s1 = _stage1(tmp_path / "s1")
+    out = tmp_path / "out"
+    common = ["--dataset", text_file, "--max-steps", 1, "--output", out]
+    cases = [  # (mode and model, ignored option, what the error names)
+        (["--model", s1], ["--target-sparsity", "0.4"], "--target-sparsity would be ignored: stage 2 keeps"),
+        (["--model", s1], ["--curriculum", "0", "--router-lr", "1"], "--curriculum, --router-lr would"),
+        (["--dense", "--model", "random:llama"], ["--router-init", "paper"], "--dense trains no routers"),
+        (["--joint", "--model", s1], ["--target", "0.4"], "--target-sparsity would be ignored: --joint on"),
+        (["--joint", "--model", s1], ["--curriculum", "0.3"], "keeps its routers' config"),
+        (["--joint", "--model", "random:llama"], ["--stage2-distill-weight", "1"], "uses the stage-1 loss"),
+    ]
+    for mode, option, match in cases:
+        _assert_refused(["finetune-lora", *mode, *common, *option], match, capsys, out)
+    with pytest.raises(SystemExit) as exc:  # argparse refuses before any work
+        _run(["finetune-lora", "--model", s1, *common, "--stage2-distill-weight", "-1"], capsys)
+    assert exc.value.code == 2
+    assert "--stage2-distill-weight: -1 is negative; give a number >= 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unknown_lora_target_lists_linear_modules(tmp_path, text_file, capsys):
     s1 = _stage1(tmp_path / "s1")
     out = tmp_path / "out"

@@ -7,7 +7,18 @@ import json
 import math
 import sys
 
-__all__ = ["probability", "positive_int", "add_model_arg", "add_json_arg", "emit", "print_json", "dtype_arg"]
+__all__ = [
+    "probability",
+    "positive_int",
+    "non_negative",
+    "add_model_arg",
+    "add_json_arg",
+    "emit",
+    "print_json",
+    "dtype_arg",
+    "options_given",
+    "refuse_ignored_options",
+]
 
 
 def probability(text: str) -> float:
@@ -33,6 +44,17 @@ def unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a value in [0, 1]") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a number >= 0 (a loss weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a number >= 0") from None
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is negative; give a number >= 0")
     return value
 
 
@@ -85,3 +107,35 @@ def emit(args, result: dict, human: str) -> None:
         print(human, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print_json(result)
+
+
+def options_given(args) -> set[str]:
+    """The option dests the user set on the command line (``args.argv``), as opposed to those
+    left at their defaults: the same parser, every default suppressed, parses the same argv.
+    Empty when ``args`` did not come from the command line."""
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        return set()
+    from ..cli import build_parser
+
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        p._defaults.clear()  # set_defaults(...) values are not user input
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            else:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def refuse_ignored_options(args, dests, why: str) -> None:
+    """One-line error if the user gave any of ``dests`` (argparse dests) that this run ignores."""
+    from ..errors import SkipGPTError
+
+    given = sorted(options_given(args) & set(dests))
+    if given:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        raise SkipGPTError(f"{flags} would be ignored: {why}; drop {'it' if len(given) == 1 else 'them'}")

@@ -4,7 +4,7 @@ from a ``train-router`` folder, continued)."""
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int
+from .common import add_json_arg, add_model_arg, emit, non_negative, positive_int
 from .train_router import add_loop_args, add_router_args, loop_args_from_args
 
 __all__ = ["add_parser", "run", "lora_args_from_args", "DEFAULTS"]
@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     )
     g.add_argument(
         "--stage2-distill-weight",
-        type=float,
+        type=non_negative,
         default=0.0,
         help="stage 2 and --dense: weight of KL(dense base model || model) added to the LM loss "
         "(0 = LM only, the default: on SmolLM2 it gained 0.5%% PPL at twice the step time); "
@@ -70,6 +70,42 @@ def add_parser(sub) -> None:
     p.set_defaults(lr_scheduler="cosine", warmup_ratio=0.1)
     add_json_arg(p)
     p.set_defaults(func=run)
+
+
+# argparse dests of the router options (router config) and of the stage-1 loss
+ROUTER_OPTIONS = (
+    "target_sparsity budget alpha tau_start tau_end router_hidden router_init execute_bias modules "
+    "mlp_router_input threshold"
+).split()
+STAGE1_LOSS_OPTIONS = ("lm_weight", "distill_weight", "curriculum", "router_lr", "calibrate_blocks")
+
+
+def _refuse_ignored(args, continue_routers: bool) -> None:
+    """Options this mode does not use end in an error instead of being silently dropped."""
+    from .common import refuse_ignored_options
+
+    if args.dense:
+        refuse_ignored_options(
+            args, ROUTER_OPTIONS + [*STAGE1_LOSS_OPTIONS, "stage2_routing"], "--dense trains no routers"
+        )
+    elif continue_routers:
+        refuse_ignored_options(
+            args,
+            ROUTER_OPTIONS + ["curriculum", "stage2_routing", "stage2_distill_weight"],
+            f"--joint on {args.model} keeps its routers' config (target, τ held at tau-end, no "
+            "curriculum) and uses the stage-1 loss options",
+        )
+    elif args.joint:
+        refuse_ignored_options(
+            args, ["stage2_routing", "stage2_distill_weight"], "--joint uses the stage-1 loss options"
+        )
+    else:
+        refuse_ignored_options(
+            args,
+            ROUTER_OPTIONS + list(STAGE1_LOSS_OPTIONS),
+            f"stage 2 keeps the routers of {args.model} as trained and its loss is LM + "
+            "--stage2-distill-weight (--joint trains routers too)",
+        )
 
 
 def lora_args_from_args(args):
@@ -142,6 +178,7 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     spec = args.model
     continue_routers = args.joint and is_skipgpt_dir(args.model)
+    _refuse_ignored(args, continue_routers)
     if continue_routers:  # the stage-1 routers keep training beside LoRA
         record = _routed_source(args.model)
         base, tokenizer = load_base_model(resolve_base_spec(record, args.model))
