@@ -23,7 +23,8 @@ SECTIONS = {
     ),
     "recipe": (
         "results/recipe.md",
-        "python benchmarks/recipe.py --out runs/recipe && cp runs/recipe/recipe.md results/recipe.md",
+        "python benchmarks/recipe.py --steps 100 --batch-size 4 --eval-windows 16 --out runs/recipe-100x4 "
+        "&& cp runs/recipe-100x4/recipe.md results/recipe.md",
     ),
     "recipe-curve": (
         "results/recipe_curve.md",

@@ -697,3 +697,21 @@ def test_lora_table_builds_its_rows(tmp_path):
             ]
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_calibrate_copies_a_stage2_folder_with_its_adapter(tmp_path, text_file, capsys):
+    s1 = _stage1(tmp_path / "s1")
+    finetune_lora(
+        SkipGPTModel.from_pretrained(s1), _blocks(), tmp_path / "s2", _loop(2), LoraArgs(r=2), progress=False
+    )
+    out = tmp_path / "cal"
+    argv = ["calibrate", "--model", tmp_path / "s2", "--target-sparsity", 0.35, "--dataset", text_file]
+    rc, _, err = _run(argv + ["--seq-len", 32, "--blocks", 4, "--output", out, "--json"], capsys)
+    assert rc == 0, err
+    source, _ = load_model(str(tmp_path / "s2"))
+    copy, _ = load_model(str(out))
+    assert lora_parameters(copy) and copy.state.threshold != source.state.threshold
+    ids = _blocks(2)
+    with torch.no_grad():  # at the same θ the copy is the same model: routers and adapter came along
+        source.state.threshold = copy.state.threshold
+        assert torch.equal(source(ids).logits, copy(ids).logits)

@@ -257,3 +257,56 @@ def test_recipe_curve_point_lost_by_a_stop_is_made_on_resume(recipe_run, tmp_pat
     for a, b in zip(split["curve"], whole["curve"], strict=True):
         for k in ("module", "threshold", "ptb ppl", "wiki-heldout ppl"):
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
+
+
+def test_cli_calibrate_meets_a_new_target_in_a_copy(tmp_path, capsys):
+    from skipgpt.cli import main
+    from skipgpt.data import load_blocks
+    from skipgpt.eval.perplexity import evaluate_perplexity
+    from skipgpt.loading import load_model
+
+    model, _ = routed("llama", router_init="paper")
+    src = model.save_pretrained(tmp_path / "routers", metadata={"stage": "router_tuning"})
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog, again and again. " * 200)
+    common = ["--dataset", str(text), "--seq-len", "32", "--blocks", "6", "--json"]
+    for budget, target in (("modules", 0.4), ("params", 0.3)):
+        out = tmp_path / f"cal-{budget}"
+        argv = ["calibrate", "--model", str(src), "--target-sparsity", str(target), "--budget", budget]
+        assert main(argv + ["--output", str(out), *common]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        key = "module" if budget == "modules" else "params"
+        assert summary["sparsity_after"][key] == pytest.approx(target, abs=0.03)
+        reloaded, tok = load_model(str(out))  # the copy routes at the new θ ...
+        assert reloaded.state.threshold == pytest.approx(summary["threshold"])
+        blocks = load_blocks(str(text), tok, 32, max_blocks=6)
+        assert evaluate_perplexity(reloaded, blocks, progress=False)["sparsity"][key] == pytest.approx(
+            summary["sparsity_after"][key]
+        )
+        record = json.loads((out / "skipgpt_config.json").read_text())["metadata"]
+        assert record["stage"] == "router_tuning" and record["threshold_calibration"]["target"] == target
+        assert (out / "routers.safetensors").read_bytes() == before["routers.safetensors"]  # ... same routers
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the source is untouched
+
+
+def test_cli_calibrate_refuses_what_has_no_threshold(tmp_path, capsys):
+    from skipgpt.cli import main
+
+    model, _ = routed("llama")
+    src = model.save_pretrained(tmp_path / "routers")
+    drop = model.save_pretrained(tmp_path / "drop", metadata={"baseline": "llm-drop"})
+    cases = [
+        (
+            ["--model", str(drop), "--output", str(tmp_path / "o")],
+            "is LLM-Drop: it removes modules statically",
+        ),
+        (["--model", "random:llama", "--output", str(tmp_path / "o")], "is not a skipgpt output folder"),
+        (["--model", str(src), "--output", str(src)], "--output must differ from --model"),
+        (["--model", str(src), "--output", str(src.parent)], "is not a skipgpt folder"),
+    ]
+    for argv, match in cases:
+        assert main(["calibrate", "--target-sparsity", "0.3", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and match in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drop", "routers"]  # nothing written

@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": "skipgpt.commands.evaluate",
     "generate": "skipgpt.commands.generate",
     "bench": "skipgpt.commands.bench",
+    "calibrate": "skipgpt.commands.calibrate",
     "demo": "skipgpt.commands.demo",
     "finetune-lora": "skipgpt.commands.finetune_lora",
     "export": "skipgpt.commands.export",

@@ -117,15 +117,20 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
     return step_fn
 
 
-def calibrate_and_measure(model: SkipGPTModel, blocks: torch.Tensor) -> dict:
-    """Deterministic sparsity at the configured θ, then θ re-set so the config's target is met
-    on ``blocks`` (in the config's budget); returns both θs and the sparsity realised at each."""
+def calibrate_and_measure(
+    model: SkipGPTModel, blocks: torch.Tensor, target: float | None = None, budget: str | None = None
+) -> dict:
+    """Deterministic sparsity at the current θ, then θ re-set so that ``target`` (default: the
+    config's) is met on ``blocks`` in ``budget`` (default: the config's); returns both θs and the
+    sparsity realised at each."""
     from ..calibration import calibrate_threshold
     from ..eval.perplexity import evaluate_perplexity
 
+    target = model.skipgpt_config.target_sparsity if target is None else target
+    budget = budget or model.skipgpt_config.budget
     before = model.state.threshold
     at_before = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
-    theta = calibrate_threshold(model, blocks, model.skipgpt_config.target_sparsity)
+    theta = calibrate_threshold(model, blocks, target, budget=budget)
     at_after = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
     pick = ("module", "attn", "mlp", "params")
     return {
@@ -134,7 +139,8 @@ def calibrate_and_measure(model: SkipGPTModel, blocks: torch.Tensor) -> dict:
         "threshold": theta,
         "sparsity_after": {k: at_after[k] for k in pick},
         "blocks": int(blocks.shape[0]),
-        "budget": model.skipgpt_config.budget,
+        "target": target,
+        "budget": budget,
     }
 
 

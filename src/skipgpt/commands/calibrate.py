@@ -1,0 +1,105 @@
+"""``skipgpt calibrate``: the compute dial set by a target instead of a θ.
+
+Sets θ of a routed folder so that deterministic routing skips ``--target-sparsity`` of the
+decisions (``--budget modules``) or of the attention+MLP parameters (``--budget params``) on
+``--blocks`` blocks of ``--dataset``. The routers are not changed: the folder is copied to
+``--output`` (its LoRA adapter and exported weights with it, not its training checkpoint) with
+the new θ, and ``metadata.threshold_calibration`` records θ and the sparsity before and after.
+"""
+
+from __future__ import annotations
+
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="set θ of a routed folder so that a target sparsity is met (routers unchanged)",
+        description=__doc__.split("\n\n", 1)[1].replace("``", ""),
+    )
+    add_model_arg(p)
+    p.add_argument("--target-sparsity", type=probability, required=True, help="share to skip, in (0, 1)")
+    p.add_argument(
+        "--budget",
+        choices=["modules", "params"],
+        default=None,
+        help="what the target counts: routed decisions or parameters of skipped modules (default: the folder's)",
+    )
+    p.add_argument("--dataset", default="calib", help="calibration text (data spec, as train-router)")
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--blocks", type=positive_int, default=16, help="blocks of --seq-len tokens")
+    p.add_argument("--output", required=True, help="new folder for the calibrated copy")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def _routed_folder(folder: str) -> dict:
+    """The record of a folder that routes by θ; one-line errors for anything else."""
+    from pathlib import Path
+
+    from ..config import CONFIG_NAME, SkipGPTConfig
+    from ..errors import SkipGPTError
+    from ..loading import is_skipgpt_dir
+
+    if not is_skipgpt_dir(folder):
+        raise SkipGPTError(
+            f"{folder} is not a skipgpt output folder (no {CONFIG_NAME}); calibrate takes the folder "
+            "of train-router, finetune-lora, baseline mod or export"
+        )
+    record = SkipGPTConfig.read_json(Path(folder) / CONFIG_NAME)
+    if record.get("router_config") is None:
+        raise SkipGPTError(f"{folder} has no routers (a dense + LoRA folder): there is no θ to set")
+    if (record.get("metadata") or {}).get("baseline") == "llm-drop":
+        raise SkipGPTError(f"{folder} is LLM-Drop: it removes modules statically and has no θ to set")
+    return record
+
+
+def run(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from ..config import CONFIG_NAME
+    from ..data import load_blocks
+    from ..errors import SkipGPTError
+    from ..io import prepare_output_dir, staged_dir
+    from ..loading import load_model
+    from ..train.loop import CHECKPOINT_DIR
+    from ..train.router_tuning import calibrate_and_measure
+
+    record = _routed_folder(args.model)
+    source, output = Path(args.model), Path(args.output)
+    if output.exists() and output.resolve() == source.resolve():
+        raise SkipGPTError("--output must differ from --model (the source folder is left as it is)")
+    prepare_output_dir(output, allow_existing_ours=False)
+    model, tokenizer = load_model(str(source))
+    blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.blocks)
+    calibration = calibrate_and_measure(model, blocks, args.target_sparsity, args.budget)
+    calibration.update(dataset=args.dataset, seq_len=args.seq_len, source=str(source))
+    record["router_config"] = model.skipgpt_config.to_dict()  # θ set by the calibration
+    record.setdefault("metadata", {})["threshold_calibration"] = calibration
+
+    import json
+
+    with staged_dir(output) as stage:
+        for item in source.iterdir():
+            if item.name in (CHECKPOINT_DIR, CONFIG_NAME):
+                continue
+            copy = shutil.copytree if item.is_dir() else shutil.copy2
+            copy(item, stage / item.name)
+        (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    summary = {"output": str(output)} | {
+        k: calibration[k]
+        for k in ("target", "budget", "threshold_before", "sparsity_before", "threshold", "sparsity_after")
+    }
+    before, after = calibration["sparsity_before"], calibration["sparsity_after"]
+    human = (
+        f"θ {calibration['threshold_before']:.4f} -> {calibration['threshold']:.4f} for {args.target_sparsity} of the "
+        f"{calibration['budget']} on {blocks.shape[0]}×{blocks.shape[1]} tokens of {args.dataset}: module sparsity "
+        f"{before['module']:.3f} -> {after['module']:.3f}, params {before['params']:.3f} -> {after['params']:.3f}; "
+        f"written to {output}"
+    )
+    emit(args, summary, human)
+    return 0
