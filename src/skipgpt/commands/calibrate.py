@@ -79,7 +79,7 @@ def run(args) -> int:
     calibration = calibrate_and_measure(model, blocks, args.target_sparsity, args.budget)
     calibration.update(dataset=args.dataset, seq_len=args.seq_len, source=str(source))
     record["router_config"] = model.skipgpt_config.to_dict()  # θ set by the calibration
-    record.setdefault("metadata", {})["threshold_calibration"] = calibration
+    record["metadata"] = {**(record.get("metadata") or {}), "threshold_calibration": calibration}
 
     import json
 
