@@ -9,7 +9,7 @@ the new θ, and ``metadata.threshold_calibration`` records θ and the sparsity b
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability, refuse_output_at_model
 
 __all__ = ["add_parser", "run"]
 
@@ -58,21 +58,20 @@ def _routed_folder(folder: str) -> dict:
 
 
 def run(args) -> int:
+    import json
     import shutil
     from pathlib import Path
 
     from ..config import CONFIG_NAME
     from ..data import load_blocks
-    from ..errors import SkipGPTError
     from ..io import prepare_output_dir, staged_dir
     from ..loading import load_model
     from ..train.loop import CHECKPOINT_DIR
     from ..train.router_tuning import calibrate_and_measure
 
     record = _routed_folder(args.model)
+    refuse_output_at_model(args, "the source folder is left as it is")
     source, output = Path(args.model), Path(args.output)
-    if output.exists() and output.resolve() == source.resolve():
-        raise SkipGPTError("--output must differ from --model (the source folder is left as it is)")
     prepare_output_dir(output, allow_existing_ours=False)
     model, tokenizer = load_model(str(source))
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.blocks)
@@ -80,8 +79,6 @@ def run(args) -> int:
     calibration.update(dataset=args.dataset, seq_len=args.seq_len, source=str(source))
     record["router_config"] = model.skipgpt_config.to_dict()  # θ set by the calibration
     record["metadata"] = {**(record.get("metadata") or {}), "threshold_calibration": calibration}
-
-    import json
 
     with staged_dir(output) as stage:
         for item in source.iterdir():

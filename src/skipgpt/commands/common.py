@@ -18,6 +18,7 @@ __all__ = [
     "dtype_arg",
     "options_given",
     "refuse_ignored_options",
+    "refuse_output_at_model",
 ]
 
 
@@ -139,3 +140,14 @@ def refuse_ignored_options(args, dests, why: str) -> None:
     if given:
         flags = ", ".join("--" + d.replace("_", "-") for d in given)
         raise SkipGPTError(f"{flags} would be ignored: {why}; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def refuse_output_at_model(args, why: str) -> None:
+    """One-line error if ``--output`` names the ``--model`` folder itself."""
+    from pathlib import Path
+
+    from ..errors import SkipGPTError
+
+    model = Path(args.model)
+    if model.exists() and model.resolve() == Path(args.output).resolve():
+        raise SkipGPTError(f"--output must differ from --model ({why})")

@@ -4,7 +4,7 @@ from a ``train-router`` folder, continued)."""
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, non_negative, positive_int
+from .common import add_json_arg, add_model_arg, emit, non_negative, positive_int, refuse_output_at_model
 from .train_router import add_loop_args, add_router_args, loop_args_from_args
 
 __all__ = ["add_parser", "run", "lora_args_from_args", "DEFAULTS"]
@@ -158,7 +158,6 @@ def run(args) -> int:
 
     from ..config import CONFIG_NAME, SkipGPTConfig
     from ..data import load_blocks
-    from ..errors import SkipGPTError
     from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
     from ..io import prepare_output_dir
     from ..loading import is_skipgpt_dir
@@ -170,10 +169,7 @@ def run(args) -> int:
     lora = lora_args_from_args(args)
     loop = loop_args_from_args(args)
     prepare_output_dir(args.output)  # refuse a foreign folder before any slow work
-    if Path(args.model).exists() and Path(args.model).resolve() == Path(args.output).resolve():
-        raise SkipGPTError(
-            "--output must differ from --model (stage 2 writes a new folder beside the routers)"
-        )
+    refuse_output_at_model(args, "stage 2 writes a new folder beside the routers")
     meta = {"dataset": args.dataset, "seq_len": args.seq_len, "source": str(args.model)}
     torch.manual_seed(args.seed)
     spec = args.model
