@@ -466,6 +466,44 @@ def test_run_bench_shape_and_table():
     assert res["scenarios"][1]["context"] == 8 and "ideal_speedup_memory" in res["scenarios"][1]
     table = format_bench_table(res)
     assert "| prefill_2x16 |" in table and "Cost model" in table and res["machine"] in table
+    dec = res["scenarios"][1]
+    assert f"(bw {dec['speedup'] / dec['ideal_speedup_memory']:.2f})" in table  # efficiency vs the bw bound
+
+
+@pytest.mark.parametrize("rate", [None, 0.5])
+def test_decode_with_alternating_variants_takes_the_decisions_of_one_run(rate):
+    """The benchmark times decode with dense, masked and fast taking turns step by step; the
+    fast variant must then route exactly as one uninterrupted run does (trained or random)."""
+    from skipgpt.eval.speed import VARIANTS, _decode_alternating, _Routing, _Runner, parse_scenario
+
+    model = make_model("llama")
+    half_skipping_routers(model)
+    sc = parse_scenario("decode_b3_ctx6", decode_steps=4)
+    ids = torch.randint(1, VOCAB, (3 * 10,), generator=torch.Generator().manual_seed(1))
+    routing = _Routing(model, rate, 0.5, 0, True)
+    with torch.inference_mode():
+        one = _Runner(model, sc, ids)
+        with routing("fast"):
+            one.prepare()
+        model.reset_stats()
+        with routing("fast", keep_decisions=True):
+            one.run()
+        expected = {k: [d.clone() for d in v] for k, v in model.state.decisions.items()}
+        model.reset_stats()
+
+        runners = {v: _Runner(model, sc, ids) for v in VARIANTS}
+        for v, runner in runners.items():
+            with routing(v):
+                runner.prepare()
+        contexts = {v: routing.reentrant(v, keep_decisions=v == "fast") for v in VARIANTS}
+        times = _decode_alternating(runners, contexts, sc.steps)
+        got = model.state.decisions
+    assert set(times) == set(VARIANTS) and all(t > 0 for t in times.values())
+    assert got.keys() == expected.keys() and len(expected[(0, "attn")]) == sc.steps
+    assert all(torch.equal(a, b) for k in expected for a, b in zip(got[k], expected[k], strict=True))
+    skipped = sum(float((~torch.cat(v)).sum()) for v in expected.values())
+    assert 0 < skipped < sum(torch.cat(v).numel() for v in expected.values())  # a real mix of decisions
+    assert all(r.cache.get_seq_length() == 6 for r in runners.values())  # cropped back to the context
 
 
 def test_run_bench_needs_routing_for_a_plain_model():

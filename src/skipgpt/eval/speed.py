@@ -10,7 +10,8 @@ Scenarios (names are parsed, so other sizes work too):
   between repeats.
 
 Each (scenario, variant) is warmed up, then timed ``repeats`` times, the variants interleaved
-so that drift in machine load hits all three alike; the median is reported. The routing is
+so that drift in machine load hits all three alike (prefill: run by run; decode: step by step);
+the median is reported. The routing is
 either the model's trained routers (at ``threshold``) or forced random routing at a skip rate
 (each (token, module) skips with that probability, the same decisions in every variant and
 repeat; with ``router_overhead`` the routers are still run and their answer discarded, so the
@@ -130,14 +131,20 @@ class _Routing:
         self.threshold = model.state.threshold if threshold is None else float(threshold)
 
     def __call__(self, variant: str, keep_decisions: bool = False):
+        """The routing context of one run of ``variant`` (a fresh random override)."""
+        return self.reentrant(variant, keep_decisions)()
+
+    def reentrant(self, variant: str, keep_decisions: bool = False):
+        """A factory of routing contexts for ``variant`` that all share one random override, so a
+        run entered step by step takes the same decisions as a run entered once."""
         if variant == "dense":
-            return self.model.dense()
+            return self.model.dense
         settings = {"execution": variant, "threshold": self.threshold, "keep_decisions": keep_decisions}
         if self.rate is not None:
             settings["override"] = random_routing_override(
                 self.model, self.rate, self.seed, router_overhead=self.router_overhead
             )
-        return self.model.routing(**settings)
+        return lambda: self.model.routing(**settings)
 
     def describe(self) -> str:
         if self.rate is not None:
@@ -216,22 +223,28 @@ class _Runner:
             self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
 
     def run(self) -> float:
-        model, sc = self.model, self.sc
-        if sc.kind == "prefill":
-            cache = _new_cache(model, self.cache_kind, sc.length)
+        """Time one run: the prefill, or all decode steps."""
+        if self.sc.kind == "prefill":
+            cache = _new_cache(self.model, self.cache_kind, self.sc.length)
             t0 = time.perf_counter()
-            model(input_ids=self.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=self.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - t0
-        cache = self.cache
+        dt = sum(self.step(s) for s in range(self.sc.steps))
+        self.finish()
+        return dt
+
+    def step(self, s: int) -> float:
+        """Time decode step ``s`` against the prepared cache."""
         t0 = time.perf_counter()
-        for s in range(sc.steps):
-            model(input_ids=self.new[:, s : s + 1], past_key_values=cache, use_cache=True)
-        dt = time.perf_counter() - t0
-        if _croppable(cache):
-            cache.crop(-sc.steps)
+        self.model(input_ids=self.new[:, s : s + 1], past_key_values=self.cache, use_cache=True)
+        return time.perf_counter() - t0
+
+    def finish(self) -> None:
+        """After the decode steps: crop the cache back to the context (or drop a static one)."""
+        if _croppable(self.cache):
+            self.cache.crop(-self.sc.steps)
         else:
             self.cache = None
-        return dt
 
     def records(self, decisions: dict[tuple[int, str], list[torch.Tensor]]) -> list[ForwardRecord]:
         sc = self.sc
@@ -244,6 +257,23 @@ class _Runner:
             execute = {k: v[i] for k, v in decisions.items() if i < len(v)}
             out.append(ForwardRecord(sc.batch, length, past=past, logits_tokens=logits, execute=execute))
         return out
+
+
+def _decode_alternating(runners: dict, contexts: dict, steps: int) -> dict[str, float]:
+    """One decode run per variant, the variants taking turns step by step: a change of machine
+    speed during the run (other load, clocks) then hits every variant alike, not one of them.
+
+    ``contexts[v]()`` enters variant v's routing; it is entered once per step (untimed) and
+    keeps one decision stream across the steps. Returns each variant's total step time.
+    """
+    total = dict.fromkeys(runners, 0.0)
+    for s in range(steps):
+        for v, runner in runners.items():
+            with contexts[v]():
+                total[v] += runner.step(s)
+    for runner in runners.values():
+        runner.finish()
+    return total
 
 
 def _sparsity(stats: dict) -> dict[str, float]:
@@ -316,15 +346,25 @@ def run_bench(
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(warmup + repeats):
                 for v in VARIANTS:
-                    bar.set_postfix_str(f"{sc.name} {v}")
                     with routing(v):  # the context prefill (decode), untimed
                         runners[v].prepare()
-                    gc.collect()
-                    with routing(v):  # a fresh override: every run takes the same decisions
-                        dt = runners[v].run()
-                    if r >= warmup:
-                        times[v].append(dt)
-                    bar.update()
+                gc.collect()
+                if sc.kind == "decode":
+                    bar.set_postfix_str(f"{sc.name} (variants alternate every step)")
+                    run_times = _decode_alternating(
+                        runners, {v: routing.reentrant(v) for v in VARIANTS}, sc.steps
+                    )
+                    bar.update(len(VARIANTS))
+                else:
+                    run_times = {}
+                    for v in VARIANTS:
+                        bar.set_postfix_str(f"{sc.name} {v}")
+                        with routing(v):  # a fresh override: every run takes the same decisions
+                            run_times[v] = runners[v].run()
+                        bar.update()
+                if r >= warmup:
+                    for v in VARIANTS:
+                        times[v].append(run_times[v])
             # the decisions actually taken (same routing as the timed fast runs), untimed
             rec = _Runner(model, sc, ids, cache)
             with routing("fast"):
@@ -384,6 +424,7 @@ def run_bench(
             "statistic": "median",
             "decode_context": decode_context,
             "decode_steps": decode_steps,
+            "decode_alternating": True,
             "cache": CACHES[cache],
             "input": source,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -427,12 +468,13 @@ def format_bench_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in result["scenarios"]:
-        ideal = f"{s['ideal_speedup']:.2f}x"
+        ideal, efficiency = f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.2f}"
         if "ideal_speedup_memory" in s:
             ideal += f" (bw {s['ideal_speedup_memory']:.2f}x)"
+            efficiency += f" (bw {s['speedup'] / s['ideal_speedup_memory']:.2f})"
         lines.append(
             f"| {s['name']} | {s['dense_tok_s']:.1f} | {s['masked_tok_s']:.1f} | {s['fast_tok_s']:.1f} "
-            f"| {s['masked_speedup']:.2f}x | {s['speedup']:.2f}x | {ideal} | {s['efficiency']:.2f} "
+            f"| {s['masked_speedup']:.2f}x | {s['speedup']:.2f}x | {ideal} | {efficiency} "
             f"| {s['sparsity']['module']:.1%} |"
         )
     sp = result["sparsity"]
@@ -440,7 +482,7 @@ def format_bench_table(result: dict) -> str:
     contexts = sorted({s["context"] for s in result["scenarios"] if s["kind"] == "decode"})
     decode = (
         f"decode: {st.get('decode_steps', '?')} steps after {'/'.join(map(str, contexts))} context tokens "
-        f"({st.get('cache', 'DynamicCache')}); "
+        f"({st.get('cache', 'DynamicCache')}){', variants alternating step by step' if st.get('decode_alternating') else ''}; "
         if contexts
         else ""
     )
@@ -451,7 +493,8 @@ def format_bench_table(result: dict) -> str:
         f"{st.get('warmup', '?')} warm-up; {decode}input: {st.get('input', '?')}.",
         f"Machine: {result['machine']}.",
         f"Cost model: {result['cost_model']} efficiency = speedup / ideal. "
-        "'bw' = bandwidth bound of a decode step (a module's weights are read if any sequence executes it).",
+        "'bw' = bandwidth bound of a decode step (a module's weights are read if any sequence executes it; "
+        "efficiency (bw) = speedup / that bound).",
     ]
     return "\n".join(lines)
 
