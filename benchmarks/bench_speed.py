@@ -89,7 +89,9 @@ def main(argv=None) -> int:
         progress=True,
     )
     result["settings"]["model"] = args.model
-    result["settings"]["command"] = " ".join(["python", "benchmarks/bench_speed.py", *sys.argv[1:]])
+    result["settings"]["command"] = " ".join(
+        ["python", "benchmarks/bench_speed.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     result["settings"]["wall_s"] = round(time.time() - t0, 1)
     table = (
         format_bench_table(result)

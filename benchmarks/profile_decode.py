@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over decode steps of dense, masked and fast.
 
     python benchmarks/profile_decode.py --model smollm2-135m --random-routing 0.4 --batch 8
-    python benchmarks/profile_decode.py --model runs/demo/routers --threshold 0.9049 --batch 1
+    python benchmarks/profile_decode.py --model runs/demo-40 --batch 8 --cache static
 
 For each variant, prints the wall time per decode step (median over the profiled steps' total,
 profiler on) and the operators taking the most self CPU time, grouped by input shapes, so the
@@ -31,13 +31,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="profiled decode steps per variant")
     p.add_argument("--top", type=int, default=15, help="operators listed per variant")
     p.add_argument("--variants", default="dense,masked,fast")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="HF KV cache kind")
     p.add_argument("--out", default=None, help="also write the tables here (markdown)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.context < 1:
         p.error("--batch, --steps and --context must be >= 1")
 
     from skipgpt import SkipGPTConfig, SkipGPTModel, get_skipgpt_model
-    from skipgpt.eval.speed import _new_cache, _Routing, _token_pool, machine_string
+    from skipgpt.eval.speed import CACHES, _new_cache, _Routing, _token_pool, machine_string
 
     model, tokenizer = load(args.model, args.threshold)
     if not isinstance(model, SkipGPTModel):
@@ -53,12 +54,12 @@ def main(argv=None) -> int:
 
     lines = [
         f"Decode profile: {args.model}, {routing.describe()}, batch {args.batch}, context {args.context}, "
-        f"{args.steps} profiled steps after 1 warm-up step; input: {source}.",
+        f"{args.steps} profiled steps after 1 warm-up step ({CACHES[args.cache]}); input: {source}.",
         f"Machine: {machine_string()}.",
     ]
     for variant in args.variants.split(","):
         with torch.inference_mode(), routing(variant):
-            cache = _new_cache(model)
+            cache = _new_cache(model, args.cache, need)
             model(input_ids=ids[:, : args.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
             model(input_ids=ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

@@ -716,3 +716,50 @@ def test_run_bench_with_a_static_cache():
     assert res["scenarios"][0]["sparsity"] == dynamic["scenarios"][0]["sparsity"]  # the same routing taken
     with pytest.raises(SkipGPTError, match="accepted"):
         run_bench(plain, None, cache="paged", progress=False, **kwargs)
+
+
+# -- benchmarks/bench_speed.py and benchmarks/profile_decode.py, end to end on a tiny model ---------
+def _benchmark_script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # profile_decode imports bench_speed
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_bench_and_profile_scripts_write_their_files(tmp_path, capsys):
+    import json
+
+    bench = _benchmark_script("bench_speed")
+    out = tmp_path / "bench.json"
+    common = ["--model", "random:llama", "--random-routing", "0.4"]
+    rc = bench.main(
+        [*common, "--scenarios", "prefill_1x16,decode_b2_ctx8", "--repeats", "1"]
+        + ["--decode-steps", "2", "--cache", "static", "--out", str(out)]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [s["name"] for s in result["scenarios"]] == ["prefill_1x16", "decode_b2_ctx8"]
+    assert result["settings"]["cache"] == "StaticCache" and result["settings"]["decode_alternating"]
+    md = out.with_suffix(".md").read_text()
+    assert "| decode_b2_ctx8 |" in md and "variants alternating step by step" in md
+    assert md.rstrip().endswith("s).") and "--cache static" in md  # the command that made it
+
+    profile = _benchmark_script("profile_decode")
+    prof_md = tmp_path / "profile.md"
+    rc = profile.main(
+        [*common, "--batch", "2", "--context", "8", "--steps", "2", "--cache", "static"]
+        + ["--out", str(prof_md)]
+    )
+    text = prof_md.read_text()
+    assert rc == 0 and "(StaticCache)" in text
+    assert all(f"### {v}:" in text for v in ("dense", "masked", "fast")) and "aten::" in text
+    capsys.readouterr()

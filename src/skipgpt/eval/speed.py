@@ -10,8 +10,8 @@ Scenarios (names are parsed, so other sizes work too):
   between repeats.
 
 Each (scenario, variant) is warmed up, then timed ``repeats`` times, the variants interleaved
-so that drift in machine load hits all three alike (prefill: run by run; decode: step by step);
-the median is reported. The routing is
+so that drift in machine load hits all three alike (prefill: run by run; decode: step by step),
+each round in a rotated order; the median is reported. The routing is
 either the model's trained routers (at ``threshold``) or forced random routing at a skip rate
 (each (token, module) skips with that probability, the same decisions in every variant and
 repeat; with ``router_overhead`` the routers are still run and their answer discarded, so the
@@ -259,6 +259,12 @@ class _Runner:
         return out
 
 
+def _rotated(items, k: int) -> list:
+    """``items`` rotated left by ``k`` (the order of the variants in round k)."""
+    k %= len(items)
+    return [*items[k:], *items[:k]]
+
+
 def _decode_alternating(runners: dict, contexts: dict, steps: int) -> dict[str, float]:
     """One decode run per variant, the variants taking turns step by step: a change of machine
     speed during the run (other load, clocks) then hits every variant alike, not one of them.
@@ -268,9 +274,9 @@ def _decode_alternating(runners: dict, contexts: dict, steps: int) -> dict[str, 
     """
     total = dict.fromkeys(runners, 0.0)
     for s in range(steps):
-        for v, runner in runners.items():
+        for v in _rotated(list(runners), s):  # no variant always steps first
             with contexts[v]():
-                total[v] += runner.step(s)
+                total[v] += runners[v].step(s)
     for runner in runners.values():
         runner.finish()
     return total
@@ -357,8 +363,9 @@ def run_bench(
                     bar.update(len(VARIANTS))
                 else:
                     run_times = {}
-                    for v in VARIANTS:
+                    for v in _rotated(VARIANTS, r):  # no variant always runs first
                         bar.set_postfix_str(f"{sc.name} {v}")
+                        gc.collect()
                         with routing(v):  # a fresh override: every run takes the same decisions
                             run_times[v] = runners[v].run()
                         bar.update()
