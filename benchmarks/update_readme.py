@@ -35,12 +35,22 @@ SECTIONS = {
     ),
     "bench": (
         "results/bench.md",
-        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --repeats 3 --out results/bench.json",
+        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --repeats 7 --out results/bench.json",
     ),
     "bench-trained": (
         "results/bench_trained40.md",
-        "python benchmarks/bench_speed.py --model runs/demo/routers --threshold 0.9049 --repeats 3 "
-        "--out results/bench_trained40.json",
+        "skipgpt calibrate --model runs/demo/routers --target-sparsity 0.4 --output runs/demo-40 "
+        "&& python benchmarks/bench_speed.py --model runs/demo-40 --repeats 7 --out results/bench_trained40.json",
+    ),
+    "bench-trained-static": (
+        "results/bench_trained40_static.md",
+        "python benchmarks/bench_speed.py --model runs/demo-40 --repeats 7 --cache static "
+        "--scenarios decode_b1,decode_b8 --out results/bench_trained40_static.json",
+    ),
+    "sweep": (
+        "results/sweep_demo.md",
+        "skipgpt bench --model runs/demo/routers --sweep 0,0.5,0.7819,0.85,0.9049,0.95 --sweep-windows 16 "
+        "--scenarios prefill_1x1024,decode_b1 --repeats 5 > results/sweep_demo.md",
     ),
     "lora": (
         "results/lora.md",
