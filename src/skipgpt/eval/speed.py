@@ -354,8 +354,8 @@ def run_bench(
                 for v in VARIANTS:
                     with routing(v):  # the context prefill (decode), untimed
                         runners[v].prepare()
-                gc.collect()
                 if sc.kind == "decode":
+                    gc.collect()
                     bar.set_postfix_str(f"{sc.name} (variants alternate every step)")
                     run_times = _decode_alternating(
                         runners, {v: routing.reentrant(v) for v in VARIANTS}, sc.steps
