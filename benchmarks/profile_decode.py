@@ -38,6 +38,7 @@ def main(argv=None) -> int:
         p.error("--batch, --steps and --context must be >= 1")
 
     from skipgpt import SkipGPTConfig, SkipGPTModel, get_skipgpt_model
+    from skipgpt.adapters import model_cache_argument
     from skipgpt.eval.speed import CACHES, _new_cache, _Routing, _token_pool, machine_string
 
     model, tokenizer = load(args.model, args.threshold)
@@ -57,16 +58,17 @@ def main(argv=None) -> int:
         f"{args.steps} profiled steps after 1 warm-up step ({CACHES[args.cache]}); input: {source}.",
         f"Machine: {machine_string()}.",
     ]
+    cache_arg = model_cache_argument(model)
     for variant in args.variants.split(","):
         with torch.inference_mode(), routing(variant):
             cache = _new_cache(model, args.cache, need)
-            model(input_ids=ids[:, : args.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            model(input_ids=ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, : args.context], **{cache_arg: cache}, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids[:, args.context : args.context + 1], **{cache_arg: cache}, use_cache=True)
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 t0 = time.perf_counter()
                 for s in range(args.steps):
                     t = args.context + 1 + s
-                    model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                    model(input_ids=ids[:, t : t + 1], **{cache_arg: cache}, use_cache=True)
                 wall = (time.perf_counter() - t0) / args.steps
         table = prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total",

@@ -23,9 +23,12 @@ Family notes (transformers 5.x):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 
+import transformers
 from torch import nn
+from transformers.cache_utils import Cache
 
 from .errors import SkipGPTError
 
@@ -37,7 +40,16 @@ __all__ = [
     "POST_NORMS",
     "get_adapter",
     "register_adapter",
+    "CACHE_ARGUMENTS",
+    "cache_argument",
+    "missing_cache_error",
+    "is_cache",
+    "model_cache_argument",
 ]
+
+# What transformers has called the KV cache a decoder layer receives: ``cache`` since 5.24,
+# ``past_key_values`` before, ``past_key_value`` in early 4.x. Resolved once per layer class.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,39 @@ ADAPTERS: dict[str, LayerAdapter] = {
     "gemma3": replace(SANDWICH_NORMS, layers_path="model.language_model.layers"),
     "olmo2": POST_NORMS,
 }
+
+
+def cache_argument(layer: nn.Module) -> str | None:
+    """The name under which ``layer``'s forward receives the KV cache (read from its signature),
+    or None if it takes none of ``CACHE_ARGUMENTS``."""
+    params = inspect.signature(type(layer).forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in params), None)
+
+
+def model_cache_argument(model: nn.Module) -> str:
+    """The name under which ``model`` (a HF causal LM, or a wrapper holding one as
+    ``base_model``) takes a KV cache: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    while model is not None:
+        name = cache_argument(model)
+        if name is not None:
+            return name
+        model = getattr(model, "base_model", None)
+    return "past_key_values"
+
+
+def missing_cache_error(layer: nn.Module, kwargs: dict) -> SkipGPTError:
+    """The one-line error for a decode step whose cache the routed layer cannot find."""
+    passed = sorted(k for k, v in kwargs.items() if is_cache(v))
+    return SkipGPTError(
+        f"transformers {transformers.__version__} passed {type(layer).__name__} a KV cache "
+        f"(use_cache={kwargs.get('use_cache')}, cache-like arguments: {passed or 'none'}) but skipgpt "
+        f"looked for it under {list(CACHE_ARGUMENTS)}: refusing to skip K/V writes silently; "
+        f"register the new name in skipgpt.adapters.CACHE_ARGUMENTS"
+    )
+
+
+def is_cache(value) -> bool:
+    return isinstance(value, Cache)
 
 
 def register_adapter(model_type: str, adapter: LayerAdapter) -> None:

@@ -7,7 +7,9 @@ Attention (``fast_attn_residual``), for a block input ``h`` (B, T, d) and an exe
 
 * keys/values for *every* token (``k_proj``, ``v_proj`` or the k/v rows of a fused
   ``qkv_proj``, optional per-head or full-width ``k_norm``, rotary), written
-  into the HF cache with ``past_key_values.update`` exactly as the stock attention does, so a
+  into the HF cache with ``cache.update`` exactly as the stock attention does (the layer
+  argument's name, ``cache`` or ``past_key_values`` by transformers version, is read from the
+  decoder layer's signature at wrap time: ``RoutedDecoderLayer.kv_cache``), so a
   token that skips still leaves its K/V for the tokens that attend to it later;
 * queries (``q_proj``, optional ``q_norm``, rotary), attention and ``o_proj`` only for the
   executing tokens, whose outputs are scatter-added into the residual stream.
@@ -237,6 +239,7 @@ def fast_attn_residual(
     single token's decision may come as a Python bool (already read on the host).
     """
     attn = layer.part("attn")
+    cache = layer.kv_cache(kwargs)  # raises if a cache is in use under a name we do not know
     reason = _unsupported(attn, kwargs)
     if reason is not None:
         _warn_once(reason)
@@ -264,14 +267,13 @@ def fast_attn_residual(
     hd = attn.head_dim
     x = layer._norm("attn_pre_norm", hidden_states)
     cos, sin = kwargs["position_embeddings"]
-    past_key_values = kwargs.get("past_key_values")
 
     # keys / values of every token, into the cache
     k, v = _project_kv(attn, parts, x)
     k = _rope(k.view(B, T, -1, hd).transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
     v = v.view(B, T, -1, hd).transpose(1, 2)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, attn.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
     if n == 0:
         return hidden_states
 
@@ -362,7 +364,7 @@ def _decode_attention(attn, q, k, v, mask, idx) -> torch.Tensor:
         else:
             runs.append((b, b + 1, i))
     if len(runs) > _MAX_DECODE_RUNS:
-        m = None if mask is None else mask.index_select(0, idx)
+        m = None
         out = F.scaled_dot_product_attention(
             qg, k.index_select(0, idx), v.index_select(0, idx), attn_mask=m, scale=attn.scaling
         )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .adapters import LayerAdapter
+from .adapters import LayerAdapter, cache_argument, is_cache, missing_cache_error
 from .config import SkipGPTConfig
 from .router import FusedRouters, Router
 
@@ -134,6 +134,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self.adapter = adapter
         self.skipgpt_config = config
         self.state = state
+        self.cache_arg = cache_argument(base_layer)  # "cache" (transformers >= 5.24) or "past_key_values"
         width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
         self.routers = nn.ModuleDict(
             {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
@@ -151,6 +152,17 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
 
     def part(self, name: str) -> nn.Module | None:
         return self.adapter.part(self.base_layer, name)
+
+    def kv_cache(self, kwargs: dict):
+        """The KV cache the model passed this layer, or None when it passed none.
+
+        Raises (one line) when a cache is in use upstream but not under ``cache_arg``: a
+        renamed argument must never make skipping tokens silently stop writing their K/V.
+        """
+        cache = kwargs.get(self.cache_arg) if self.cache_arg else None
+        if cache is None and (kwargs.get("use_cache") or any(is_cache(v) for v in kwargs.values())):
+            raise missing_cache_error(self.base_layer, kwargs)
+        return cache
 
     # -- routing ---------------------------------------------------------------------------
     def _fusable(self) -> bool:
@@ -241,7 +253,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         """hidden_states: (B, T, d) block input -> (B, T, d) block output.
 
         ``kwargs`` are what the model passes its decoder layers (attention_mask,
-        position_embeddings, past_key_values, ...); they go to the attention module unchanged.
+        position_embeddings, the KV cache, ...); they go to the attention module unchanged.
         """
         block_input = hidden_states
         decided = self._inference_decisions(block_input)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import model_cache_argument
 from ..config import SkipGPTConfig
 from ..costs import CostModel, ForwardRecord, routing_cost, routing_traffic
 from ..errors import SkipGPTError
@@ -215,19 +216,22 @@ class _Runner:
             self.prompt = ids[: b * need].view(b, need)[:, :L].contiguous()
             self.new = ids[: b * need].view(b, need)[:, L:].contiguous()
         self.cache = None
+        self.cache_arg = model_cache_argument(model)
 
     def prepare(self) -> None:
         """Decode: (re)fill the cache with the context (untimed)."""
         if self.sc.kind == "decode" and self.cache is None:
             self.cache = _new_cache(self.model, self.cache_kind, self.sc.length + self.sc.steps)
-            self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.model(
+                input_ids=self.prompt, **{self.cache_arg: self.cache}, use_cache=True, logits_to_keep=1
+            )
 
     def run(self) -> float:
         """Time one run: the prefill, or all decode steps."""
         if self.sc.kind == "prefill":
             cache = _new_cache(self.model, self.cache_kind, self.sc.length)
             t0 = time.perf_counter()
-            self.model(input_ids=self.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=self.prompt, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - t0
         dt = sum(self.step(s) for s in range(self.sc.steps))
         self.finish()
@@ -236,7 +240,7 @@ class _Runner:
     def step(self, s: int) -> float:
         """Time decode step ``s`` against the prepared cache."""
         t0 = time.perf_counter()
-        self.model(input_ids=self.new[:, s : s + 1], past_key_values=self.cache, use_cache=True)
+        self.model(input_ids=self.new[:, s : s + 1], **{self.cache_arg: self.cache}, use_cache=True)
         return time.perf_counter() - t0
 
     def finish(self) -> None:
