@@ -364,7 +364,7 @@ def _decode_attention(attn, q, k, v, mask, idx) -> torch.Tensor:
         else:
             runs.append((b, b + 1, i))
     if len(runs) > _MAX_DECODE_RUNS:
-        m = None
+        m = None if mask is None else mask.index_select(0, idx)
         out = F.scaled_dot_product_attention(
             qg, k.index_select(0, idx), v.index_select(0, idx), attn_mask=m, scale=attn.scaling
         )
