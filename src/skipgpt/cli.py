@@ -27,6 +27,7 @@ COMMANDS = {
     "baseline": "skipgpt.commands.baseline",
     "compare": "skipgpt.commands.compare",
     "analyze": "skipgpt.commands.analyze",
+    "frontier": "skipgpt.commands.frontier",
 }
 
 

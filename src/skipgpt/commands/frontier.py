@@ -1,0 +1,224 @@
+"""``skipgpt frontier``: quality against measured speed, dense, SkipGPT, ShortGPT, LLM-Drop on one frontier.
+
+SkipGPT is one trained router set swept over θ (``--routers DIR``, repeatable, each its own
+line; without it one set is trained into ``OUT/models/skipgpt`` as ``skipgpt compare`` trains
+it, with ``--budget params``); ShortGPT removes 1..N layers and LLM-Drop drops modules to the
+same parameter shares, both scored on the same calibration text. Every point gets realised
+sparsity, PPL on the same windows and its speedup against the dense model timed alternately in
+the same run (``skipgpt.eval.frontier``). Writes ``frontier.{json,md,png}`` into ``--out`` and
+keeps finished points in ``frontier.progress.json``: a rerun with the same settings resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .bench import threshold_list
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability, refuse_ignored_options
+
+__all__ = ["add_parser", "run"]
+
+DEFAULT_THETAS = "0,0.5,0.6,0.7,0.8,0.9,0.95"
+TRAINING = ("target_sparsity", "max_steps", "batch_size", "calibrate_blocks")
+
+
+def add_parser(sub) -> None:
+    from ..eval.frontier import SCENARIOS
+
+    p = sub.add_parser(
+        "frontier",
+        help="quality against measured speed: SkipGPT (θ sweep), ShortGPT, LLM-Drop and dense on one frontier",
+    )
+    add_model_arg(p)
+    p.add_argument("--out", required=True, help="output folder: frontier.{json,md,png}, progress, models/")
+    p.add_argument(
+        "--routers",
+        action="append",
+        default=None,
+        help="a trained router folder of --model (repeatable: one line each); default: train one set",
+    )
+    p.add_argument("--thetas", type=threshold_list, default=DEFAULT_THETAS, help="θ values of SkipGPT")
+    p.add_argument(
+        "--max-layers", type=positive_int, default=None, help="ShortGPT removes 1..N layers (default: ~40%%)"
+    )
+    t = p.add_argument_group("calibration text, and the routers frontier trains itself (no --routers)")
+    t.add_argument("--dataset", default="calib")
+    t.add_argument("--seq-len", type=positive_int, default=256)
+    t.add_argument("--calib-blocks", type=positive_int, default=32, help="ShortGPT/LLM-Drop scoring blocks")
+    t.add_argument("--target-sparsity", type=probability, default=0.25, help="parameter sparsity trained for")
+    t.add_argument("--max-steps", type=positive_int, default=150)
+    t.add_argument("--batch-size", type=positive_int, default=4)
+    t.add_argument("--calibrate-blocks", type=int, default=16, help="θ calibration blocks (0 = none)")
+    t.add_argument("--seed", type=int, default=0)
+    e = p.add_argument_group("evaluation")
+    e.add_argument(
+        "--eval-datasets", default="wiki-heldout,ptb", help="PPL sets; the first one is summarised"
+    )
+    e.add_argument("--eval-seq-len", type=positive_int, default=1024)
+    e.add_argument("--max-windows", type=positive_int, default=16, help="the first K windows of each set")
+    e.add_argument("--eval-batch-size", type=positive_int, default=2)
+    e.add_argument("--scenarios", default=",".join(SCENARIOS), help="timed scenarios, as skipgpt bench")
+    e.add_argument("--repeats", type=positive_int, default=3)
+    e.add_argument("--warmup", type=int, default=1)
+    e.add_argument("--decode-steps", type=positive_int, default=32)
+    e.add_argument("--decode-context", type=positive_int, default=384)
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard the progress (and routers trained here) of --out"
+    )
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def _check_out(out: Path) -> None:
+    from ..errors import SkipGPTError
+    from ..eval.frontier import PROGRESS_NAME
+
+    if out.exists() and (
+        not out.is_dir()
+        or (any(out.iterdir()) and not ((out / PROGRESS_NAME).exists() or (out / "models").is_dir()))
+    ):
+        raise SkipGPTError(
+            f"--out {out} exists and is not a frontier folder; give a new folder or an earlier --out"
+        )
+
+
+def _router_record(folder: str, layers: int) -> dict:
+    """The saved record of a router folder, refused in one line when it cannot be a line here."""
+    from ..config import CONFIG_NAME, SkipGPTConfig
+    from ..errors import SkipGPTError
+    from ..loading import is_skipgpt_dir
+
+    if not is_skipgpt_dir(folder):
+        raise SkipGPTError(f"--routers {folder} is not a skipgpt output folder (no {CONFIG_NAME})")
+    record = SkipGPTConfig.read_json(Path(folder) / CONFIG_NAME)
+    if record.get("router_config") is None or (record.get("metadata") or {}).get("removed_modules"):
+        raise SkipGPTError(f"--routers {folder} holds no trained routers")
+    if record.get("num_layers") != layers:
+        raise SkipGPTError(f"--routers {folder} has {record.get('num_layers')} layers; --model has {layers}")
+    return record
+
+
+def _training_args(args) -> argparse.Namespace:
+    """The options ``compare``'s SkipGPT build reads: this command's, the rest train-router's defaults."""
+    from .train_router import DEFAULTS
+
+    fields = dict(DEFAULTS) | {k: getattr(args, k) for k in ("model", "dataset", "seq_len", "seed")}
+    fields |= {k: getattr(args, k) for k in ("max_steps", "batch_size", "calibrate_blocks", "calib_blocks")}
+    return argparse.Namespace(
+        **fields,
+        sparsity=args.target_sparsity,
+        grad_accum=1,
+        save_every=50,
+        router_hidden=None,
+        rounding="nearest",
+    )
+
+
+def run(args) -> int:
+    import copy
+    import shutil
+
+    from ..data import load_blocks
+    from ..errors import SkipGPTError
+    from ..eval.frontier import (
+        RouterLine,
+        default_max_layers,
+        format_frontier_markdown,
+        frontier_settings,
+        load_progress,
+        run_frontier,
+    )
+    from ..eval.speed import machine_string
+    from ..loading import is_skipgpt_dir
+    from ..model import SkipGPTModel
+    from ..specs import load_base_model
+    from . import compare
+
+    out = Path(args.out)
+    if is_skipgpt_dir(args.model):
+        raise SkipGPTError(
+            f"{args.model} is a routed model; frontier needs the base model spec (--routers DIR)"
+        )
+    if args.routers:
+        refuse_ignored_options(args, TRAINING, "--routers gives the router sets, frontier trains none")
+    datasets = [d.strip() for d in args.eval_datasets.split(",") if d.strip()]
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not scenarios:
+        raise SkipGPTError("--scenarios is empty; give e.g. prefill_1x1024,decode_b1,decode_b8")
+    if args.warmup < 0:
+        raise SkipGPTError(f"--warmup must be >= 0, got {args.warmup}")
+    _check_out(out)
+    base, tokenizer = load_base_model(args.model)
+    base.eval()
+    layers = base.config.get_text_config(decoder=True).num_hidden_layers
+    routers = [str(Path(f)) for f in args.routers or []]
+    records = {folder: _router_record(folder, layers) for folder in routers}
+    max_layers = args.max_layers or default_max_layers(layers)
+    if max_layers >= layers:
+        raise SkipGPTError(f"--max-layers {max_layers} must be below the model's {layers} layers")
+    training = None if routers else {k: getattr(args, k) for k in TRAINING} | {"budget": "params"}
+    settings = frontier_settings(
+        thetas=args.thetas,
+        max_layers=max_layers,
+        eval_datasets=datasets,
+        scenarios=scenarios,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_steps=args.decode_steps,
+        decode_context=args.decode_context,
+        eval_batch_size=args.eval_batch_size,
+        model=args.model,
+        routers=routers,
+        training=training,
+        dataset=args.dataset,
+        seq_len=args.seq_len,
+        calib_blocks=args.calib_blocks,
+        seed=args.seed,
+        eval_seq_len=args.eval_seq_len,
+        max_windows=args.max_windows,
+    )
+    load_progress(out, settings, args.overwrite)  # refuse other settings before any slow work
+    if args.overwrite and (out / "models").is_dir():
+        shutil.rmtree(out / "models")
+
+    train_blocks = load_blocks(
+        args.dataset, tokenizer, args.seq_len, max_blocks=args.calib_blocks if routers else None
+    )
+    calib = train_blocks[: args.calib_blocks]
+    evals = {d: load_blocks(d, tokenizer, args.eval_seq_len, max_blocks=args.max_windows) for d in datasets}
+
+    def loader(folder):
+        return lambda: SkipGPTModel.from_pretrained(folder, base_model=copy.deepcopy(base))
+
+    lines = []
+    if not routers:
+        folder = out / "models" / "skipgpt"
+        if compare._record_target("skipgpt", folder) is None:
+            compare._build("skipgpt", folder, _training_args(args), base, tokenizer, train_blocks)
+        info = {"routers": str(folder)}
+        lines.append(RouterLine("skipgpt", "SkipGPT-RT", loader(folder), info))
+    names = [Path(f).name for f in routers]
+    for folder, name in zip(routers, names, strict=True):
+        unique = names.count(name) == 1
+        key = "skipgpt" if len(routers) == 1 else f"skipgpt:{name if unique else folder}"
+        info = {"routers": folder, "calibrated_threshold": records[folder]["router_config"].get("threshold")}
+        lines.append(RouterLine(key, f"SkipGPT-RT ({name if unique else folder})", loader(folder), info))
+
+    result = run_frontier(
+        base,
+        tokenizer,
+        out=out,
+        routers=lines,
+        calib=calib,
+        evals=evals,
+        settings=settings,
+        base_spec=args.model,
+        machine=machine_string(),
+        overwrite=args.overwrite,
+    )
+    summary = {k: result[k] for k in ("points", "summary", "machine", "settings")} | {"out": str(out)}
+    for p in summary["points"]:
+        p.pop("times_s", None)
+    emit(args, summary, format_frontier_markdown(result) + f"\n\nwritten to {out}/frontier.md, .json, .png")
+    return 0
