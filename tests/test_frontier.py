@@ -211,6 +211,7 @@ def test_bad_input_refused_in_one_line(tmp_path, capsys):
     r1 = _routers(tmp_path)
     assert main(_argv(tmp_path, out, "--routers", str(r1), "--max-steps", "3")) == 2  # would be ignored
     assert main(_argv(tmp_path, out, "--scenarios", "prefill_bad")) == 2
+    assert main(_argv(tmp_path, out, "--routers", str(r1), "--routers", str(r1))) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
     assert not (out / "frontier.json").exists()

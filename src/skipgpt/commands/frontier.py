@@ -153,6 +153,8 @@ def run(args) -> int:
     base.eval()
     layers = base.config.get_text_config(decoder=True).num_hidden_layers
     routers = [str(Path(f)) for f in args.routers or []]
+    if len(set(routers)) < len(routers):
+        raise SkipGPTError("a --routers folder is given twice; give each router set once")
     records = {folder: _router_record(folder, layers) for folder in routers}
     max_layers = args.max_layers or default_max_layers(layers)
     if max_layers >= layers:
