@@ -6,7 +6,10 @@ model; pytest runs every (architecture, check) pair, and
     python tests/test_arch_matrix.py --table
 
 runs the same checks and prints the markdown table (architecture × check, with the attention
-path the fast execution takes for that family).
+path the fast execution takes for that family) and a summary line. A family whose attention the
+fast kernel does not implement (Gemma 2's logit soft-capping) runs the reference attention
+instead: still equal to the reference, but skipping its attention saves nothing, so its
+``fast==ref`` cell says "fallback", not ✓, and the summary names it.
 """
 
 from __future__ import annotations
@@ -23,12 +26,20 @@ sys.path.insert(0, str(Path(__file__).parent))  # conftest helpers, also when ru
 from conftest import ARCHS, random_ids, routed, tiny  # noqa: E402
 
 from skipgpt import SkipGPTConfig, get_skipgpt_model  # noqa: E402
+from skipgpt.adapters import model_cache_argument  # noqa: E402
 from skipgpt.model import SkipGPTModel  # noqa: E402
 
 # Every family the adapters support; a missing RANDOM_CONFIGS entry fails its row.
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2"]
 MATRIX_ARCHS = FAMILIES + [a for a in ARCHS if a not in FAMILIES]
 ATOL = 1e-5  # fp32
+# The attention path each family's fast execution takes ("kernel" unless listed): a family that
+# starts falling back, or stops, fails its fast==ref cell instead of passing silently.
+EXPECTED_FALLBACK = {"gemma2": "attention logit softcapping"}
+
+
+def expected_attention(arch: str) -> str:
+    return f"fallback: {EXPECTED_FALLBACK[arch]}" if arch in EXPECTED_FALLBACK else "kernel"
 
 
 def _random_routers(arch: str) -> SkipGPTModel:
@@ -147,7 +158,8 @@ def check_fast_equals_reference(arch: str) -> str:
                 steps = [out.logits]
                 cache = out.past_key_values
                 for t in range(20, 24):  # decode one token at a time through the cache
-                    out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                    kv = {model_cache_argument(model): cache}  # `cache` since transformers 5.24
+                    out = model(input_ids=ids[:, t : t + 1], **kv, use_cache=True)
                     cache = out.past_key_values
                     steps.append(out.logits)
             logits[execution] = torch.cat(steps, dim=1)
@@ -189,7 +201,52 @@ CHECKS = {
 @pytest.mark.parametrize("check", list(CHECKS))
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_matrix(arch: str, check: str):
-    CHECKS[check](arch)
+    note = CHECKS[check](arch)
+    if check == "fast==ref":
+        assert note.endswith(f"attention {expected_attention(arch)}"), note
+
+
+def test_a_fallback_family_is_reported_as_fallback_not_as_a_pass(monkeypatch):
+    """Gemma 2 (soft-capped attention logits): the fast path says why it falls back, warns once,
+    and the matrix table labels its fast==ref cell "fallback" (no ✓) and names it in the summary."""
+    import warnings
+
+    from skipgpt import fast
+    from skipgpt.fast import fast_attention_supported
+
+    model = _random_routers("gemma2").eval()
+    assert model.base_model.config.attn_logit_softcapping is not None
+    ids = random_ids(2, 12, _vocab(model), seed=3)
+    assert attention_path(model, ids) == "fallback: attention logit softcapping"
+    layer = model.routed_layers[0]
+    kwargs = {"position_embeddings": (torch.ones(1, 12, layer.part("attn").head_dim),) * 2}
+    assert fast_attention_supported(layer, **kwargs) == "attention logit softcapping"
+    monkeypatch.setattr(fast, "_warned", set())
+    with pytest.warns(UserWarning, match="skipgpt fast path: attention logit softcapping"):
+        with torch.no_grad(), model.routing(override=_override(), execution="fast"):
+            model(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernel families run without the fallback warning
+        kernel = _random_routers("llama").eval()
+        assert attention_path(kernel, ids) == "kernel"
+        with torch.no_grad(), kernel.routing(override=_override(), execution="fast"):
+            kernel(input_ids=ids)
+
+    table, ok = matrix_table(["gemma2", "llama"])
+    assert ok  # a fallback is correct (equal to the reference): not a failure ...
+    lines = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0]]
+    rows = {
+        cells[0].strip(): dict(zip(header, (c.strip() for c in cells), strict=True)) for cells in lines[1:]
+    }
+    gemma2, llama = rows["gemma2"], rows["llama"]
+    assert gemma2["fast==ref"] == "fallback" and "✓" not in gemma2["fast==ref"]  # ... but not a pass
+    assert gemma2["fast attention"] == "fallback: attention logit softcapping"
+    assert llama["fast==ref"] == "✓" and llama["fast attention"] == "kernel"
+    assert table.splitlines()[-1] == (
+        "Fast attention kernel: 1 of 2 families; fallback (reference attention, correct but skipped "
+        "attention saves no time): gemma2 (attention logit softcapping)."
+    )
 
 
 def test_multimodal_gemma3_wraps_its_language_model():
@@ -234,19 +291,26 @@ def test_gemma_attention_on_the_fast_kernel(arch: str, monkeypatch):
 
 # -- the table -------------------------------------------------------------------------------------
 def matrix_table(archs: list[str] | None = None) -> tuple[str, bool]:
-    """Run every check; return (markdown table, all passed)."""
+    """Run every check; return (markdown table and a summary line, all passed).
+
+    ``fast==ref`` is ✓ only when the fast kernel ran the attention; a family that falls back to the
+    reference attention (equal logits, no saving) reads "fallback" there, its reason in the
+    "fast attention" column and its name in the summary. A fallback is not a failure."""
     import warnings
 
-    warnings.filterwarnings("ignore")
     rows, ok = [], True
     for arch in archs or MATRIX_ARCHS:
         row = {"architecture": arch}
         for name, fn in CHECKS.items():
             try:
-                note = fn(arch)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    note = fn(arch)
                 row[name] = "✓"
                 if name == "fast==ref":
                     row["fast attention"] = note.split("attention ", 1)[1]
+                    if row["fast attention"] != "kernel":
+                        row[name] = "fallback"
             except Exception as e:  # a table cell, not a crash: show what failed
                 ok = False
                 row[name] = f"✗ {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
@@ -255,7 +319,19 @@ def matrix_table(archs: list[str] | None = None) -> tuple[str, bool]:
     from skipgpt.eval.tables import markdown_table
 
     columns = [(c, c) for c in ("architecture", *CHECKS, "fast attention")]
-    return markdown_table(rows, columns), ok
+    kernel = [r["architecture"] for r in rows if r["fast attention"] == "kernel"]
+    fallback = [
+        f"{r['architecture']} ({r['fast attention'].removeprefix('fallback: ')})"
+        for r in rows
+        if r["fast attention"].startswith("fallback")
+    ]
+    summary = f"Fast attention kernel: {len(kernel)} of {len(rows)} families"
+    if fallback:
+        summary += (
+            "; fallback (reference attention, correct but skipped attention saves no time): "
+            + ", ".join(fallback)
+        )
+    return markdown_table(rows, columns) + "\n\n" + summary + ".", ok
 
 
 if __name__ == "__main__":
