@@ -147,7 +147,7 @@ def test_train_router_end_to_end_then_its_refusals(tmp_path, text, capsys):
 
     # resuming with other training settings is refused, the checkpoint untouched
     assert main(train_argv(out, text, "--resume", "--lr", "0.01")) == 2
-    assert one_error_line(capsys) == (
+    assert one_error_line(capsys).startswith(
         "error: --resume needs the same training settings as the interrupted run; they differ"
     )
     assert snapshot(out) == finished
@@ -155,7 +155,5 @@ def test_train_router_end_to_end_then_its_refusals(tmp_path, text, capsys):
     # --resume with nothing to resume from
     fresh = tmp_path / "fresh"
     assert main(train_argv(fresh, text, "--resume")) == 2
-    assert one_error_line(capsys) == (
-        f"error: no checkpoint to resume from in {fresh} (missing checkpoint/trainer_state.json)"
-    )
+    assert one_error_line(capsys).startswith(f"error: no checkpoint to resume from in {fresh}")
     assert not fresh.exists() or snapshot(fresh) == {}
