@@ -82,7 +82,9 @@ class SkipGPTConfig:
         self.target_sparsity = _probability("target_sparsity", self.target_sparsity, open_interval=True)
         self.threshold = _probability("threshold", self.threshold, open_interval=False)
         if self.router_hidden is not None and (
-            not isinstance(self.router_hidden, int) or self.router_hidden < 0
+            not isinstance(self.router_hidden, int)
+            or isinstance(self.router_hidden, bool)
+            or self.router_hidden < 0
         ):
             raise SkipGPTError(f"router_hidden must be None or an integer >= 0, got {self.router_hidden!r}")
         for name in ("alpha", "tau_start", "tau_end", "execute_bias"):
@@ -96,12 +98,16 @@ class SkipGPTConfig:
             raise SkipGPTError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
         if isinstance(self.modules, str):
             self.modules = tuple(m.strip() for m in self.modules.split(",") if m.strip())
+        if not isinstance(self.modules, list | tuple) or not all(isinstance(m, str) for m in self.modules):
+            raise SkipGPTError(f"modules must be a list of names from {list(MODULES)}, got {self.modules!r}")
         self.modules = tuple(self.modules)
         unknown = [m for m in self.modules if m not in MODULES]
         if unknown or not self.modules:
             raise SkipGPTError(
                 f"modules must be a non-empty subset of {list(MODULES)}, got {list(self.modules)}"
             )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SkipGPTError(f"seed must be an integer, got {self.seed!r}")
         for name, allowed in (
             ("router_init", ROUTER_INITS),
             ("budget", BUDGETS),
@@ -132,8 +138,39 @@ class SkipGPTConfig:
         """Read a whole ``skipgpt_config.json`` (router config + base model spec + metadata)."""
         path = Path(path)
         try:
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SkipGPTError(f"{path} not found: not a skipgpt output folder") from None
-        except json.JSONDecodeError as e:
-            raise SkipGPTError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SkipGPTError(f"{path} is not valid JSON ({e})") from None
+        _check_record(path, record)
+        return record
+
+
+# key of skipgpt_config.json -> (accepted types, what to say); every key is optional but these
+_RECORD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "base_model": ((str, type(None)), "a model spec (string)"),
+    "base_model_in_folder": ((str, type(None)), "a sub-folder name or null"),
+    "model_type": ((str,), "a string"),
+    "hidden_size": ((int,), "a positive integer"),
+    "num_layers": ((int,), "a positive integer"),
+    "router_config": ((dict, type(None)), "an object or null"),
+    "metadata": ((dict, type(None)), "an object or null"),
+}
+
+
+def _check_record(path: Path, record: Any) -> None:
+    """One-line refusal of a ``skipgpt_config.json`` whose known keys have the wrong type."""
+    if not isinstance(record, dict):
+        raise SkipGPTError(f"{path} must hold a JSON object, got {type(record).__name__}")
+    if "base_model" not in record and not record.get("base_model_in_folder"):
+        raise SkipGPTError(f"{path} names no base model ('base_model' missing)")
+    for key, (types, what) in _RECORD_TYPES.items():
+        if key not in record:
+            continue
+        value = record[key]
+        bad = not isinstance(value, types) or isinstance(value, bool)
+        if not bad and isinstance(value, int) and value < 1:
+            bad = True
+        if bad:
+            raise SkipGPTError(f"{path}: '{key}' must be {what}, got {value!r}")

@@ -201,7 +201,17 @@ def _local(path: Path) -> list[str]:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise SkipGPTError(f"unsupported data file {path}; {_accepted()}")
-    return reader(path)
+    try:
+        return reader(path)
+    except UnicodeDecodeError as exc:
+        raise SkipGPTError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); .txt/.jsonl must be UTF-8"
+        ) from None
+    except SkipGPTError:
+        raise
+    except Exception as exc:  # pyarrow's ArrowInvalid / OSError for a corrupt or truncated parquet
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SkipGPTError(f"cannot read {path} ({type(exc).__name__}: {first})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +283,10 @@ def pack_blocks(
     than a block is dropped; with ``max_blocks`` only the first ``max_blocks`` blocks are made (and
     only as many texts as needed are tokenised). ``name`` is used in messages.
     """
-    if seq_len < 1:
-        raise SkipGPTError(f"seq_len must be a positive integer, got {seq_len}")
+    if seq_len < 2:
+        raise SkipGPTError(
+            f"seq_len must be >= 2 (a block needs a token to predict from and one to predict), got {seq_len}"
+        )
     if max_blocks is not None and max_blocks < 1:
         raise SkipGPTError(f"max_blocks must be a positive integer or None, got {max_blocks}")
     bos_id = tokenizer.bos_token_id if add_bos else None

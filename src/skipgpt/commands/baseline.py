@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
 
 __all__ = ["add_parser", "add_static_args", "add_mod_router_args", "mod_router_config", "mod_tuning_args"]
 
@@ -21,7 +21,7 @@ def add_static_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", required=True, help="output folder (new, or an earlier one with --overwrite)")
     p.add_argument("--dataset", default="calib", help="calibration text: calib | a local file | hub dataset")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="calibration block length")
+    p.add_argument("--seq-len", type=seq_len_int, default=256, help="calibration block length")
     p.add_argument("--calib-blocks", type=positive_int, default=32, help="number of calibration blocks")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument(

@@ -9,7 +9,15 @@ the new θ, and ``metadata.threshold_calibration`` records θ and the sparsity b
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, refuse_output_at_model
+from .common import (
+    add_json_arg,
+    add_model_arg,
+    emit,
+    positive_int,
+    probability,
+    refuse_output_at_model,
+    seq_len_int,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -29,7 +37,7 @@ def add_parser(sub) -> None:
         help="what the target counts: routed decisions or parameters of skipped modules (default: the folder's)",
     )
     p.add_argument("--dataset", default="calib", help="calibration text (data spec, as train-router)")
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--seq-len", type=seq_len_int, default=256)
     p.add_argument("--blocks", type=positive_int, default=16, help="blocks of --seq-len tokens")
     p.add_argument("--output", required=True, help="new folder for the calibrated copy")
     add_json_arg(p)

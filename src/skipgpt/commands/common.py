@@ -48,6 +48,28 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a sampling temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a finite number > 0") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def top_p_fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (nucleus sampling's probability mass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a value in (0, 1]") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]")
+    return value
+
+
 def non_negative(text: str) -> float:
     """argparse type: a number >= 0 (a loss weight)."""
     try:
@@ -66,6 +88,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def seq_len_int(text: str) -> int:
+    """argparse type of ``--seq-len``: an integer >= 2 (a window predicts its tokens after the first)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 2: a window needs a token to predict from")
     return value
 
 

@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
 
 __all__ = ["add_parser", "run", "METHODS", "measure_prefill", "format_compare_table"]
 
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     )
     t = p.add_argument_group("training / calibration (the same for SkipGPT-RT and MoD-D)")
     t.add_argument("--dataset", default="calib")
-    t.add_argument("--seq-len", type=positive_int, default=256)
+    t.add_argument("--seq-len", type=seq_len_int, default=256)
     t.add_argument("--max-blocks", type=positive_int, default=None)
     t.add_argument("--max-steps", type=positive_int, default=300)
     t.add_argument("--batch-size", type=positive_int, default=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_json_arg, emit, positive_int
+from .common import add_json_arg, emit, positive_int, seq_len_int
 from .train_router import add_router_args
 
 # What a demo writes into its output folder (``routers/`` is a skipgpt output folder).
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default="runs/demo", help="output folder")
     p.add_argument("--max-steps", type=positive_int, default=150)
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--seq-len", type=seq_len_int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-seq-len", type=positive_int, default=1024)
     p.add_argument("--eval-windows", type=positive_int, default=16, help="windows per PPL dataset")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, unit_interval
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int, unit_interval
 
 
 def add_parser(sub) -> None:
@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--dataset", default="wiki-heldout", help="ptb | wiki-heldout | calib | a local file | hub dataset"
     )
-    p.add_argument("--seq-len", type=positive_int, default=1024, help="window length (tokens)")
+    p.add_argument("--seq-len", type=seq_len_int, default=1024, help="window length (tokens)")
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
     p.add_argument(

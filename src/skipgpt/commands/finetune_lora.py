@@ -159,17 +159,18 @@ def run(args) -> int:
     from ..config import CONFIG_NAME, SkipGPTConfig
     from ..data import load_blocks
     from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
-    from ..io import prepare_output_dir
     from ..loading import is_skipgpt_dir
     from ..model import SkipGPTModel, get_skipgpt_model, resolve_base_spec
     from ..specs import load_base_model
+    from ..train.loop import claim_output_dir
     from ..train.lora import check_targets, finetune_lora, train_joint
     from .train_router import router_config_from_args, tuning_args_from_args
 
     lora = lora_args_from_args(args)
     loop = loop_args_from_args(args)
-    prepare_output_dir(args.output)  # refuse a foreign folder before any slow work
     refuse_output_at_model(args, "stage 2 writes a new folder beside the routers")
+    # refuse a foreign, finished, interrupted or unwritable folder before any slow work
+    claim_output_dir(args.output, args.resume, args.overwrite)
     meta = {"dataset": args.dataset, "seq_len": args.seq_len, "source": str(args.model)}
     torch.manual_seed(args.seed)
     spec = args.model

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, unit_interval
+from ..errors import SkipGPTError
+from .common import (
+    add_json_arg,
+    add_model_arg,
+    emit,
+    positive_float,
+    positive_int,
+    top_p_fraction,
+    unit_interval,
+)
 
 
 def add_parser(sub) -> None:
@@ -12,8 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=positive_float, default=0.7, help="with --do-sample: > 0")
+    p.add_argument("--top-p", type=top_p_fraction, default=0.9, help="with --do-sample: in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threshold", type=unit_interval, default=None, help="routed model: execute iff p(execute) >= θ"
@@ -27,6 +36,9 @@ def run(args) -> int:
 
     from ..loading import load_model
 
+    empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
+    if empty:
+        raise SkipGPTError(f"--prompt number {empty[0] + 1} is empty; give some text to continue")
     model, tokenizer = load_model(args.model, threshold=args.threshold)
     prompts = args.prompt
     if args.chat:
@@ -38,6 +50,13 @@ def run(args) -> int:
         ]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    need = enc["input_ids"].shape[1] + args.max_new_tokens
+    if limit is not None and need > limit:
+        raise SkipGPTError(
+            f"the longest prompt ({enc['input_ids'].shape[1]} tokens) plus --max-new-tokens "
+            f"{args.max_new_tokens} exceeds the model's {limit} positions; shorten the prompt or ask for fewer tokens"
+        )
     torch.manual_seed(args.seed)
     if hasattr(model, "reset_stats"):
         model.reset_stats()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability
+from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
 
 # The default recipe: dense-start routers, self-distillation from the dense model and a 30%
 # sparsity curriculum. The paper's recipe (random router init, LM loss only) is
@@ -78,7 +78,7 @@ def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
         default="calib",
         help="calib | wiki-heldout | ptb | a .txt/.jsonl/.parquet file or folder | hub dataset",
     )
-    g.add_argument("--seq-len", type=positive_int, default=256)
+    g.add_argument("--seq-len", type=seq_len_int, default=256)
     g.add_argument(
         "--max-blocks", type=positive_int, default=None, help="use at most this many blocks of the dataset"
     )
@@ -175,16 +175,17 @@ def run(args) -> int:
 
     from ..data import load_blocks
     from ..errors import SkipGPTError
-    from ..io import prepare_output_dir
     from ..loading import is_skipgpt_dir
     from ..model import get_skipgpt_model
     from ..specs import load_base_model
+    from ..train.loop import claim_output_dir
     from ..train.router_tuning import train_routers
 
     config = router_config_from_args(args)
     loop = loop_args_from_args(args)
     tuning = tuning_args_from_args(args)
-    prepare_output_dir(args.output)  # refuse a foreign folder before any slow work
+    # refuse a foreign, finished, interrupted or unwritable folder before any slow work
+    claim_output_dir(args.output, args.resume, args.overwrite)
     if is_skipgpt_dir(args.model):
         raise SkipGPTError(
             f"{args.model} is already a routed model; give its base model spec to train new routers"

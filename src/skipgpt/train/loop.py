@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..config import CONFIG_NAME
 from ..errors import SkipGPTError
-from ..io import staged_dir
+from ..io import prepare_output_dir, staged_dir
 
 __all__ = [
     "LoopArgs",
@@ -30,6 +31,7 @@ __all__ = [
     "batch_indices",
     "make_accelerator",
     "save_on_main_process",
+    "claim_output_dir",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -67,6 +69,40 @@ class LoopArgs:
             raise SkipGPTError(
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
+
+
+def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> Path:
+    """The training output folder, refused in one line before any slow work when
+
+    * it is a foreign folder or a file (``prepare_output_dir``);
+    * it holds a finished model and neither ``resume`` nor ``overwrite`` is set;
+    * it holds an interrupted run (a checkpoint, no model) and neither is set: starting again at
+      step 0 would silently discard that checkpoint;
+    * it cannot be written (checked by writing a probe into it, or into the nearest existing
+      parent when it does not exist yet), so that no training is lost to a late PermissionError.
+    """
+    import tempfile
+
+    output_dir = prepare_output_dir(output_dir)
+    if not (resume or overwrite):
+        if (output_dir / CONFIG_NAME).exists():
+            raise SkipGPTError(
+                f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
+            )
+        if (output_dir / CHECKPOINT_DIR / "trainer_state.json").exists():
+            raise SkipGPTError(
+                f"{output_dir} holds an interrupted run (a checkpoint, no final model); pass --resume to "
+                "continue it or --overwrite to start again"
+            )
+    probe_dir = output_dir
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as e:
+        raise SkipGPTError(f"cannot write to {output_dir} ({e.strerror} in {probe_dir})") from None
+    return output_dir
 
 
 def batch_indices(
@@ -194,6 +230,21 @@ def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], op
     return json.loads((path / "trainer_state.json").read_text())
 
 
+# settings that do not change what a resumed run computes
+_RESUME_INDIFFERENT = ("save_every",)
+
+
+def _differing_settings(saved: dict | None, now: dict) -> list[str]:
+    """'name (checkpoint X, now Y)' for each LoopArgs field that changes the result."""
+    if not saved:
+        return []
+    return [
+        f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})"
+        for k in now
+        if k not in _RESUME_INDIFFERENT and saved.get(k) != now[k]
+    ]
+
+
 def train_loop(
     model: torch.nn.Module,
     named_params: dict[str, torch.nn.Parameter],
@@ -241,9 +292,11 @@ def train_loop(
     if resume:
         state = _load_checkpoint(ckpt, named_params, optimizer, scheduler)
         start, history = state["step"], state["history"]
-        if state.get("loop_args") and state["loop_args"] != asdict(args):
+        differ = _differing_settings(state.get("loop_args"), asdict(args))
+        if differ:
             raise SkipGPTError(
-                "--resume needs the same training settings as the interrupted run; they differ"
+                "--resume needs the same training settings as the interrupted run; they differ in "
+                + ", ".join(differ)
             )
 
     model.train()
@@ -263,6 +316,11 @@ def train_loop(
             sync = contextlib.nullcontext() if micro == args.grad_accum - 1 else accelerator.no_sync(prepared)
             with sync:
                 loss, metrics = step_fn(prepared, batch, step)
+                if not math.isfinite(float(loss.detach())):
+                    raise SkipGPTError(
+                        f"training loss is {float(loss.detach())} at step {step}; stopped (nothing saved "
+                        "from this step on): lower --lr, or check the data (--seq-len, blocks)"
+                    )
                 accelerator.backward(loss / args.grad_accum)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum

@@ -41,7 +41,7 @@ from ..config import CONFIG_NAME
 from ..errors import SkipGPTError
 from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
-from .loop import CHECKPOINT_DIR, LoopArgs, save_on_main_process, train_loop
+from .loop import CHECKPOINT_DIR, LoopArgs, claim_output_dir, save_on_main_process, train_loop
 from .losses import check_loss_weights
 from .router_tuning import (
     RouterTuningArgs,
@@ -276,15 +276,6 @@ def _check_resume(output_dir: Path, named: dict[str, nn.Parameter]) -> None:
         )
 
 
-def _refuse_finished(output_dir: Path, resume: bool, overwrite: bool) -> Path:
-    output_dir = prepare_output_dir(output_dir)
-    if (output_dir / CONFIG_NAME).exists() and not (resume or overwrite):
-        raise SkipGPTError(
-            f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
-        )
-    return output_dir
-
-
 def finetune_lora(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -306,7 +297,7 @@ def finetune_lora(
     default: the model's ``name_or_path``). ``on_step(step, metrics)`` runs after every step.
     """
     args = args or LoraArgs()
-    output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
+    output_dir = claim_output_dir(output_dir, resume, overwrite)
     routed = isinstance(model, SkipGPTModel)
     if not routed:
         base_spec = base_spec or getattr(model.config, "_name_or_path", None)
@@ -412,7 +403,7 @@ def train_joint(
         raise SkipGPTError(f"router lr must be > 0, got {router_lr}")
     if continue_routers:
         tuning = replace(tuning, curriculum=0.0)
-    output_dir = _refuse_finished(Path(output_dir), resume, overwrite)
+    output_dir = claim_output_dir(output_dir, resume, overwrite)
     add_lora(model, args)
     routers = {f"routers.{k}": p for k, p in model.router_state_dict().items()}
     for p in routers.values():

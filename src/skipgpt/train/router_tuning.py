@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SkipGPTError
-from ..io import prepare_output_dir
 from ..model import SkipGPTModel
-from .loop import LoopArgs, save_on_main_process, train_loop
+from .loop import LoopArgs, claim_output_dir, save_on_main_process, train_loop
 from .losses import (
     check_loss_weights,
     curriculum_target,
@@ -162,11 +161,7 @@ def train_routers(
     Returns ``{"output", "steps", "final_loss", "history"}``.
     """
     args = args or RouterTuningArgs()
-    output_dir = prepare_output_dir(output_dir)
-    if (output_dir / "skipgpt_config.json").exists() and not (resume or overwrite):
-        raise SkipGPTError(
-            f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
-        )
+    output_dir = claim_output_dir(output_dir, resume, overwrite)
     model.mark_only_routers_trainable()
     named = {k: p for k, p in model.router_state_dict().items()}
     history = train_loop(
