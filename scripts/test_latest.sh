@@ -13,9 +13,9 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "$(grep '^torch==' requirements.lock)" 2>/dev/null ||
   "${pip[@]}" "$(grep '^torch==' requirements.lock)" --extra-index-url https://download.pytorch.org/whl/cpu
 "${pip[@]}" --upgrade -e ".[eval,dev]"
-PYTHON="$venv/bin/python" bash scripts/install_assets.sh
 echo "test-latest: versions that differ from requirements.lock:"
 norm() { tr 'A-Z_' 'a-z-' | sort; }
 "$venv/bin/python" -m pip freeze --exclude-editable | norm >"$venv/freeze.txt"
 grep '==' requirements.lock | norm | comm -13 - "$venv/freeze.txt" | sed 's/^/  /' || true
+PYTHON="$venv/bin/python" bash scripts/install_assets.sh
 "$venv/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-}
