@@ -27,6 +27,7 @@ COMMANDS = {
     "baseline": "skipgpt.commands.baseline",
     "compare": "skipgpt.commands.compare",
     "analyze": "skipgpt.commands.analyze",
+    "serve": "skipgpt.commands.serve",
     "frontier": "skipgpt.commands.frontier",
 }
 
