@@ -37,6 +37,24 @@ The decisions themselves are cheap on purpose: at inference a layer's attention 
 routers, which both read the block input by default, run as one (``router.FusedRouters``: two
 GEMM calls per layer instead of four), before the attention.
 
+Where decisions reach the host. On a CPU a read of a device value costs nothing, so the code
+above reads where it needs to (``nonzero`` per module, the runs of a decode step, the stats).
+On a GPU every read stops the asynchronous kernel queue, so tensors on any other device take
+the *device path* (``sync_policy``; ``SKIPGPT_SYNC_POLICY=host|device|auto`` forces one):
+
+* statistics accumulate on the device and are read once when asked (``RoutingState``);
+* a layer's two execute masks are read to the host in one copy (``plan_decisions`` ->
+  ``HostPlan``: counts, the executing sequences of a decode step, chunk limits of a prefill),
+  and the gather indices are built on the device from the known count (a stable sort, no
+  ``nonzero``);
+* batch-1 decode with fused routers reads its two Python bools once per layer, as on a CPU.
+
+Host reads per forward on the device path (counted with ``skipgpt.eval.syncs``): one per layer
+(two when the MLP router reads the attention output, which it decides after the attention),
+plus one per forward for a prefill's causal-mask check; none from statistics. A module can
+only be skipped by not launching it, so one read per layer is what skipping needs; the
+sync-free alternative is the masked execution (every module on every token, times the gate).
+
 Padding tokens (``RoutingState.token_mask``) never execute here: no real token reads their
 outputs, so their logits are garbage, as they already are in the dense model.
 
@@ -47,10 +65,12 @@ the reference computation with a one-time warning: slower, never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +82,10 @@ __all__ = [
     "fast_attn_residual",
     "fast_mlp_residual",
     "fast_attention_supported",
+    "HostPlan",
+    "plan_decisions",
+    "reads_are_free",
+    "sync_policy",
 ]
 
 
@@ -157,6 +181,80 @@ def fast_attention_supported(layer, **kwargs) -> str | None:
     return _unsupported(layer.part("attn"), kwargs)
 
 
+# -- where decisions are read on the host ------------------------------------------------------------
+_POLICIES = ("auto", "host", "device")
+_policy = os.environ.get("SKIPGPT_SYNC_POLICY", "auto")
+if _policy not in _POLICIES:
+    raise ValueError(f"SKIPGPT_SYNC_POLICY={_policy!r}; accepted: {list(_POLICIES)}")
+
+
+def reads_are_free(t: torch.Tensor) -> bool:
+    """Whether the fast path may read ``t``'s values on the host where it needs them: a CPU
+    tensor under the ``auto`` policy (or any tensor under ``host``); False takes the device path."""
+    if _policy == "auto":
+        return t.device.type == "cpu"
+    return _policy == "host"
+
+
+@contextlib.contextmanager
+def sync_policy(policy: str):
+    """Context: ``"auto"`` (host reads on a CPU, device path elsewhere), ``"host"`` or ``"device"``
+    (e.g. to run and count the GPU's path on a CPU)."""
+    global _policy
+    if policy not in _POLICIES:
+        raise ValueError(f"sync policy {policy!r}; accepted: {list(_POLICIES)}")
+    old, _policy = _policy, policy
+    try:
+        yield
+    finally:
+        _policy = old
+
+
+@dataclass
+class HostPlan:
+    """One module's execute decisions, with what the host must know of them (device path).
+
+    ``mask`` (B, T) bool on the device, padding removed; ``host`` the same on the CPU (read
+    once per layer for both modules); ``n`` executing tokens; ``per_row`` (B) executing tokens
+    per sequence; ``rows`` (T == 1) the executing sequences.
+    """
+
+    mask: torch.Tensor
+    host: torch.Tensor
+    n: int
+    per_row: list[int]
+    rows: list[int] | None = None
+    _idx: torch.Tensor | None = field(default=None, repr=False)
+
+    def indices(self) -> torch.Tensor:
+        """Flat indices (n,) of the executing tokens, ascending, on the device, without a host
+        read: a stable sort puts the executing ones first and the count is known."""
+        if self._idx is None:
+            flat = self.mask.reshape(-1)
+            if self.n == flat.numel():
+                self._idx = torch.arange(self.n, device=flat.device)
+            else:
+                order = torch.sort(flat.to(torch.int32), descending=True, stable=True).indices
+                self._idx = order[: self.n]
+        return self._idx
+
+
+def plan_decisions(layer, masks: dict[str, torch.Tensor]) -> dict[str, HostPlan]:
+    """(B, T) execute masks of some modules of one layer -> their ``HostPlan``, with ONE host read.
+
+    Padding tokens are removed first (``_effective_execute``).
+    """
+    masks = {m: _effective_execute(layer, e) for m, e in masks.items()}
+    host = torch.stack(list(masks.values()), -1).cpu()  # (B, T, R): the layer's one read
+    per_row = host.sum(1).tolist()  # (B, R), from the host copy
+    plans = {}
+    for r, (m, mask) in enumerate(masks.items()):
+        counts = [row[r] for row in per_row]
+        rows = [b for b, c in enumerate(counts) if c] if mask.shape[1] == 1 else None
+        plans[m] = HostPlan(mask, host[..., r], sum(counts), counts, rows)
+    return plans
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1 = x[..., : x.shape[-1] // 2]
@@ -212,18 +310,25 @@ def _decode_runs_all_rows(shape: tuple[int, int, int], n: int) -> bool:
 def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor | bool) -> torch.Tensor:
     """hidden_states (B, T, d), execute (B, T) bool -> hidden_states + MLP branch on executing tokens.
 
-    A single token's decision may come as a Python bool (already read on the host)."""
-    if isinstance(execute, bool) or execute.numel() == 1:  # batch-1 decode: all or nothing, no gather
+    A single token's decision may come as a Python bool (already read on the host); on the
+    device path it comes as a ``HostPlan`` (read with the layer's other decision)."""
+    if isinstance(execute, bool) or (isinstance(execute, torch.Tensor) and execute.numel() == 1):
+        # batch-1 decode: all or nothing, no gather
         return hidden_states + layer.mlp_branch(hidden_states) if bool(execute) else hidden_states
-    execute = _effective_execute(layer, execute)
+    if isinstance(execute, HostPlan):
+        plan, execute, idx, n = execute, execute.mask, None, execute.n
+    else:
+        execute = _effective_execute(layer, execute)
+        idx = execute.reshape(-1).nonzero().squeeze(-1)
+        plan, n = None, idx.numel()
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-    idx = execute.reshape(-1).nonzero().squeeze(-1)
-    if idx.numel() == 0:
+    if n == 0:
         return hidden_states
-    if idx.numel() == flat.shape[0]:
+    if n == flat.shape[0]:
         return hidden_states + layer.mlp_branch(hidden_states)
-    if _decode_runs_all_rows(hidden_states.shape, idx.numel()):
+    if _decode_runs_all_rows(hidden_states.shape, n):
         return hidden_states + execute.unsqueeze(-1).to(hidden_states.dtype) * layer.mlp_branch(hidden_states)
+    idx = plan.indices() if idx is None else idx
     out = layer.mlp_branch(flat.index_select(0, idx).unsqueeze(0)).squeeze(0)
     return flat.index_add(0, idx, out.to(flat.dtype)).view_as(hidden_states)
 
@@ -236,27 +341,34 @@ def fast_attn_residual(
 
     K/V of every token are computed and cached; queries, attention and the output projection
     only for executing tokens. ``kwargs`` are what the model passes its decoder layers. A
-    single token's decision may come as a Python bool (already read on the host).
+    single token's decision may come as a Python bool (already read on the host); on the device
+    path the decisions come as a ``HostPlan``.
     """
     attn = layer.part("attn")
     cache = layer.kv_cache(kwargs)  # raises if a cache is in use under a name we do not know
     reason = _unsupported(attn, kwargs)
+    plan = execute if isinstance(execute, HostPlan) else None
     if reason is not None:
         _warn_once(reason)
         out = layer.attn_branch(hidden_states, **kwargs)
         if isinstance(execute, bool):
             return hidden_states + out if execute else hidden_states
-        return hidden_states + execute.unsqueeze(-1).to(out.dtype) * out
+        mask = execute if plan is None else plan.mask
+        return hidden_states + mask.unsqueeze(-1).to(out.dtype) * out
 
     B, T, d = hidden_states.shape
-    if B * T == 1:  # batch-1 decode: all or nothing
+    if B * T == 1 and plan is None:  # batch-1 decode: all or nothing
         if bool(execute):
             return hidden_states + layer.attn_branch(hidden_states, **kwargs)
         flat_idx, n = None, 0
     else:
-        execute = _effective_execute(layer, execute)
-        flat_idx = execute.reshape(-1).nonzero().squeeze(-1)
-        n = flat_idx.numel()
+        if plan is None:
+            execute = _effective_execute(layer, execute)
+            flat_idx = execute.reshape(-1).nonzero().squeeze(-1)
+            n = flat_idx.numel()
+        else:
+            execute, n = plan.mask, plan.n
+            flat_idx = plan.indices() if 0 < n < B * T and not _decode_runs_all_rows((B, T, d), n) else None
         if n == B * T:  # everyone executes: the model's own attention, exactly as the reference
             return hidden_states + layer.attn_branch(hidden_states, **kwargs)
         if _decode_runs_all_rows((B, T, d), n):
@@ -294,9 +406,10 @@ def fast_attn_residual(
 
     mask = kwargs.get("attention_mask")
     if T == 1:
-        out = _decode_attention(attn, q, k, v, mask, flat_idx)
+        rows = () if plan is None else (plan.rows,)  # the device path knows them already
+        out = _decode_attention(attn, q, k, v, mask, flat_idx, *rows)
     else:
-        out = _prefill_attention(attn, q, k, v, mask, execute, flat_idx)
+        out = _prefill_attention(attn, q, k, v, mask, execute, flat_idx, plan)
     out = getattr(attn, parts.o_proj)(out)
     out = layer._norm("attn_post_norm", out)
     flat = hidden_states.reshape(B * T, d)
@@ -345,18 +458,19 @@ def _sdpa(attn, q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
 
 
-def _decode_attention(attn, q, k, v, mask, idx) -> torch.Tensor:
+def _decode_attention(attn, q, k, v, mask, idx, rows: list[int] | None = None) -> torch.Tensor:
     """One new token per sequence; q (n, H, hd) for the executing sequences ``idx`` -> (n, H*hd).
 
     Keys (B, KVH, KV, hd) of the cache are read through views, one SDPA per run of
-    consecutive executing sequences (a step's runs are few), so no K/V is copied.
+    consecutive executing sequences (a step's runs are few), so no K/V is copied. ``rows``:
+    ``idx`` as already read on the host (device path), else read here.
     """
     n, H, hd = q.shape
     kvh = k.shape[1]
     qg = q.view(n, kvh, H // kvh, hd)  # pack GQA: the query heads of one K/V head as query rows
     if mask is not None:
         mask = mask if mask.shape[0] > 1 else mask.expand(k.shape[0], *mask.shape[1:])
-    rows = idx.tolist()
+    rows = idx.tolist() if rows is None else rows
     runs: list[tuple[int, int, int]] = []  # (first sequence, end sequence, first row of q)
     for i, b in enumerate(rows):
         if runs and runs[-1][1] == b:
@@ -379,27 +493,44 @@ def _decode_attention(attn, q, k, v, mask, idx) -> torch.Tensor:
     return out.reshape(n, H * hd)
 
 
-def _prefill_attention(attn, q, k, v, mask, execute, flat_idx) -> torch.Tensor:
-    """q (n, H, hd) of the executing tokens ``flat_idx`` of execute (B, T) -> (n, H*hd)."""
+def _packed_positions(execute: torch.Tensor, flat_idx: torch.Tensor, tq: int):
+    """Packing of the executing tokens ``flat_idx`` of execute (B, T) into (B, Tq) query slots:
+    (sequence of each token (n,), its slot (n,), position of each slot (B, Tq)); B == 1: (None,
+    None, positions (1, n))."""
+    B, T = execute.shape
+    t_of = flat_idx % T
+    if B == 1:
+        return None, None, t_of.unsqueeze(0)
+    b_of = flat_idx // T
+    rank = (execute.cumsum(1) - 1).reshape(-1).index_select(0, flat_idx)
+    qpos = torch.zeros(B, tq, dtype=torch.long, device=execute.device)
+    qpos[b_of, rank] = t_of
+    # empty slots repeat their row's last query (never widen the key range)
+    return b_of, rank, qpos.cummax(1).values
+
+
+def _prefill_attention(attn, q, k, v, mask, execute, flat_idx, plan: HostPlan | None = None) -> torch.Tensor:
+    """q (n, H, hd) of the executing tokens ``flat_idx`` of execute (B, T) -> (n, H*hd).
+
+    With a ``plan`` (device path) the query count per sequence and the key range of each chunk
+    come from its host copy, so the device is not read here.
+    """
     B, T = execute.shape
     n, H, hd = q.shape
     KV = k.shape[2]
-    t_of = flat_idx % T
+    if B == 1:
+        tq = n
+    elif plan is None:
+        tq = int(execute.sum(1).max())
+    else:
+        tq = max(plan.per_row)
+    b_of, rank, qpos = _packed_positions(execute, flat_idx, tq)
     if B == 1:
         qp = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
-        qpos = t_of.unsqueeze(0)
-        b_of = rank = None
     else:
-        b_of = flat_idx // T
-        rank = (execute.cumsum(1) - 1).reshape(-1).index_select(0, flat_idx)
-        tq = int(execute.sum(1).max())
         qp = q.new_zeros(B, tq, H, hd)
         qp[b_of, rank] = q
         qp = qp.transpose(1, 2)  # (B, H, Tq, hd)
-        qpos = torch.zeros(B, tq, dtype=torch.long, device=q.device)
-        qpos[b_of, rank] = t_of
-        qpos = qpos.cummax(1).values  # empty slots repeat their row's last query (never widen the key range)
-    tq = qp.shape[2]
 
     if mask is None:  # stock sdpa: is_causal (upper-left), keys cropped to T
         past, rows, causal = 0, None, True
@@ -416,7 +547,12 @@ def _prefill_attention(attn, q, k, v, mask, execute, flat_idx) -> torch.Tensor:
     starts = list(range(0, tq, size))
     ends = [min(s + size, tq) for s in starts]
     if causal:
-        last = qpos[:, [e - 1 for e in ends]].amax(0)
+        if plan is None:
+            qpos_h = qpos
+        else:  # the same positions from the host copy of the decisions
+            idx_h = plan.host.reshape(-1).nonzero().squeeze(-1)
+            qpos_h = _packed_positions(plan.host, idx_h, tq)[2]
+        last = qpos_h[:, [e - 1 for e in ends]].amax(0)
         limits = (last + past + 1).clamp(max=KV).tolist()
     else:
         limits = [KV] * len(starts)

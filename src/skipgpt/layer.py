@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .adapters import LayerAdapter, cache_argument, is_cache, missing_cache_error
 from .config import SkipGPTConfig
+from .fast import HostPlan, plan_decisions, reads_are_free
 from .router import FusedRouters, Router
 
 __all__ = ["RoutedDecoderLayer", "RoutingState"]
@@ -32,9 +33,12 @@ class RoutingState:
     """What all routed layers of one model share during a forward.
 
     ``token_mask`` (B, T) marks the real (non-padding) tokens of the current forward; it is
-    set by a pre-hook on the model. ``gates`` collects, for the loss, the differentiable
-    skip rate of each (layer, module) of the current forward. ``skipped``/``counted`` add
-    up decisions over many forwards for statistics (padding excluded).
+    set by a pre-hook on the model. ``skip_rates`` holds the skip rate of each (layer, module)
+    of the current forward (training: differentiable, for the loss). ``skipped``/``counted`` add
+    up decisions over many forwards for statistics (padding excluded). Decisions on a device
+    whose reads stop a queue (``fast.reads_are_free`` is False: a GPU) are counted on the
+    device and read to the host only when ``skipped``/``counted`` are asked for; their
+    ``skip_rates`` are then 0-dim tensors.
     """
 
     num_layers: int
@@ -50,16 +54,45 @@ class RoutingState:
     # training: differentiable tensors; inference: plain floats
     skip_rates: dict[tuple[int, str], torch.Tensor | float] = field(default_factory=dict)
     decisions: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
-    skipped: dict[tuple[int, str], float] = field(default_factory=dict)
-    counted: dict[tuple[int, str], float] = field(default_factory=dict)
+    _skipped: dict[tuple[int, str], float] = field(default_factory=dict, repr=False)
+    _counted: dict[tuple[int, str], float] = field(default_factory=dict, repr=False)
+    # counts not yet read from the device: key -> (skipped, counted) 0-dim tensors (or a float count)
+    _on_device: dict[tuple[int, str], list] = field(default_factory=dict, repr=False)
     # single_token_is_real's cache: the mask it last read, and what it found
     _real_mask: torch.Tensor | None = field(default=None, repr=False)
     _real: bool = field(default=True, repr=False)
 
     def reset_stats(self) -> None:
-        self.skipped.clear()
-        self.counted.clear()
+        self._skipped.clear()
+        self._counted.clear()
+        self._on_device.clear()
         self.decisions.clear()
+
+    @property
+    def skipped(self) -> dict[tuple[int, str], float]:
+        """(layer, module) -> skipped real tokens since ``reset_stats``."""
+        self._read_device_counts()
+        return self._skipped
+
+    @property
+    def counted(self) -> dict[tuple[int, str], float]:
+        """(layer, module) -> real tokens decided since ``reset_stats``."""
+        self._read_device_counts()
+        return self._counted
+
+    def _read_device_counts(self) -> None:
+        """Fold the counts kept on the device into the host totals: one read for all of them."""
+        if not self._on_device:
+            return
+        keys = list(self._on_device)
+        pairs = [self._on_device[k] for k in keys]
+        tensors = [x for pair in pairs for x in pair if isinstance(x, torch.Tensor)]
+        values = iter(torch.stack([t.to(torch.float64) for t in tensors]).tolist()) if tensors else iter(())
+        for k, pair in zip(keys, pairs, strict=True):
+            s, c = (float(next(values)) if isinstance(x, torch.Tensor) else float(x) for x in pair)
+            self._skipped[k] = self._skipped.get(k, 0.0) + s
+            self._counted[k] = self._counted.get(k, 0.0) + c
+        self._on_device.clear()
 
     def single_token_is_real(self) -> bool:
         """For a one-token forward (batch-1 decode): whether that token is real, not padding.
@@ -81,13 +114,39 @@ class RoutingState:
             n = 1.0 if self.single_token_is_real() else 0.0
             skips = 0.0 if gate else n
             self.skip_rates[key] = skips
+        elif not gate.requires_grad and not reads_are_free(gate):
+            self._count_on_device(key, gate)
+            skips = n = None
         else:
             skips, n = self._count(key, gate)
-        self.skipped[key] = self.skipped.get(key, 0.0) + skips
-        self.counted[key] = self.counted.get(key, 0.0) + n
+        if skips is not None:
+            self._skipped[key] = self._skipped.get(key, 0.0) + skips
+            self._counted[key] = self._counted.get(key, 0.0) + n
         if self.keep_decisions:
             kept = torch.tensor([[gate]]) if isinstance(gate, bool) else (gate.detach() > 0.5).cpu()
             self.decisions.setdefault(key, []).append(kept)
+
+    def _count_on_device(self, key: tuple[int, str], gate: torch.Tensor) -> None:
+        """Inference on a GPU: add a (B, T) gate's skipped and real tokens to running totals on
+        the device (no host read); ``skip_rates[key]`` becomes a 0-dim tensor."""
+        mask = self.token_mask
+        if mask is not None and mask.shape != gate.shape:
+            mask = None
+        executed = gate if gate.dtype == torch.bool else gate > 0.5
+        if mask is None:
+            n = gate.numel()
+            skips = n - executed.count_nonzero()
+            self.skip_rates[key] = skips / max(n, 1)
+        else:
+            real = mask.to(device=gate.device, dtype=torch.bool)
+            n = real.count_nonzero()
+            skips = (~executed & real).count_nonzero()
+            self.skip_rates[key] = skips / n.clamp_min(1)
+        acc = self._on_device.get(key)
+        if acc is None:
+            self._on_device[key] = [skips, n]
+        else:
+            acc[0], acc[1] = acc[0] + skips, acc[1] + n
 
     def _count(self, key: tuple[int, str], gate: torch.Tensor) -> tuple[float, float]:
         """(skipped, real) tokens of a (B, T) gate, padding excluded; sets ``skip_rates[key]``."""
@@ -235,6 +294,26 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         state.record(self.layer_idx, module, g)
         return g
 
+    def _device_path(self, block_input: torch.Tensor) -> bool:
+        """Fast inference on a device whose host reads stop the queue (``fast.reads_are_free``)."""
+        state = self.state
+        return (
+            not self.training
+            and state.enabled
+            and state.execution == "fast"
+            and not reads_are_free(block_input)
+        )
+
+    def _plans(self, gates: dict[str, torch.Tensor | bool | None]) -> dict[str, HostPlan]:
+        """The ``HostPlan`` of each gate given as a tensor (one host read for all of them);
+        Python bools (already on the host), absent and removed modules are left out."""
+        masks = {
+            m: _as_mask(g)
+            for m, g in gates.items()
+            if isinstance(g, torch.Tensor) and (self.layer_idx, m) not in self.state.removed
+        }
+        return plan_decisions(self, masks) if masks else {}
+
     # -- the branches, as the original layer computes them -------------------------------------
     def attn_branch(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         h = self._norm("attn_pre_norm", x)
@@ -259,24 +338,36 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         decided = self._inference_decisions(block_input)
         attn_gate = self.gate("attn", block_input, decided)
         removed = self.state.removed
+        shared_input = self.skipgpt_config.mlp_router_input == "block_input"
+        device_path = self._device_path(block_input)
+        if device_path and shared_input:  # both decisions now, read to the host together
+            mlp_gate = self.gate("mlp", block_input, decided)
+            plans = self._plans({"attn": attn_gate, "mlp": mlp_gate})
+        else:
+            plans = self._plans({"attn": attn_gate}) if device_path else {}
         if (self.layer_idx, "attn") in removed:
             pass  # statically removed: no query, no K/V, no output
         elif attn_gate is not None and not self.training and self.state.execution == "fast":
             from .fast import fast_attn_residual  # inference path that really skips work
 
-            hidden_states = fast_attn_residual(self, hidden_states, _as_mask(attn_gate), **kwargs)
+            hidden_states = fast_attn_residual(
+                self, hidden_states, plans.get("attn") or _as_mask(attn_gate), **kwargs
+            )
         else:
             out = self.attn_branch(hidden_states, **kwargs)
             hidden_states = hidden_states + (out if attn_gate is None else _as_multiplier(attn_gate, out))
 
-        router_input = block_input if self.skipgpt_config.mlp_router_input == "block_input" else hidden_states
-        mlp_gate = self.gate("mlp", router_input, decided)
+        if not (device_path and shared_input):
+            router_input = block_input if shared_input else hidden_states
+            mlp_gate = self.gate("mlp", router_input, decided)
+            if device_path:
+                plans = self._plans({"mlp": mlp_gate})
         if (self.layer_idx, "mlp") in removed:
             return hidden_states
         if mlp_gate is not None and not self.training and self.state.execution == "fast":
             from .fast import fast_mlp_residual
 
-            return fast_mlp_residual(self, hidden_states, _as_mask(mlp_gate))
+            return fast_mlp_residual(self, hidden_states, plans.get("mlp") or _as_mask(mlp_gate))
         out = self.mlp_branch(hidden_states)
         return hidden_states + (out if mlp_gate is None else _as_multiplier(mlp_gate, out))
 

@@ -11,6 +11,11 @@ that would be such a read if the tensors lived on a GPU:
   ``torch.where``, indexing or assigning through a boolean tensor, ``repeat_interleave`` with
   tensor repeats and no ``output_size``.
 
+What a host copy (``cpu()``, ``to("cpu")``) returns is tagged as living on the host, and so is
+everything computed from it: reads of those are free on a GPU too and are not counted (on a
+CPU, ``cpu()`` of a CPU tensor is the tensor itself; inside the counter it returns a copy so
+that the tag never marks the original).
+
 Each event is attributed to the first stack frame outside ``torch`` (``skipgpt/fast.py:123``,
 ``transformers/...``), so the count of one decode step can be read per source line. On a real
 GPU, ``torch.cuda.set_sync_debug_mode("warn")`` is the ground truth; this counter is the
@@ -55,10 +60,12 @@ _SHAPES = {
     torch.Tensor.unique: "unique",
     torch.unique: "unique",
 }
-SYNC_OPS = (
-    sorted(set(_READS.values()) | set(_SHAPES.values()))
-    + ["to_cpu", "where_1arg", "bool_index", "repeat_interleave"]
-)
+SYNC_OPS = sorted(set(_READS.values()) | set(_SHAPES.values())) + [
+    "to_cpu",
+    "where_1arg",
+    "bool_index",
+    "repeat_interleave",
+]
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _THIS = str(Path(__file__).resolve())
@@ -130,6 +137,27 @@ def _classify(func, args, kwargs) -> str | None:
     return None
 
 
+_HOST = "_skipgpt_host_copy"
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for x in obj:
+            yield from _tensors(x)
+
+
+def _on_host(args, kwargs) -> bool:
+    return any(getattr(t, _HOST, False) for t in _tensors([*args, *kwargs.values()]))
+
+
+def _tag(out) -> None:
+    for t in _tensors(out):
+        with contextlib.suppress(AttributeError, RuntimeError):
+            setattr(t, _HOST, True)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, log: SyncLog):
         super().__init__()
@@ -137,10 +165,22 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _on_host(args, kwargs):  # computed from a host copy: no device read
+            out = func(*args, **kwargs)
+            _tag(out)
+            if args and (func is torch.Tensor.__setitem__ or getattr(func, "__name__", "").endswith("_")):
+                _tag(args[0])  # written in place from host values: a host tensor now
+            return out
         op = _classify(func, args, kwargs)
-        if op is not None:
-            self.log.events.append((op, _site()))
-        return func(*args, **kwargs)
+        if op is None:
+            return func(*args, **kwargs)
+        self.log.events.append((op, _site()))
+        out = func(*args, **kwargs)
+        if op in ("cpu", "to_cpu"):
+            if out is args[0]:
+                out = out.clone()
+            _tag(out)
+        return out
 
 
 @contextlib.contextmanager
