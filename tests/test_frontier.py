@@ -167,6 +167,11 @@ def test_frontier_end_to_end_every_method(tmp_path, capsys):
     assert set(result["summary"]) == {"skipgpt", "shortgpt", "llm-drop"}
     assert set(result["summary"]["shortgpt"]["decode_b2"]) == {"1.15", "1.25", "1.4"}
     assert last["summary"] == result["summary"] and (out / "models" / "skipgpt").is_dir()
+    assert "Partial run" not in (out / "frontier.md").read_text()
+    partial = result | {"complete": False, "planned": [*result["planned"], "shortgpt@3"]}
+    assert "Partial run: 7 of 8 points measured** (missing: shortgpt@3)" in frontier.format_frontier_markdown(
+        partial
+    )
 
 
 def test_resume_skips_finished_points_and_refuses_other_settings(tmp_path, monkeypatch):

@@ -337,7 +337,15 @@ def format_frontier_markdown(result: dict) -> str:
         f"PPL on {dataset} at a measured speedup: {INTERPOLATION}. The dense model "
         f"({result['points'][0]['ppl'][dataset] if result['points'] else '?'}) is the 1.00x point of every scenario."
     )
-    return "\n\n".join([head, summary, summ, markdown_table(result["points"], cols)])
+    parts = [head, summary, summ, markdown_table(result["points"], cols)]
+    if not result.get("complete", True):
+        missing = [k for k in result.get("planned", []) if k not in {p["key"] for p in result["points"]}]
+        parts.insert(0, (
+            f"**Partial run: {len(result['points'])} of {len(result['points']) + len(missing)} points measured** "
+            f"(missing: {', '.join(missing)}); a line's 'not reached' may only mean its points are not measured "
+            "yet. The same command resumes the run."
+        ))  # fmt: skip
+    return "\n\n".join(parts)
 
 
 def plot_frontier(result: dict, path: str | Path) -> Path:
@@ -599,6 +607,7 @@ def run_frontier(
             "machine": machine,
             "settings": settings | extra,
             "complete": all(p.key in done for p in plans),
+            "planned": [p.key for p in plans],
         }
 
     def write(final: bool = False) -> None:
