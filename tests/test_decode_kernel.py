@@ -124,7 +124,7 @@ class KernelCalls:
         self.rows: list[int] = []  # executing sequences per attention kernel call
         original = fast_mod._decode_attention
 
-        def counted(attn, q, k, v, mask, idx):
+        def counted(attn, q, k, v, mask, idx, *rest):
             rows = idx.tolist()
             runs = 1 + sum(b != a + 1 for a, b in zip(rows, rows[1:], strict=False))
             if runs > fast_mod._MAX_DECODE_RUNS:
@@ -132,7 +132,7 @@ class KernelCalls:
             else:
                 self.attn_loop += 1
             self.rows.append(q.shape[0])
-            return original(attn, q, k, v, mask, idx)
+            return original(attn, q, k, v, mask, idx, *rest)
 
         monkeypatch.setattr(fast_mod, "_decode_attention", counted)
         self.hooks = [
