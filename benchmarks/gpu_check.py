@@ -27,7 +27,6 @@ Needs only torch and transformers besides skipgpt itself (``pip install --no-dep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -120,15 +119,11 @@ TINY = dict(
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     import transformers
 
-    host = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    from skipgpt.eval.speed import cpu_name
+
+    host = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     libs = f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -22,63 +22,42 @@ __all__ = [
 ]
 
 
-def probability(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
+def _number(text: str, accept, give: str, refusal: str) -> float:
+    """``float(text)`` if ``accept(value)``, else argparse's error (``refusal`` formatted with text)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number; give a fraction strictly between 0 and 1"
-        ) from None
-    if not 0.0 < value < 1.0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(
-            f"{text} is outside (0, 1); give a fraction strictly between 0 and 1"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {give}") from None
+    if not accept(value):  # every accept() is False for nan
+        raise argparse.ArgumentTypeError(refusal.format(text=text))
     return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    give = "a fraction strictly between 0 and 1"
+    return _number(text, lambda v: 0.0 < v < 1.0, give, "{text} is outside (0, 1); give " + give)
 
 
 def unit_interval(text: str) -> float:
     """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a value in [0, 1]") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
-    return value
+    return _number(text, lambda v: 0.0 <= v <= 1.0, "a value in [0, 1]", "{text} is outside [0, 1]")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a sampling temperature)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a finite number > 0") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return value
+    give = "a finite number > 0"
+    return _number(text, lambda v: v > 0 and math.isfinite(v), give, "{text} must be " + give)
 
 
 def top_p_fraction(text: str) -> float:
     """argparse type: a number in (0, 1] (nucleus sampling's probability mass)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a value in (0, 1]") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]")
-    return value
+    return _number(text, lambda v: 0.0 < v <= 1.0, "a value in (0, 1]", "{text} is outside (0, 1]")
 
 
 def non_negative(text: str) -> float:
     """argparse type: a number >= 0 (a loss weight)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a number >= 0") from None
-    if not value >= 0.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is negative; give a number >= 0")
-    return value
+    return _number(text, lambda v: v >= 0.0, "a number >= 0", "{text} is negative; give a number >= 0")
 
 
 def positive_int(text: str) -> int:

@@ -51,6 +51,7 @@ __all__ = [
     "sweep_threshold",
     "format_sweep_table",
     "machine_string",
+    "cpu_name",
 ]
 
 DEFAULT_SCENARIOS = ("prefill_1x1024", "prefill_4x512", "decode_b1", "decode_b8")
@@ -89,14 +90,19 @@ def parse_scenario(name: str, decode_context: int = 384, decode_steps: int = 64)
     )
 
 
-def machine_string() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_string() -> str:
+    return (
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 # -- routing ---------------------------------------------------------------------------------------
