@@ -57,6 +57,12 @@ def test_summarize_reads_each_line_at_the_targets():
     assert out["skipgpt"]["a"] == {"1.15": 15.0, "1.25": None, "1.4": None}
 
 
+def test_spread_order_covers_the_range_first():
+    assert frontier.spread_order(8) == [7, 3, 1, 5, 0, 2, 4, 6]
+    for n in range(13):
+        assert sorted(frontier.spread_order(n)) == list(range(n))
+
+
 # -- same-run timing ---------------------------------------------------------------------------------
 def test_speedup_comes_from_dense_and_point_times_of_the_same_run(monkeypatch):
     """A fake clock advances only inside forwards: the point costs 1 per forward, the dense model
@@ -154,6 +160,9 @@ def test_frontier_end_to_end_every_method(tmp_path, capsys):
     assert [m for m, _ in keys].count("skipgpt") == 2
     assert [m for m, _ in keys].count("shortgpt") == [m for m, _ in keys].count("llm-drop") == 2
     assert keys[0][0] == "dense" and result["complete"]
+    assert [p["key"] for p in result["points"]] == [
+        "dense", "skipgpt@0", "skipgpt@0.6", "shortgpt@1", "shortgpt@2", "llm-drop@1", "llm-drop@2"
+    ]  # fmt: skip
     for p in result["points"]:
         assert set(p["speedup"]) == set(p["ideal"]) == {"prefill_1x8", "decode_b2"}
         assert set(p["sparsity"]) >= {"module", "params"} and list(p["ppl"]) == [str(tmp_path / "text.txt")]

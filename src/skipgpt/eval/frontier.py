@@ -61,6 +61,7 @@ __all__ = [
     "INTERPOLATION",
     "RouterLine",
     "default_max_layers",
+    "spread_order",
     "time_against_dense",
     "measure_speed",
     "static_ideal",
@@ -91,6 +92,21 @@ def default_max_layers(num_layers: int, share: float = 0.4) -> int:
     """ShortGPT's default N: the layer count nearest ``share`` of the parameters (at least 1,
     at most all but one layer)."""
     return min(max(1, round(share * num_layers)), max(1, num_layers - 1))
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 ordered so that every prefix spreads over the range: the last, then the midpoints
+    of the gaps left, breadth first (n=8: 7, 3, 1, 5, 0, 2, 4, 6)."""
+    from collections import deque
+
+    order, gaps = ([n - 1], deque([(-1, n - 1)])) if n else ([], deque())
+    while gaps:
+        lo, hi = gaps.popleft()
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            order.append(mid)
+            gaps.extend([(lo, mid), (mid, hi)])
+    return order
 
 
 # -- speed ------------------------------------------------------------------------------------------
@@ -553,7 +569,6 @@ def run_frontier(
 
     def skipgpt(line: RouterLine, theta: float):
         if line.key not in loaded:
-            loaded.clear()
             loaded[line.key] = line.load().eval()
         model = loaded[line.key]
 
@@ -562,10 +577,10 @@ def run_frontier(
 
         return model, routing, None, None, {"threshold": theta} | line.info
 
-    plans = [_Plan("dense", "dense", None, "dense", lambda: (base, None, [], dict(DENSE_SPARSITY), {}))]
+    per_line: list[list[_Plan]] = []
     for line in routers:
-        for t in thetas:
-            plans.append(
+        per_line.append(
+            [
                 _Plan(
                     f"{line.key}@{t:g}",
                     "skipgpt",
@@ -573,14 +588,19 @@ def run_frontier(
                     f"θ={t:g}",
                     lambda line=line, t=t: skipgpt(line, float(t)),
                 )
-            )
-    for k in range(1, max_layers + 1):  # the static methods alternate, so a partial run has both
-        plans.append(
+                for t in sorted(thetas)
+            ]
+        )
+    per_line.append(
+        [
             _Plan(
                 f"shortgpt@{k}", "shortgpt", "shortgpt", f"-{k} layer{'s' * (k > 1)}", lambda k=k: shortgpt(k)
             )
-        )
-        plans.append(
+            for k in range(1, max_layers + 1)
+        ]
+    )
+    per_line.append(
+        [
             _Plan(
                 f"llm-drop@{k}",
                 "llm-drop",
@@ -588,7 +608,17 @@ def run_frontier(
                 f"share of {k} layer{'s' * (k > 1)}",
                 lambda k=k: llm_drop(k),
             )
-        )
+            for k in range(1, max_layers + 1)
+        ]
+    )
+    dense_plan = _Plan("dense", "dense", None, "dense", lambda: (base, None, [], dict(DENSE_SPARSITY), {}))
+    plans = [dense_plan] + [p for line in per_line for p in line]  # the order of the tables
+    # the order of the run: the lines take turns, each from its fastest setting and then halving
+    # the gaps (spread_order), so that a partial run already has every line over its whole range
+    spread = [[line[i] for i in spread_order(len(line))] for line in per_line]
+    run_order = [dense_plan] + [
+        line[j] for j in range(max(map(len, spread), default=0)) for line in spread if j < len(line)
+    ]
     names = {r.key: r.label for r in routers} | {k: v for k, v in LINE_LABELS.items() if k != "skipgpt"}
 
     cost = CostModel.from_config(base.config)
@@ -620,7 +650,7 @@ def run_frontier(
             plot_frontier(res, out / "frontier.png")
 
     out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in plans if p.key not in done]
+    todo = [p for p in run_order if p.key not in done]
     bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc="frontier", disable=not progress)
     try:
         for plan in todo:
