@@ -202,6 +202,13 @@ def test_resume_skips_finished_points_and_refuses_other_settings(tmp_path, monke
     assert main(argv) == 0 and len(calls) == 1
     again = json.loads((out / "frontier.json").read_text())
     assert [p["key"] for p in again["points"]] == [p["key"] for p in result["points"]]
+    # the runs are kept: a finished run re-read by their minimum recomputes nothing
+    assert main([*argv, "--statistic", "min"]) == 0 and len(calls) == 1
+    low = json.loads((out / "frontier.json").read_text())
+    assert low["settings"]["statistic"] == "min"
+    for p in low["points"][1:]:
+        for name, t in p["times_s"].items():
+            assert p["speedup"][name] == pytest.approx(min(t["dense"]) / min(t["point"]), rel=1e-3)
     calls.clear()
     other = [*argv, "--repeats", "2"]
     assert main(other) == 2 and calls == []  # other settings: refused in one line

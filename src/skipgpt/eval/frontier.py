@@ -11,7 +11,9 @@ share of k layers (LLM-Drop, the matching budgets). Each point gets:
 * ``speedup``: tokens/s of the point over tokens/s of the dense model, per scenario
   (``prefill_1x1024``, ``decode_b1``, ``decode_b8``, as ``eval.speed`` parses them), the two
   timed alternately in the same run (prefill: run by run in a rotated order; decode: step by
-  step), median of ``repeats`` after ``warmup``; every timing is kept in ``times_s``;
+  step), ``repeats`` runs after ``warmup``, read by their median (as ``skipgpt bench``) or, on a
+  shared machine whose other jobs slow single runs down, their minimum (``statistic``); every
+  timing is kept in ``times_s``, and the speedups are re-read from them when a run resumes;
 * ``ideal``: the FLOP speedup of the work the point skips (``skipgpt.costs``): the routing it
   actually took (an extra, untimed pass) for SkipGPT; for the static methods their removal,
   where a removed attention also saves its K/V projections.
@@ -63,6 +65,8 @@ __all__ = [
     "default_max_layers",
     "spread_order",
     "time_against_dense",
+    "STATISTICS",
+    "read_times",
     "measure_speed",
     "static_ideal",
     "evaluate_quality",
@@ -147,6 +151,20 @@ def time_against_dense(
     return times
 
 
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+def read_times(
+    times: dict[str, list[float]], scenario: Scenario, statistic: str = "median"
+) -> tuple[dict, float]:
+    """``{"dense": [s], "point": [s]}`` run times -> (tokens/s of each, speedup of the point), each
+    run set read by ``statistic`` ('median' or 'min')."""
+    if statistic not in STATISTICS:
+        raise SkipGPTError(f"unknown statistic {statistic!r}; accepted: {', '.join(STATISTICS)}")
+    t = {v: STATISTICS[statistic](ts) for v, ts in times.items()}
+    return {v: round(scenario.tokens_per_run / x, 3) for v, x in t.items()}, round(t["dense"] / t["point"], 4)
+
+
 def static_ideal(cost: CostModel, records: Sequence[ForwardRecord], removed) -> float:
     """FLOP speedup of statically removing the (layer, module) pairs ``removed`` from forwards
     shaped as ``records`` (their own routing ignored). A removed attention saves its K/V
@@ -181,13 +199,15 @@ def measure_speed(
     repeats: int = 3,
     warmup: int = 1,
     dense_runners: dict[str, _Runner] | None = None,
+    statistic: str = "median",
 ) -> dict:
     """Measured and ideal speedup of ``model`` against ``dense`` per scenario.
 
     ids: (n,) token pool (``eval.speed``'s). ``routing``: the point's routing context factory.
-    ``removed``: the (layer, module) pairs the point removes statically (ShortGPT: both modules
-    of a removed layer; LLM-Drop), whose ideal is ``static_ideal``; None for a routed model, whose
-    ideal comes from the decisions of one more, untimed run of each scenario. ``dense_runners``
+    ``statistic``: how the runs are read, 'median' or 'min'. ``removed``: the (layer, module)
+    pairs the point removes statically (ShortGPT: both modules of a removed layer; LLM-Drop),
+    whose ideal is ``static_ideal``; None for a routed model, whose ideal comes from the
+    decisions of one more, untimed run of each scenario. ``dense_runners``
     (scenario name -> runner) keeps the dense model's decode contexts between points.
     Returns ``{"speedup", "ideal", "tok_s", "times_s"}``, each keyed by scenario name.
     """
@@ -199,10 +219,8 @@ def measure_speed(
             dense_runners[sc.name] = _Runner(dense, sc, ids)
         runner = _Runner(model, sc, ids)
         times = time_against_dense(dense_runners[sc.name], runner, sc, enter, repeats, warmup)
-        med = {v: statistics.median(t) for v, t in times.items()}
         out["times_s"][sc.name] = {v: [round(t, 6) for t in ts] for v, ts in times.items()}
-        out["tok_s"][sc.name] = {v: round(sc.tokens_per_run / m, 3) for v, m in med.items()}
-        out["speedup"][sc.name] = round(med["dense"] / med["point"], 4)
+        out["tok_s"][sc.name], out["speedup"][sc.name] = read_times(times, sc, statistic)
         if removed is not None:
             ideal = static_ideal(cost, runner.records({}), removed)
         elif isinstance(model, SkipGPTModel):
@@ -344,8 +362,8 @@ def format_frontier_markdown(result: dict) -> str:
         f"same parameter shares (module scores on the same text). Sparsity: SkipGPT and LLM-Drop as realised on "
         f"the PPL windows (pooled), ShortGPT its removal. PPL: the first {g['max_windows']} windows of "
         f"{g['eval_seq_len']} tokens of each set, the same for every point. Speedup: tokens/s against the "
-        f"dense model timed alternately in the same run (prefill run by run, decode step by step), median of "
-        f"{s['repeats']} after {s['warmup']} warm-up; decode: {s['decode_steps']} steps after "
+        f"dense model timed alternately in the same run (prefill run by run, decode step by step), "
+        f"{s.get('statistic', 'median')} of {s['repeats']} runs after {s['warmup']} warm-up; decode: {s['decode_steps']} steps after "
         f"{s['decode_context']} context tokens (DynamicCache); ideal: FLOP speedup of the work skipped "
         f"(`skipgpt.costs`). {result['machine']}."
     )
@@ -508,6 +526,7 @@ def run_frontier(
     base_spec: str | None = None,
     machine: str = "",
     overwrite: bool = False,
+    statistic: str = "median",
     progress: bool = True,
 ) -> dict:
     """Build, evaluate and time every point; write ``frontier.{json,md,png}`` into ``out``.
@@ -516,7 +535,9 @@ def run_frontier(
     text of ShortGPT and LLM-Drop; ``evals``: name -> (N, T) PPL windows, named as
     ``settings["eval_datasets"]`` (``frontier_settings``: θs, N, scenarios, repeats, ...). A rerun
     with the same settings re-uses the finished points of ``OUT/frontier.progress.json``; other
-    settings are refused unless ``overwrite``. Returns the result (``points``, ``summary``,
+    settings are refused unless ``overwrite``. ``statistic`` ('median' or 'min') reads the timed
+    runs; it is not a setting of the progress (the runs are kept, so a rerun may read them either
+    way). Returns the result (``points``, ``summary``,
     ``lines``, ``machine``, ``settings``, ``complete``).
     """
     out = Path(out)
@@ -531,6 +552,8 @@ def run_frontier(
         )
     parsed = [parse_scenario(sc, settings["decode_context"], settings["decode_steps"]) for sc in scenarios]
     repeats, warmup, eval_batch_size = settings["repeats"], settings["warmup"], settings["eval_batch_size"]
+    if statistic not in STATISTICS:
+        raise SkipGPTError(f"unknown statistic {statistic!r}; accepted: {', '.join(STATISTICS)}")
     record = load_progress(out, settings, overwrite)
     done: dict = record["points"]
 
@@ -628,14 +651,25 @@ def run_frontier(
     dense_runners: dict[str, _Runner] = {}
     extra = {"timing_input": source}
 
+    by_name = {sc.name: sc for sc in parsed}
+
+    def reread(point: dict) -> dict:
+        """The point with its speedups read from its times by this run's statistic."""
+        if "times_s" not in point:
+            return point
+        point = copy.deepcopy(point)
+        for name, times in point["times_s"].items():
+            point["tok_s"][name], point["speedup"][name] = read_times(times, by_name[name], statistic)
+        return point
+
     def result() -> dict:
-        points = [done[p.key] for p in plans if p.key in done]
+        points = [reread(done[p.key]) for p in plans if p.key in done]
         return {
             "points": points,
             "summary": summarize(points, list(scenarios), settings["summary_dataset"]),
             "lines": names,
             "machine": machine,
-            "settings": settings | extra,
+            "settings": settings | extra | {"statistic": statistic},
             "complete": all(p.key in done for p in plans),
             "planned": [p.key for p in plans],
         }
@@ -682,6 +716,7 @@ def run_frontier(
                     repeats=repeats,
                     warmup=warmup,
                     dense_runners=dense_runners,
+                    statistic=statistic,
                 )
             done[plan.key] = point
             if plan.method != "skipgpt" and model is not base:
