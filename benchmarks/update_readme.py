@@ -4,6 +4,7 @@ A README section ``<!-- results:NAME -->`` … ``<!-- /results:NAME -->`` is rep
 file named in ``SECTIONS`` (a markdown table + settings line written by its command).
 
     python benchmarks/update_readme.py            # after running the commands below
+    python benchmarks/update_readme.py frontier   # only the sections named
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (result file, the command that writes it)
 SECTIONS = {
+    "frontier": (
+        "results/frontier.md",
+        "skipgpt train-router --model smollm2-135m --dataset calib --budget params --target-sparsity 0.25 "
+        "--max-steps 100 --batch-size 4 --output runs/rt100-params25 && OMP_NUM_THREADS=1 skipgpt frontier "
+        "--model smollm2-135m --routers runs/rt100-params25 --thetas 0,0.5,0.6465,0.75,0.85,0.9,0.95 "
+        "--max-windows 2 --repeats 3 --decode-steps 4 --decode-context 128 --statistic min --out runs/frontier "
+        "&& cp runs/frontier/frontier.md runs/frontier/frontier.json runs/frontier/frontier.png results/",
+    ),
     "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
     "demo-params": (
         "results/demo_params.md",
@@ -72,10 +81,10 @@ SECTIONS = {
 }
 
 
-def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name, (path, command) in SECTIONS.items():
+def fill(text: str, names=None) -> str:
+    """``text`` with each section in ``names`` (default: all of ``SECTIONS``) replaced by its file."""
+    for name in names or SECTIONS:
+        path, command = SECTIONS[name]
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             continue
@@ -85,6 +94,17 @@ def main() -> int:
         else:
             body = f"_not measured yet: run `{command}`_"
         text = pattern.sub(lambda m, b=body: f"{m.group(1)}{b}\n{m.group(2)}", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = list(sys.argv[1:] if argv is None else argv) or None
+    unknown = sorted(set(names or []) - set(SECTIONS))
+    if unknown:
+        print(f"error: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    readme = ROOT / "README.md"
+    text = fill(readme.read_text(), names)
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(readme)
