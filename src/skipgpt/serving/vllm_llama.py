@@ -147,6 +147,8 @@ class ServeRoutingState:
             "decisions": decisions,
             "skipped_decisions": sum(sum(v) for v in self.skipped.values()),
             "skipped": self.skipped,
+            # parameters of one module of one layer (FLOPs / 2), for a parameter-weighted sparsity
+            "module_params": {"attn": (c.q_o + c.k_v) // 2, "mlp": c.mlp // 2},
             "dense_flops": dense,
             "skipped_flops": skipped,
         }
