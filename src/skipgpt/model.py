@@ -198,8 +198,16 @@ class SkipGPTModel(nn.Module):
 
     # -- save / load -------------------------------------------------------------------------
     def save_pretrained(self, output_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``skipgpt_config.json`` and ``routers.safetensors`` (atomically) into ``output_dir``."""
-        from .io import prepare_output_dir
+        """Write ``skipgpt_config.json`` and ``routers.safetensors`` into ``output_dir`` as one unit.
+
+        The new folder is written complete beside the old one and swapped in (``io.staged_dir``):
+        a kill leaves the old model or the new one, never new routers beside an old config. What
+        else the old folder held is kept (the training checkpoint), except a LoRA ``adapter/``,
+        which belonged to the old routers.
+        """
+        import json
+
+        from .io import fault_point, prepare_output_dir
 
         output_dir = prepare_output_dir(output_dir)
         record = {
@@ -214,10 +222,9 @@ class SkipGPTModel(nn.Module):
         tensors = {
             k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.router_state_dict().items()
         }
-        with staged_dir(output_dir) as stage:
+        with staged_dir(output_dir, drop=("adapter",)) as stage:
             save_file(tensors, str(stage / ROUTERS_NAME), metadata={"format": "pt", "skipgpt": __version__})
-            import json
-
+            fault_point("final:files")
             (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
         return output_dir
 

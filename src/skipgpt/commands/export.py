@@ -10,6 +10,11 @@ Layout of ``--output`` for a routed model::
 
 A dense + LoRA folder exported with ``--merge`` becomes a plain HF model folder (no routers).
 With ``--merge`` the result loads without peft and gives the same logits.
+
+What is copied is checked first, so that a truncated or mismatched file is refused in one line
+instead of shipped: the config parses, the routers load into the model (names, shapes) and
+every router and adapter value is finite. The output is locked for the export (one writer) and
+written complete beside its place, then renamed in.
 """
 
 from __future__ import annotations
@@ -37,18 +42,68 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_finite(tensors: dict, what: str) -> None:
+    import torch
+
+    from ..errors import SkipGPTError
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SkipGPTError(f"{what} holds non-finite values ({name}); it is not exported")
+
+
+def _check_copied(stage, hf, config, routed: bool, adapter: bool) -> None:
+    """Refuse (one line) copied routers that do not load into ``hf`` wrapped with ``config``
+    (truncated, other names or shapes) or hold NaN/inf, and adapter weights that do not load
+    or are not finite. Checks the copies in ``stage``: exactly what is shipped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..errors import SkipGPTError
+    from ..model import ROUTERS_NAME, SkipGPTModel
+    from ..train.lora import ADAPTER_DIR
+
+    if routed:
+        wrapped = SkipGPTModel(hf, config)
+        try:
+            wrapped.load_routers(stage / ROUTERS_NAME)
+            _check_finite(wrapped.router_state_dict(), f"router file {ROUTERS_NAME}")
+        finally:
+            wrapped.unwrap()
+    if adapter:
+        for f in sorted((stage / ADAPTER_DIR).glob("*.safetensors")):
+            try:
+                tensors = load_file(str(f))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise SkipGPTError(
+                    f"adapter file {f.name} is corrupt or truncated ({str(e).splitlines()[0]})"
+                ) from None
+            _check_finite(tensors, f"adapter file {f.name}")
+
+
 def export_model(source: str, output: str, merge: bool = False) -> dict:
-    """Export the skipgpt folder ``source`` to the new folder ``output`` (atomically).
+    """Export the skipgpt folder ``source`` to the new folder ``output`` (atomically, locked).
 
     Returns ``{"output", "kind": "routed"|"hf", "merged", "adapter", "base_model"}``.
     """
+    from ..io import lock_output, release_output
+
+    lock_output(output)
+    try:
+        return _export(source, output, merge)
+    except BaseException:
+        release_output(output)
+        raise
+
+
+def _export(source: str, output: str, merge: bool) -> dict:
     import json
     import shutil
     from pathlib import Path
 
     from ..config import CONFIG_NAME, SkipGPTConfig
     from ..errors import SkipGPTError
-    from ..io import prepare_output_dir, staged_dir
+    from ..io import prepare_output_dir, recover_dir, staged_dir
     from ..loading import is_skipgpt_dir, load_model
     from ..model import ROUTERS_NAME, SkipGPTModel, resolve_base_spec
     from ..specs import load_base_model
@@ -60,11 +115,13 @@ def export_model(source: str, output: str, merge: bool = False) -> dict:
             f"{source} is not a skipgpt output folder (no {CONFIG_NAME}); export takes the output of "
             "train-router or finetune-lora"
         )
+    recover_dir(output)  # what a killed export left beside the folder (we hold its lock)
     out = prepare_output_dir(output, allow_existing_ours=False)
     if out.exists() and any(out.iterdir()):
         raise SkipGPTError(f"output folder {out} is not empty; give a new folder")
     record = SkipGPTConfig.read_json(src / CONFIG_NAME)
     routed = record.get("router_config") is not None
+    config = SkipGPTConfig.from_dict(record["router_config"]) if routed else None
     has_adapter = (src / ADAPTER_DIR).is_dir()
     merged = merge and has_adapter
     if merged:
@@ -91,6 +148,7 @@ def export_model(source: str, output: str, merge: bool = False) -> dict:
             shutil.copy2(src / ROUTERS_NAME, stage / ROUTERS_NAME)
         if has_adapter and not merged:
             shutil.copytree(src / ADAPTER_DIR, stage / ADAPTER_DIR)
+        _check_copied(stage, hf, config, routed, adapter=has_adapter and not merged)
         new = dict(record)
         new["base_model"] = str(out.resolve() / HF_DIR)  # for humans; loaders use base_model_in_folder
         new["base_model_in_folder"] = HF_DIR

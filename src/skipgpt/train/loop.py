@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import CONFIG_NAME
 from ..errors import SkipGPTError
-from ..io import prepare_output_dir, staged_dir
+from ..io import fault_point, lock_output, prepare_output_dir, recover_dir, staged_dir
 
 __all__ = [
     "LoopArgs",
@@ -32,6 +32,9 @@ __all__ = [
     "make_accelerator",
     "save_on_main_process",
     "claim_output_dir",
+    "verify_checkpoint",
+    "has_checkpoint",
+    "MANIFEST_NAME",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -72,28 +75,26 @@ class LoopArgs:
 
 
 def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> Path:
-    """The training output folder, refused in one line before any slow work when
+    """The training output folder, locked for this run, refused in one line before any slow work when
 
     * it is a foreign folder or a file (``prepare_output_dir``);
+    * it cannot be written (checked by writing a probe into it, or into the nearest existing
+      parent when it does not exist yet), so that no training is lost to a late PermissionError;
+    * another run writes it (``io.lock_output``: the lock beside the folder, which ``train_loop``
+      holds from its start until the final model is in place; the refusal names the holder's pid);
     * it holds a finished model and neither ``resume`` nor ``overwrite`` is set;
     * it holds an interrupted run (a checkpoint, no model) and neither is set: starting again at
-      step 0 would silently discard that checkpoint;
-    * it cannot be written (checked by writing a probe into it, or into the nearest existing
-      parent when it does not exist yet), so that no training is lost to a late PermissionError.
+      step 0 would silently discard that checkpoint.
+
+    While it holds the lock, what a killed run left is tidied (``io.recover_dir``): a swap cut between its
+    renames is finished or undone, stale stage folders are deleted, each said on stderr.
     """
+    import sys
     import tempfile
 
+    from ..io import release_output
+
     output_dir = prepare_output_dir(output_dir)
-    if not (resume or overwrite):
-        if (output_dir / CONFIG_NAME).exists():
-            raise SkipGPTError(
-                f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
-            )
-        if (output_dir / CHECKPOINT_DIR / "trainer_state.json").exists():
-            raise SkipGPTError(
-                f"{output_dir} holds an interrupted run (a checkpoint, no final model); pass --resume to "
-                "continue it or --overwrite to start again"
-            )
     probe_dir = output_dir
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
@@ -102,6 +103,28 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> P
             pass
     except OSError as e:
         raise SkipGPTError(f"cannot write to {output_dir} ({e.strerror} in {probe_dir})") from None
+    from ..io import holds_output
+
+    held = holds_output(output_dir)
+    lock_output(output_dir)  # refuses while another run writes there
+    try:
+        done = recover_dir(output_dir)
+        done += recover_dir(output_dir / CHECKPOINT_DIR, accept=lambda p: verify_checkpoint(p) is None)
+        for what in done:
+            print(f"note: {output_dir}: {what}", file=sys.stderr)
+        if not (resume or overwrite):
+            if (output_dir / CONFIG_NAME).exists():
+                raise SkipGPTError(
+                    f"{output_dir} already holds a trained model; pass --resume to continue or --overwrite"
+                )
+            if has_checkpoint(output_dir):
+                raise SkipGPTError(
+                    f"{output_dir} holds an interrupted run (a checkpoint, no final model); pass --resume "
+                    "to continue it or --overwrite to start again"
+                )
+    finally:
+        if not held:  # train_loop holds it while the run writes (model loading is no write)
+            release_output(output_dir)
     return output_dir
 
 
@@ -192,10 +215,28 @@ def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+MANIFEST_NAME = "manifest.json"
+_CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "trainer_state.json")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _save_checkpoint(
     path: Path, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler, state: dict
 ) -> None:
-    with staged_dir(path) as stage:
+    """Write a checkpoint as one unit: complete in its own stage folder, with a manifest (step,
+    size and sha256 of every file) written last, then swapped in for the previous one by
+    renames (``io.swap_in``). A kill leaves the previous checkpoint or this one, never a mix of
+    the two (the file-by-file writer once left step-15 weights beside a step-10 state)."""
+    with staged_dir(path, keep_old=False) as stage:
         save_file(
             {k: p.detach().cpu().contiguous() for k, p in named_params.items()},
             str(stage / "trainable.safetensors"),
@@ -203,7 +244,79 @@ def _save_checkpoint(
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, stage / "optimizer.pt"
         )
+        fault_point("checkpoint:files")
         (stage / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        manifest = {
+            "format": 1,
+            "step": state["step"],
+            "files": {
+                name: {"size": (stage / name).stat().st_size, "sha256": _sha256(stage / name)}
+                for name in _CHECKPOINT_FILES
+            },
+        }
+        (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be trusted (one phrase), or None when it is
+    whole: its manifest names exactly its files, with their sizes and sha256, and the step of
+    its trainer state. A folder without a manifest (written before manifests existed) is
+    reported by the caller, not here."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        files, step = manifest["files"], manifest["step"]
+        if not isinstance(files, dict) or sorted(files) != sorted(_CHECKPOINT_FILES):
+            return "its manifest does not list the checkpoint files"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST_NAME} is unreadable"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("size"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want.get('size')}"
+        if _sha256(f) != want.get("sha256"):
+            return f"{name} differs from the manifest (sha256)"
+    try:
+        state_step = json.loads((path / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    if state_step != step:
+        return f"trainer_state.json says step {state_step}, the manifest step {step}"
+    return None
+
+
+def has_checkpoint(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a checkpoint (whole or not) that --resume would read."""
+    ckpt = Path(output_dir) / CHECKPOINT_DIR
+    return (ckpt / "trainer_state.json").exists() or (ckpt / MANIFEST_NAME).exists()
+
+
+def _checked_checkpoint(path: Path) -> Path:
+    """The checkpoint folder to resume from, refused in one line when it is torn or foreign.
+
+    Without a manifest (an older skipgpt) it is resumed as before, with a warning: its files
+    cannot be checked against each other."""
+    if not (path / MANIFEST_NAME).exists():
+        if not (path / "trainer_state.json").exists():
+            raise SkipGPTError(
+                f"no checkpoint to resume from in {path.parent} (missing {path.name}/trainer_state.json)"
+            )
+        import warnings
+
+        warnings.warn(
+            f"checkpoint {path} has no {MANIFEST_NAME} (written by an older skipgpt): resuming without "
+            "checking that its files belong together",
+            stacklevel=3,
+        )
+        return path
+    why = verify_checkpoint(path)
+    if why is not None:
+        raise SkipGPTError(
+            f"checkpoint {path} is torn or foreign ({why}); resuming it would continue from a state no "
+            "run had: pass --overwrite to start again"
+        )
+    return path
 
 
 def load_trainable(path: Path, named_params: dict[str, torch.nn.Parameter]) -> None:
@@ -219,10 +332,7 @@ def load_trainable(path: Path, named_params: dict[str, torch.nn.Parameter]) -> N
 
 
 def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
-    if not (path / "trainer_state.json").exists():
-        raise SkipGPTError(
-            f"no checkpoint to resume from in {path.parent} (missing {path.name}/trainer_state.json)"
-        )
+    path = _checked_checkpoint(path)
     load_trainable(path, named_params)
     opt = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
@@ -265,7 +375,46 @@ def train_loop(
     Checkpoints go to ``output_dir/checkpoint`` every ``args.save_every`` steps and at the end.
     ``lr_scale`` (name -> factor, default 1) gives some parameters another learning rate
     (SkipGPT-Joint: routers and LoRA in one run).
+
+    The run holds ``output_dir``'s lock (``io.lock_output``) from here until the final model
+    is in place (the writer's swap releases it); an exception releases it at once.
     """
+    from ..io import release_output
+
+    lock_output(output_dir)
+    try:
+        return _train_loop(
+            model,
+            named_params,
+            blocks,
+            args,
+            step_fn,
+            output_dir,
+            resume=resume,
+            desc=desc,
+            on_step=on_step,
+            progress=progress,
+            lr_scale=lr_scale,
+        )
+    except BaseException:
+        release_output(output_dir)
+        raise
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    named_params: dict[str, torch.nn.Parameter],
+    blocks: torch.Tensor,
+    args: LoopArgs,
+    step_fn: StepFn,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    desc: str = "training",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+    lr_scale: dict[str, float] | None = None,
+) -> list[dict[str, float]]:
     from transformers import get_scheduler
 
     accelerator = make_accelerator(args.mixed_precision)
@@ -305,6 +454,7 @@ def train_loop(
         total=args.max_steps, initial=start, desc=desc, disable=not (progress and accelerator.is_main_process)
     )
     for step in range(start, args.max_steps):
+        fault_point("step")  # tests: a kill between steps (SKIPGPT_TEST_PAUSE_AT=step#n)
         sums: dict[str, float] = {}
         for micro in range(args.grad_accum):
             # Gumbel noise seeded by the global shard (micro-step x rank) of this step's batch, so

@@ -227,10 +227,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def save_with_adapter(
     model: nn.Module, output_dir: str | Path, metadata: dict, base_spec: str | None = None
 ) -> Path:
-    """Write config (+ routers for a routed model) + ``adapter/`` atomically into ``output_dir``."""
+    """Write config (+ routers for a routed model) + ``adapter/`` into ``output_dir`` as one unit.
+
+    Written complete beside the old folder and swapped in (``io.staged_dir``); the old folder's
+    checkpoint is kept, routers of an earlier model are not (a dense + LoRA model has none).
+    """
     peft_model = get_peft(model)
     output_dir = prepare_output_dir(output_dir)
-    with staged_dir(output_dir) as stage:
+    with staged_dir(output_dir, drop=("routers.safetensors",)) as stage:
         if isinstance(model, SkipGPTModel):
             model.save_pretrained(stage, metadata=metadata)
         else:  # dense + LoRA: no routers; loading.load_model knows `router_config: null`
