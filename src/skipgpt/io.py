@@ -253,13 +253,14 @@ def _sibling_temps(path: Path) -> dict[str, list[Path]]:
     return kinds
 
 
-def recover_dir(path: str | Path, accept=None) -> list[str]:
+def recover_dir(path: str | Path, accept=None, *, inside: bool = True) -> list[str]:
     """After a kill: finish or undo an interrupted swap of ``path``, delete stale stages.
 
     Run by a writer that holds ``path``'s lock (nobody else is swapping it). When ``path`` is
     missing, the newest complete (``ready``) folder that ``accept`` (a check, default any)
     accepts takes its place, else the newest old one goes back. Everything else beside it, and
-    hidden temp entries inside it, are deleted. Returns what was done, one phrase per action.
+    hidden temp entries inside it (unless ``inside`` is False: recover a sub-folder's swap first),
+    are deleted. Returns what was done, one phrase per action.
     """
     path = Path(path)
     done: list[str] = []
@@ -274,7 +275,7 @@ def recover_dir(path: str | Path, accept=None) -> list[str]:
             if item.exists():
                 shutil.rmtree(item, ignore_errors=True)
                 done.append(f"removed stale {item.name}")
-    if path.is_dir():
+    if inside and path.is_dir():
         for item in path.iterdir():
             if _is_stale_name(item.name):
                 if item.is_dir() and not item.is_symlink():

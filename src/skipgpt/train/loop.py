@@ -94,7 +94,9 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> P
 
     from ..io import release_output
 
-    output_dir = prepare_output_dir(output_dir)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        prepare_output_dir(output_dir)  # the one-line refusal of a file
     probe_dir = output_dir
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
@@ -108,10 +110,12 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> P
     held = holds_output(output_dir)
     lock_output(output_dir)  # refuses while another run writes there
     try:
-        done = recover_dir(output_dir)
+        done = recover_dir(output_dir, inside=False)  # the folder first, then its checkpoint
         done += recover_dir(output_dir / CHECKPOINT_DIR, accept=lambda p: verify_checkpoint(p) is None)
+        done += recover_dir(output_dir)
         for what in done:
             print(f"note: {output_dir}: {what}", file=sys.stderr)
+        prepare_output_dir(output_dir)  # after the recovery: a cut swap can leave no checkpoint/ yet
         if not (resume or overwrite):
             if (output_dir / CONFIG_NAME).exists():
                 raise SkipGPTError(
