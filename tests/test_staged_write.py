@@ -124,3 +124,37 @@ def test_checkpoint_crashing_midway_keeps_the_earlier_checkpoint(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         loop._save_checkpoint(ckpt, {"w": p}, optimizer, scheduler, {"step": 2})
     assert snapshot(tmp_path) == before
+
+
+def test_a_swap_cut_between_its_renames_is_finished_by_recover_dir(tmp_path):
+    """The state a kill leaves between the two renames: the old folder aside, the new one complete."""
+    from skipgpt.io import recover_dir
+
+    out = tmp_path / "model"
+    earlier_output(out)
+    (tmp_path / ".model.ready-abc123.tmp").mkdir()
+    fill(tmp_path / ".model.ready-abc123.tmp")
+    out.rename(tmp_path / ".model.old-def456.tmp")
+    (tmp_path / ".model.stage-zzz999.tmp").mkdir()  # a stage a later kill left
+    done = recover_dir(out)
+    assert done[0] == "restored model from an interrupted write"
+    assert (out / "routers.safetensors").read_bytes() == b"new weights"
+    assert sorted(snapshot(tmp_path)) == sorted(["model", *(f"model/{k}" for k in snapshot(out))])
+
+
+def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(tmp_path):
+    import os
+
+    from skipgpt.errors import SkipGPTError
+    from skipgpt.io import OutputLock
+
+    first = OutputLock(tmp_path / "model").acquire()
+    try:
+        with pytest.raises(
+            SkipGPTError, match=rf"is being written by another skipgpt run \(pid {os.getpid()}\)"
+        ):
+            OutputLock(tmp_path / "model").acquire()
+    finally:
+        first.release()
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
+    OutputLock(tmp_path / "model").acquire().release()
