@@ -49,10 +49,10 @@ def _check_finite(tensors: dict, what: str) -> None:
 
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise SkipGPTError(f"{what} holds non-finite values ({name}); it is not exported")
+            raise SkipGPTError(f"{what} holds non-finite values ({name})")
 
 
-def _check_copied(stage, hf, config, routed: bool, adapter: bool) -> None:
+def _check_copied(stage, src, hf, config, routed: bool, adapter: bool) -> None:
     """Refuse (one line) copied routers that do not load into ``hf`` wrapped with ``config``
     (truncated, other names or shapes) or hold NaN/inf, and adapter weights that do not load
     or are not finite. Checks the copies in ``stage``: exactly what is shipped."""
@@ -67,7 +67,9 @@ def _check_copied(stage, hf, config, routed: bool, adapter: bool) -> None:
         wrapped = SkipGPTModel(hf, config)
         try:
             wrapped.load_routers(stage / ROUTERS_NAME)
-            _check_finite(wrapped.router_state_dict(), f"router file {ROUTERS_NAME}")
+            _check_finite(wrapped.router_state_dict(), f"router file {src / ROUTERS_NAME}")
+        except SkipGPTError as e:  # name the source, not the copy in the stage
+            raise SkipGPTError(str(e).replace(str(stage), str(src)) + "; nothing exported") from None
         finally:
             wrapped.unwrap()
     if adapter:
@@ -76,9 +78,9 @@ def _check_copied(stage, hf, config, routed: bool, adapter: bool) -> None:
                 tensors = load_file(str(f))
             except (SafetensorError, OSError, ValueError) as e:
                 raise SkipGPTError(
-                    f"adapter file {f.name} is corrupt or truncated ({str(e).splitlines()[0]})"
+                    f"adapter file {src / ADAPTER_DIR / f.name} is corrupt or truncated ({str(e).splitlines()[0]})"
                 ) from None
-            _check_finite(tensors, f"adapter file {f.name}")
+            _check_finite(tensors, f"adapter file {src / ADAPTER_DIR / f.name}")
 
 
 def export_model(source: str, output: str, merge: bool = False) -> dict:
@@ -148,7 +150,7 @@ def _export(source: str, output: str, merge: bool) -> dict:
             shutil.copy2(src / ROUTERS_NAME, stage / ROUTERS_NAME)
         if has_adapter and not merged:
             shutil.copytree(src / ADAPTER_DIR, stage / ADAPTER_DIR)
-        _check_copied(stage, hf, config, routed, adapter=has_adapter and not merged)
+        _check_copied(stage, src, hf, config, routed, adapter=has_adapter and not merged)
         new = dict(record)
         new["base_model"] = str(out.resolve() / HF_DIR)  # for humans; loaders use base_model_in_folder
         new["base_model_in_folder"] = HF_DIR
