@@ -42,6 +42,7 @@ __all__ = [
     "OutputLock",
     "lock_output",
     "release_output",
+    "lock_until_saved",
     "holds_output",
     "fault_point",
 ]
@@ -379,6 +380,18 @@ def release_output(path: str | Path) -> None:
     lock = _held.pop(str(Path(path).resolve()), None)
     if lock is not None:
         lock.release()
+
+
+@contextlib.contextmanager
+def lock_until_saved(path: str | Path):
+    """Hold ``path``'s lock for the block and after it (the writer's final swap releases it);
+    release it at once if the block raises."""
+    lock_output(path)
+    try:
+        yield
+    except BaseException:
+        release_output(path)
+        raise
 
 
 def _release_all() -> None:

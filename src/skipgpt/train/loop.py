@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import CONFIG_NAME
 from ..errors import SkipGPTError
-from ..io import fault_point, lock_output, prepare_output_dir, recover_dir, staged_dir
+from ..io import fault_point, lock_output, lock_until_saved, prepare_output_dir, recover_dir, staged_dir
 
 __all__ = [
     "LoopArgs",
@@ -383,139 +383,111 @@ def train_loop(
     The run holds ``output_dir``'s lock (``io.lock_output``) from here until the final model
     is in place (the writer's swap releases it); an exception releases it at once.
     """
-    from ..io import release_output
+    with lock_until_saved(output_dir):
+        from transformers import get_scheduler
 
-    lock_output(output_dir)
-    try:
-        return _train_loop(
-            model,
-            named_params,
-            blocks,
-            args,
-            step_fn,
-            output_dir,
-            resume=resume,
-            desc=desc,
-            on_step=on_step,
-            progress=progress,
-            lr_scale=lr_scale,
+        accelerator = make_accelerator(args.mixed_precision)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        params = list(named_params.values())
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in named_params.items():
+            groups.setdefault((lr_scale or {}).get(name, 1.0), []).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": args.lr * s} for s, ps in groups.items()],
+            lr=args.lr,
+            weight_decay=args.weight_decay,
         )
-    except BaseException:
-        release_output(output_dir)
-        raise
-
-
-def _train_loop(
-    model: torch.nn.Module,
-    named_params: dict[str, torch.nn.Parameter],
-    blocks: torch.Tensor,
-    args: LoopArgs,
-    step_fn: StepFn,
-    output_dir: str | Path,
-    *,
-    resume: bool = False,
-    desc: str = "training",
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-    progress: bool = True,
-    lr_scale: dict[str, float] | None = None,
-) -> list[dict[str, float]]:
-    from transformers import get_scheduler
-
-    accelerator = make_accelerator(args.mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    params = list(named_params.values())
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, p in named_params.items():
-        groups.setdefault((lr_scale or {}).get(name, 1.0), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "lr": args.lr * s} for s, ps in groups.items()],
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-    )
-    scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
-        num_training_steps=args.max_steps,
-    )
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    ckpt = Path(output_dir) / CHECKPOINT_DIR
-    history: list[dict[str, float]] = []
-    start = 0
-    if resume:
-        state = _load_checkpoint(ckpt, named_params, optimizer, scheduler)
-        start, history = state["step"], state["history"]
-        differ = _differing_settings(state.get("loop_args"), asdict(args))
-        if differ:
-            raise SkipGPTError(
-                "--resume needs the same training settings as the interrupted run; they differ in "
-                + ", ".join(differ)
-            )
-
-    model.train()
-    _set_checkpointing(model, args.gradient_checkpointing)
-    bar = tqdm(
-        total=args.max_steps, initial=start, desc=desc, disable=not (progress and accelerator.is_main_process)
-    )
-    for step in range(start, args.max_steps):
-        fault_point("step")  # tests: a kill between steps (SKIPGPT_TEST_PAUSE_AT=step#n)
-        sums: dict[str, float] = {}
-        for micro in range(args.grad_accum):
-            # Gumbel noise seeded by the global shard (micro-step x rank) of this step's batch, so
-            # N processes x batch B equal one process x batch B with grad_accum N, noise included.
-            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + micro * world + rank)
-            idx = batch_indices(blocks.shape[0], step, micro, rank, args, world)
-            batch = blocks[idx].to(accelerator.device)
-            # DDP all-reduces on the last micro-step only; the others just accumulate locally
-            sync = contextlib.nullcontext() if micro == args.grad_accum - 1 else accelerator.no_sync(prepared)
-            with sync:
-                loss, metrics = step_fn(prepared, batch, step)
-                if not math.isfinite(float(loss.detach())):
-                    raise SkipGPTError(
-                        f"training loss is {float(loss.detach())} at step {step}; stopped (nothing saved "
-                        "from this step on): lower --lr, or check the data (--seq-len, blocks)"
-                    )
-                accelerator.backward(loss / args.grad_accum)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            keys = sorted(sums)
-            reduced = accelerator.reduce(
-                torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean"
-            )
-            sums = dict(zip(keys, reduced.tolist(), strict=True))
-        sums["lr"] = scheduler.get_last_lr()[0]
-        history.append({"step": step, **sums})
-        bar.update(1)
-        bar.set_postfix(
-            {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in sums.items() if k != "lr"}
+        scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps),
+            num_training_steps=args.max_steps,
         )
-        done = step + 1
-        if done % args.save_every == 0 or done == args.max_steps:
-            # every rank must join the gather; a difference means gradients were not all-reduced
-            divergence = _rank_divergence(accelerator, prepared, params)
-            if divergence > 0:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        ckpt = Path(output_dir) / CHECKPOINT_DIR
+        history: list[dict[str, float]] = []
+        start = 0
+        if resume:
+            state = _load_checkpoint(ckpt, named_params, optimizer, scheduler)
+            start, history = state["step"], state["history"]
+            differ = _differing_settings(state.get("loop_args"), asdict(args))
+            if differ:
                 raise SkipGPTError(
-                    f"trainable weights differ across the {world} processes at step {done} "
-                    f"(checksum difference {divergence:.3g}): gradients are not being synchronised"
+                    "--resume needs the same training settings as the interrupted run; they differ in "
+                    + ", ".join(differ)
                 )
-            if accelerator.is_main_process:
-                state = {
-                    "step": done,
-                    "history": history,
-                    "loop_args": asdict(args),
-                    "processes": world,
-                    "rank_divergence": divergence,
-                }
-                _save_checkpoint(ckpt, named_params, optimizer, scheduler, state)
-        accelerator.wait_for_everyone()
-        if on_step is not None:
-            on_step(step, sums)
-    bar.close()
-    _set_checkpointing(model, False)
-    return history
+
+        model.train()
+        _set_checkpointing(model, args.gradient_checkpointing)
+        bar = tqdm(
+            total=args.max_steps,
+            initial=start,
+            desc=desc,
+            disable=not (progress and accelerator.is_main_process),
+        )
+        for step in range(start, args.max_steps):
+            fault_point("step")  # tests: a kill between steps (SKIPGPT_TEST_PAUSE_AT=step#n)
+            sums: dict[str, float] = {}
+            for micro in range(args.grad_accum):
+                # Gumbel noise seeded by the global shard (micro-step x rank) of this step's batch, so
+                # N processes x batch B equal one process x batch B with grad_accum N, noise included.
+                torch.manual_seed(args.seed * 1_000_003 + step * 1009 + micro * world + rank)
+                idx = batch_indices(blocks.shape[0], step, micro, rank, args, world)
+                batch = blocks[idx].to(accelerator.device)
+                # DDP all-reduces on the last micro-step only; the others just accumulate locally
+                sync = (
+                    contextlib.nullcontext()
+                    if micro == args.grad_accum - 1
+                    else accelerator.no_sync(prepared)
+                )
+                with sync:
+                    loss, metrics = step_fn(prepared, batch, step)
+                    if not math.isfinite(float(loss.detach())):
+                        raise SkipGPTError(
+                            f"training loss is {float(loss.detach())} at step {step}; stopped (nothing saved "
+                            "from this step on): lower --lr, or check the data (--seq-len, blocks)"
+                        )
+                    accelerator.backward(loss / args.grad_accum)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                keys = sorted(sums)
+                reduced = accelerator.reduce(
+                    torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean"
+                )
+                sums = dict(zip(keys, reduced.tolist(), strict=True))
+            sums["lr"] = scheduler.get_last_lr()[0]
+            history.append({"step": step, **sums})
+            bar.update(1)
+            bar.set_postfix(
+                {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in sums.items() if k != "lr"}
+            )
+            done = step + 1
+            if done % args.save_every == 0 or done == args.max_steps:
+                # every rank must join the gather; a difference means gradients were not all-reduced
+                divergence = _rank_divergence(accelerator, prepared, params)
+                if divergence > 0:
+                    raise SkipGPTError(
+                        f"trainable weights differ across the {world} processes at step {done} "
+                        f"(checksum difference {divergence:.3g}): gradients are not being synchronised"
+                    )
+                if accelerator.is_main_process:
+                    state = {
+                        "step": done,
+                        "history": history,
+                        "loop_args": asdict(args),
+                        "processes": world,
+                        "rank_divergence": divergence,
+                    }
+                    _save_checkpoint(ckpt, named_params, optimizer, scheduler, state)
+            accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(step, sums)
+        bar.close()
+        _set_checkpointing(model, False)
+        return history
