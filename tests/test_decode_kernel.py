@@ -17,47 +17,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen3Config
+from test_fast import VOCAB, make_model  # the same tiny llama / mistral (window 6) / qwen3 configs
+from transformers import DynamicCache
 
-from skipgpt import SkipGPTConfig, get_skipgpt_model
 from skipgpt import fast as fast_mod
 from skipgpt.adapters import model_cache_argument
 
 ATOL = 1e-5
-VOCAB = 101
 B = 24  # 4 n <= B for n <= 6: up to 6 isolated executing sequences, more runs than _MAX_DECODE_RUNS
 PROMPT = 9
 STEPS = 8  # past the sliding window (6) of mistral / qwen3's sliding layers
 ARCHS = ["llama", "mistral", "qwen3"]
 PATTERNS = ["few-runs", "many-runs", "all-skip", "none-skip", "mixed"]
-
-
-def make_model(arch: str):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: the decode kernel packs query heads per K/V head
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "mistral":
-        config = MistralConfig(sliding_window=6, **common)
-    else:  # per-head q/k norms, layers 2.. slide
-        config = Qwen3Config(
-            head_dim=16, use_sliding_window=True, sliding_window=6, max_window_layers=2, **common
-        )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return get_skipgpt_model(model, SkipGPTConfig())
 
 
 def prompt(padding: str | None):
