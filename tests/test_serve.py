@@ -51,7 +51,8 @@ def _parse(argv):
     return parser.parse_args(["serve", *argv])
 
 
-def test_unknown_options_go_to_vllm_and_threshold_becomes_an_override():
+def test_unknown_options_go_to_vllm_and_threshold_becomes_an_override(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     args = _parse(
         ["--model", "/x/run", "--max-num-seqs", "8", "--threshold", "0.3", "--hf-overrides", '{"a": 1}']
     )
@@ -60,7 +61,19 @@ def test_unknown_options_go_to_vllm_and_threshold_becomes_an_override():
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert "--enforce-eager" in cmd and cmd[-2:] == ["--max-num-seqs", "8"]
     assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"a": 1, "skipgpt_threshold": 0.3}
-    assert cmd[cmd.index("--served-model-name") + 1] == "run" and env == {}
+    assert cmd[cmd.index("--served-model-name") + 1] == "run"
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2"}  # a bounded KV cache, not 92% of the machine
+
+
+def test_kv_cache_size_is_an_option_and_the_environment_wins(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    _, env = vllm_command(_parse(["--model", "r", "--kv-cache-gib", "0.5"]), "r/vllm")
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "0.5"}
+    with pytest.raises(SkipGPTError, match="--kv-cache-gib must be > 0"):
+        vllm_command(_parse(["--model", "r", "--kv-cache-gib", "0"]), "r/vllm")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    _, env = vllm_command(_parse(["--model", "r"]), "r/vllm")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # the user's own setting is left alone
 
 
 def test_dense_serves_the_stock_llama_and_bad_overrides_are_one_line_errors():
