@@ -121,7 +121,7 @@ def _unsupported(attn, kwargs) -> str | None:
     """Why the fast kernel cannot run this attention call, or None when it can."""
     name = type(attn).__name__
     if name not in ATTENTION_PARTS:
-        return f"attention class {name} is not registered (skipgpt.fast.register_attention)"
+        return f"attention class {name} is not registered (skipgpt.adapters.register_architecture)"
     config = getattr(attn, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl not in _FAST_IMPLEMENTATIONS:
