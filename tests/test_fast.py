@@ -660,7 +660,7 @@ def test_routers_are_not_fused_when_their_gradient_is_needed():
     p.sum().backward()
     assert layer.routers["attn"].net[0].weight.grad is not None
     post, _ = routed("llama", mlp_router_input="post_attention")
-    assert not post.routed_layers[0]._fusable()  # the MLP router reads another state
+    assert not post.routed_layers[0].fusable_routers()  # the MLP router reads another state
 
 
 def test_cli_bench_sweeps_the_threshold(tmp_path, capsys):

@@ -6,8 +6,12 @@ A decoder layer is read as two residual branches::
     x = x + mlp_post_norm(mlp(mlp_pre_norm(x)))
 
 Llama-like layers (Llama, Mistral, Qwen2/3, Phi-3) have only the pre-norms; Gemma 2/3 have
-all four norms ("sandwich"); OLMo-2 only post-norms. A new family is one entry in ``ADAPTERS``
-(``model_type`` -> names), checked by the test matrix in ``tests/test_arch_matrix.py``.
+all four norms ("sandwich"); OLMo-2 only post-norms.
+
+A family is registered in one call, ``register_architecture(model_type, adapter,
+attention_class, attention_parts)``: the names of its decoder layer's parts (``ADAPTERS``) and
+of its attention module's projections and norms, for the skipping kernel (``ATTENTION_PARTS``,
+read by ``fast.py``). The test matrix in ``tests/test_arch_matrix.py`` checks every family.
 
 Family notes (transformers 5.x):
 
@@ -33,7 +37,10 @@ from transformers.cache_utils import Cache
 from .errors import SkipGPTError
 
 __all__ = [
+    "register_architecture",
     "LayerAdapter",
+    "AttentionParts",
+    "ATTENTION_PARTS",
     "ADAPTERS",
     "LLAMA_LIKE",
     "SANDWICH_NORMS",
@@ -94,17 +101,68 @@ POST_NORMS = LayerAdapter(
     mlp_post_norm="post_feedforward_layernorm",
 )
 
-ADAPTERS: dict[str, LayerAdapter] = {
-    "llama": LLAMA_LIKE,
-    "mistral": LLAMA_LIKE,
-    "qwen2": LLAMA_LIKE,
-    "qwen3": LLAMA_LIKE,
-    "phi3": LLAMA_LIKE,
-    "gemma2": SANDWICH_NORMS,
-    "gemma3_text": SANDWICH_NORMS,
-    "gemma3": replace(SANDWICH_NORMS, layers_path="model.language_model.layers"),
-    "olmo2": POST_NORMS,
-}
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """Attribute names of an attention module's parts (None = the part does not exist), for an
+    attention that follows the Llama recipe: projections -> optional q/k RMSNorm -> rotary on
+    the full head dim -> cache update -> scaled dot-product attention (GQA) -> o_proj."""
+
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    q_norm: str | None = None
+    k_norm: str | None = None
+    qk_norm_full_width: bool = False  # q/k norms over all heads at once (OLMo-2), not per head
+    qkv_proj: str | None = None  # one fused projection, rows [q | k | v] (Phi-3)
+
+
+PLAIN_ATTENTION = AttentionParts()
+QK_NORM_ATTENTION = AttentionParts(q_norm="q_norm", k_norm="k_norm")
+
+# model_type -> the decoder layer's part names
+ADAPTERS: dict[str, LayerAdapter] = {}
+# attention class name -> its part names: the classes whose forward the skipping kernel
+# reproduces (checked against transformers 5.x); others fall back to the reference attention
+ATTENTION_PARTS: dict[str, AttentionParts] = {}
+
+
+def register_architecture(
+    model_type: str,
+    adapter: LayerAdapter,
+    attention_class: str | None = None,
+    attention_parts: AttentionParts = PLAIN_ATTENTION,
+) -> None:
+    """Support ``model_type``: its decoder layers follow the two-branch shape above with the part
+    names of ``adapter``; ``attention_class`` (e.g. ``"LlamaAttention"``), when given, runs on
+    the skipping kernel with the projection and norm names of ``attention_parts``."""
+    ADAPTERS[model_type] = adapter
+    if attention_class is not None:
+        ATTENTION_PARTS[attention_class] = attention_parts
+
+
+register_architecture("llama", LLAMA_LIKE, "LlamaAttention")
+register_architecture("mistral", LLAMA_LIKE, "MistralAttention")
+register_architecture("qwen2", LLAMA_LIKE, "Qwen2Attention")
+register_architecture("qwen3", LLAMA_LIKE, "Qwen3Attention", QK_NORM_ATTENTION)
+# fused qkv_proj / gate_up_proj: the routed branches call the modules whole
+register_architecture("phi3", LLAMA_LIKE, "Phi3Attention", AttentionParts(qkv_proj="qkv_proj"))
+# Gemma 2's logit softcapping falls back to the reference unless the config disables it
+register_architecture("gemma2", SANDWICH_NORMS, "Gemma2Attention")
+register_architecture("gemma3_text", SANDWICH_NORMS, "Gemma3Attention", QK_NORM_ATTENTION)
+register_architecture(
+    "gemma3",
+    replace(SANDWICH_NORMS, layers_path="model.language_model.layers"),
+    "Gemma3Attention",
+    QK_NORM_ATTENTION,
+)
+register_architecture(
+    "olmo2",
+    POST_NORMS,
+    "Olmo2Attention",
+    AttentionParts(q_norm="q_norm", k_norm="k_norm", qk_norm_full_width=True),
+)
 
 
 def cache_argument(layer: nn.Module) -> str | None:
@@ -141,8 +199,9 @@ def is_cache(value) -> bool:
 
 
 def register_adapter(model_type: str, adapter: LayerAdapter) -> None:
-    """Support another ``model_type`` whose decoder layers follow the two-branch shape above."""
-    ADAPTERS[model_type] = adapter
+    """Support another ``model_type`` whose decoder layers follow the two-branch shape above
+    (its attention on the reference path; ``register_architecture`` registers both)."""
+    register_architecture(model_type, adapter)
 
 
 def get_adapter(model_type: str) -> LayerAdapter:

@@ -13,8 +13,24 @@ from __future__ import annotations
 import torch
 
 from .model import SkipGPTModel
+from .routing import RoutingPolicy
 
 __all__ = ["calibrate_threshold", "weighted_quantile"]
+
+
+class _ThresholdProbe(RoutingPolicy):
+    """Routes at a fixed θ and keeps every p(execute) it saw, with its budget weight."""
+
+    def __init__(self, theta: float, weights: dict[tuple[int, str], float]):
+        self.theta, self.weights = theta, weights
+        self.probs: list[torch.Tensor] = []
+        self.probe_weights: list[torch.Tensor] = []
+
+    def decide(self, layer, module: str, hidden: torch.Tensor) -> torch.Tensor:
+        p = layer.execute_probability(module, hidden)
+        self.probs.append(p.reshape(-1).float().cpu())
+        self.probe_weights.append(torch.full((p.numel(),), self.weights.get((layer.layer_idx, module), 0.0)))
+        return p >= self.theta
 
 
 def weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> float:
@@ -44,34 +60,26 @@ def calibrate_threshold(
     defaults to the model's config. The quantile fixed point is checked by one more pass; if the
     sparsity it realises misses the target by more than ``tolerance`` (routers whose scores sit
     on a cliff, where skipping in one layer moves every later one), θ is bisected on the
-    realised sparsity instead and the closest θ kept. Sets the model's threshold (state and
-    config) and returns θ.
+    realised sparsity instead and the closest θ kept. Sets the model's θ
+    (``SkipGPTModel.set_threshold``: used from now on and saved) and returns it.
     """
     budget = budget or model.skipgpt_config.budget
-    weights = model._weights(budget)
-    layers = model.routed_layers
+    weights = model.budget_weights(budget)
     was_training = model.training
     model.eval()
 
     def route_at(theta: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Run ``blocks`` with routing at ``theta``: every p(execute), its weight, the sparsity."""
-        probs, ws = [], []
-
-        def override(i, m, h):
-            p = layers[i].execute_probability(m, h)
-            probs.append(p.reshape(-1).float().cpu())
-            ws.append(torch.full((p.numel(),), weights.get((i, m), 0.0)))
-            return p >= theta
-
-        with model.routing(override=override, execution="masked"):
+        probe = _ThresholdProbe(theta, weights)
+        with model.routing(policy=probe, execution="masked"):
             for s in range(0, blocks.shape[0], batch_size):
                 model(
                     input_ids=blocks[s : s + batch_size].to(next(model.parameters()).device), use_cache=False
                 )
-        p, w = torch.cat(probs), torch.cat(ws).to(torch.float64)
+        p, w = torch.cat(probe.probs), torch.cat(probe.probe_weights).to(torch.float64)
         return p, w, float((w * (p < theta)).sum() / w.sum())
 
-    theta = model.state.threshold
+    theta = model.routing_settings.threshold
     for _ in range(iters):
         probs, ws, _ = route_at(theta)
         theta = min(max(weighted_quantile(probs, ws, target), 0.0), 1.0)
@@ -84,6 +92,6 @@ def calibrate_threshold(
             best = min(best, (abs(realised - target), mid))
             lo, hi = (mid, hi) if realised < target else (lo, mid)
         theta = best[1]
-    model.state.threshold = model.skipgpt_config.threshold = theta  # saved with the routers
+    model.set_threshold(theta)  # used from now on, and saved with the routers
     model.train(was_training)
     return theta

@@ -27,7 +27,7 @@ cache (no copy of K/V); a step where no sequence executes costs only the K/V pro
 
 Batch-1 decode is all or nothing: an executing token runs the model's own attention/MLP, a
 skipping one only its K/V projections. Its two decisions per layer reach the host as Python
-bools in one read (``RoutedDecoderLayer._inference_decisions``), so the branch and the
+bools in one read (``routing.LearnedPolicy.decide_layer``), so the branch and the
 statistics cost no further tensor operations. Batched decode where over a quarter of the sequences execute runs the
 module on every row and drops the skipping rows' outputs (``_decode_runs_all_rows``: small-M
 GEMMs cost about the same for n rows as for B); a module that no sequence executes costs nothing
@@ -42,7 +42,7 @@ above reads where it needs to (``nonzero`` per module, the runs of a decode step
 On a GPU every read stops the asynchronous kernel queue, so tensors on any other device take
 the *device path* (``sync_policy``; ``SKIPGPT_SYNC_POLICY=host|device|auto`` forces one):
 
-* statistics accumulate on the device and are read once when asked (``RoutingState``);
+* statistics accumulate on the device and are read once when asked (``routing.RoutingStats``);
 * a layer's two execute masks are read to the host in one copy (``plan_decisions`` ->
   ``HostPlan``: counts, the executing sequences of a decode step, chunk limits of a prefill),
   and the gather indices are built on the device from the known count (a stable sort, no
@@ -55,7 +55,7 @@ plus one per forward for a prefill's causal-mask check; none from statistics. A 
 only be skipped by not launching it, so one read per layer is what skipping needs; the
 sync-free alternative is the masked execution (every module on every token, times the gate).
 
-Padding tokens (``RoutingState.token_mask``) never execute here: no real token reads their
+Padding tokens (``RoutedDecoderLayer.token_mask``) never execute here: no real token reads their
 outputs, so their logits are garbage, as they already are in the dense model.
 
 Attention variants the kernel does not implement (softcapping, attention sinks, partial
@@ -75,6 +75,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .adapters import ATTENTION_PARTS, AttentionParts
+
 __all__ = [
     "AttentionParts",
     "ATTENTION_PARTS",
@@ -89,37 +91,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class AttentionParts:
-    """Attribute names of an attention module's parts (None = the part does not exist)."""
-
-    q_proj: str = "q_proj"
-    k_proj: str = "k_proj"
-    v_proj: str = "v_proj"
-    o_proj: str = "o_proj"
-    q_norm: str | None = None
-    k_norm: str | None = None
-    qk_norm_full_width: bool = False  # q/k norms over all heads at once (OLMo-2), not per head
-    qkv_proj: str | None = None  # one fused projection, rows [q | k | v] (Phi-3)
-
-
-_PLAIN = AttentionParts()
-_QK_NORM = AttentionParts(q_norm="q_norm", k_norm="k_norm")
-
-# Attention classes whose forward the fast kernel reproduces (checked against transformers 5.x):
-# projections -> optional per-head q/k RMSNorm -> rotary on the full head dim -> cache update
-# -> scaled dot-product attention with the model's mask (GQA) -> o_proj.
-ATTENTION_PARTS: dict[str, AttentionParts] = {
-    "LlamaAttention": _PLAIN,
-    "MistralAttention": _PLAIN,
-    "Qwen2Attention": _PLAIN,
-    "Qwen3Attention": _QK_NORM,
-    "Gemma2Attention": _PLAIN,  # its logit softcapping falls back unless the config disables it
-    "Gemma3Attention": _QK_NORM,
-    "Olmo2Attention": AttentionParts(q_norm="q_norm", k_norm="k_norm", qk_norm_full_width=True),
-    "Phi3Attention": AttentionParts(qkv_proj="qkv_proj"),
-}
-
 # Mask conventions the kernel understands (what create_causal_mask builds for these).
 _FAST_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -131,7 +102,8 @@ _warned: set[str] = set()
 
 
 def register_attention(class_name: str, parts: AttentionParts) -> None:
-    """Declare that attention modules of ``class_name`` follow the Llama recipe with these parts."""
+    """Declare that attention modules of ``class_name`` follow the Llama recipe with these parts
+    (kept for callers; ``adapters.register_architecture`` registers a whole family at once)."""
     ATTENTION_PARTS[class_name] = parts
 
 
@@ -149,7 +121,7 @@ def _unsupported(attn, kwargs) -> str | None:
     """Why the fast kernel cannot run this attention call, or None when it can."""
     name = type(attn).__name__
     if name not in ATTENTION_PARTS:
-        return f"attention class {name} is not registered (skipgpt.fast.register_attention)"
+        return f"attention class {name} is not registered (skipgpt.adapters.register_architecture)"
     config = getattr(attn, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl not in _FAST_IMPLEMENTATIONS:
@@ -269,7 +241,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _effective_execute(layer, execute: torch.Tensor) -> torch.Tensor:
     """Padding tokens never execute (their outputs are read by nothing but their own logits)."""
-    mask = layer.state.token_mask
+    mask = layer.token_mask
     if mask is not None and mask.shape == execute.shape:
         return execute & mask.to(execute.device)
     return execute
@@ -377,7 +349,7 @@ def fast_attn_residual(
 
     parts = ATTENTION_PARTS[type(attn).__name__]
     hd = attn.head_dim
-    x = layer._norm("attn_pre_norm", hidden_states)
+    x = layer.norm("attn_pre_norm", hidden_states)
     cos, sin = kwargs["position_embeddings"]
 
     # keys / values of every token, into the cache
@@ -411,7 +383,7 @@ def fast_attn_residual(
     else:
         out = _prefill_attention(attn, q, k, v, mask, execute, flat_idx, plan)
     out = getattr(attn, parts.o_proj)(out)
-    out = layer._norm("attn_post_norm", out)
+    out = layer.norm("attn_post_norm", out)
     flat = hidden_states.reshape(B * T, d)
     return flat.index_add(0, flat_idx, out.to(flat.dtype)).view_as(hidden_states)
 

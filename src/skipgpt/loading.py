@@ -32,7 +32,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None, threshold: float | N
             return base.eval(), tokenizer
         model = SkipGPTModel.from_pretrained(spec, base_model=base)
         if threshold is not None:
-            model.state.threshold = SkipGPTConfig(threshold=threshold).threshold
+            model.set_threshold(threshold)
     else:
         model, tokenizer = load_base_model(spec, dtype=dtype)
     return model.eval(), tokenizer

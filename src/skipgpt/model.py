@@ -24,11 +24,14 @@ from .adapters import get_adapter
 from .config import CONFIG_NAME, MODULES, SkipGPTConfig
 from .errors import SkipGPTError
 from .io import staged_dir
-from .layer import RoutedDecoderLayer, RoutingState
+from .layer import RoutedDecoderLayer
+from .routing import EXECUTIONS, OverridePolicy, RoutingPolicy, RoutingState
 
 __all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_spec"]
 
 ROUTERS_NAME = "routers.safetensors"
+# what SkipGPTModel.routing() may change (RoutingSettings fields; ``override`` becomes a policy)
+_ROUTING_SETTINGS = ("threshold", "enabled", "policy", "execution", "keep_decisions", "tau", "removed")
 
 
 def resolve_base_spec(record: dict[str, Any], folder: str | Path) -> str:
@@ -60,9 +63,11 @@ class SkipGPTModel(nn.Module):
         if any(isinstance(layer, RoutedDecoderLayer) for layer in layers):
             raise SkipGPTError("model already has routed layers; unwrap() it first")
         self.base_model = model
-        self.skipgpt_config = config
+        # a copy: θ is set on this model's config (``set_threshold``), never on a caller's object
+        self.skipgpt_config = config = config.replace()
         self.base_spec = base_spec or getattr(model.config, "_name_or_path", None)
-        self.state = RoutingState(num_layers=len(layers), threshold=config.threshold)
+        # routing settings (θ lives in config.threshold), per-forward scratch, statistics
+        self.state = RoutingState(len(layers), config)
         hidden = model.config.get_text_config(decoder=True).hidden_size  # multimodal: the LM's
         param = next(model.parameters())
         # Parameters per (layer, branch): the weights of a parameter-weighted budget.
@@ -98,11 +103,8 @@ class SkipGPTModel(nn.Module):
         if x is None:
             x = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        self.state.skip_rates.clear()
-        if x is None or mask is None or mask.dim() != 2:
-            self.state.token_mask = None
-        else:
-            self.state.token_mask = mask[:, -x.shape[1] :].bool()
+        real = None if x is None or mask is None or mask.dim() != 2 else mask[:, -x.shape[1] :].bool()
+        self.state.scratch.begin(real)
 
     @property
     def routed_layers(self) -> list[RoutedDecoderLayer]:
@@ -127,30 +129,58 @@ class SkipGPTModel(nn.Module):
             p.requires_grad_(True)
 
     # -- routing controls --------------------------------------------------------------------
+    @property
+    def routing_settings(self):
+        """The ``RoutingSettings`` every routed layer reads (θ, τ, policy, execution, ...)."""
+        return self.state.settings
+
+    @property
+    def routing_stats(self):
+        """The ``RoutingStats``: decisions added up since ``reset_stats``."""
+        return self.state.stats
+
     def set_temperature(self, tau: float) -> None:
-        self.state.tau = float(tau)
+        self.state.settings.tau = float(tau)
+
+    def set_threshold(self, theta: float) -> float:
+        """Set θ (validated): what inference uses from now on and what ``save_pretrained`` writes."""
+        self.state.settings.threshold = theta
+        return self.state.settings.threshold
 
     @contextlib.contextmanager
     def routing(self, **changes: Any):
-        """Temporarily change routing: ``threshold``, ``enabled`` (False = dense), ``override``,
-        ``execution`` ('fast' or 'masked'), ``keep_decisions``."""
-        old = {k: getattr(self.state, k) for k in changes}
+        """Temporarily change routing: ``threshold``, ``enabled`` (False = dense), ``policy`` (a
+        ``routing.RoutingPolicy``), ``override`` (a callable ``(layer_idx, module, hidden) ->
+        (B, T) gate``, run as an ``OverridePolicy``; a policy is taken as it is), ``execution`` ('fast' or 'masked'),
+        ``keep_decisions``."""
+        settings = self.state.settings
+        if "override" in changes:
+            fn = changes.pop("override")
+            if "policy" in changes:
+                raise SkipGPTError("give routing() a policy or an override, not both")
+            changes["policy"] = fn if fn is None or isinstance(fn, RoutingPolicy) else OverridePolicy(fn)
+        for k in changes:
+            if k not in _ROUTING_SETTINGS:
+                raise SkipGPTError(f"unknown routing setting {k!r}; accepted: {sorted(_ROUTING_SETTINGS)}")
+        if changes.get("execution", "fast") not in EXECUTIONS:
+            raise SkipGPTError(f"execution {changes['execution']!r}; accepted: {list(EXECUTIONS)}")
+        old = {k: getattr(settings, k) for k in changes}
         for k, v in changes.items():
-            if not hasattr(self.state, k):
-                raise SkipGPTError(f"unknown routing setting {k!r}")
-            setattr(self.state, k, v)
+            setattr(settings, k, v)
         try:
             yield self
         finally:
             for k, v in old.items():
-                setattr(self.state, k, v)
+                setattr(settings, k, v)
 
     def dense(self):
         """Context manager: every module executes, routers are not even evaluated."""
         return self.routing(enabled=False)
 
     # -- sparsity ----------------------------------------------------------------------------
-    def _weights(self, budget: str) -> dict[tuple[int, str], float]:
+    def budget_weights(self, budget: str) -> dict[tuple[int, str], float]:
+        """(layer, module) -> its weight in a sparsity budget: 1 per routed module (``'modules'``)
+        or its parameter count (``'params'``, attention and MLP of every layer)."""
         if budget == "params":
             return {k: float(v) for k, v in self.branch_params.items()}
         return {k: 1.0 for k in self.branch_params if k[1] in self.skipgpt_config.modules}
@@ -162,15 +192,15 @@ class SkipGPTModel(nn.Module):
         ``'params'``: each module counts by its parameters, over all attention and MLP
         parameters of the decoder layers.
         """
-        weights = self._weights(budget or self.skipgpt_config.budget)
-        rates = self.state.skip_rates
+        weights = self.budget_weights(budget or self.skipgpt_config.budget)
+        rates = self.state.scratch.skip_rates
         if not rates:
             raise SkipGPTError("no routing decisions recorded; run a forward with routing enabled first")
         total = sum(weights.values())
         return torch.as_tensor(sum(w * rates[k] for k, w in weights.items() if k in rates) / total)
 
     def reset_stats(self) -> None:
-        self.state.reset_stats()
+        self.state.stats.reset()
 
     def sparsity_stats(self) -> dict[str, Any]:
         """Skip rates accumulated since ``reset_stats()`` (padding excluded).
@@ -178,21 +208,21 @@ class SkipGPTModel(nn.Module):
         Returns ``module`` (all routed decisions), ``attn``, ``mlp``, ``params`` (parameter
         weighted over all attention+MLP parameters) and ``per_layer`` rates.
         """
-        st = self.state
-        rate = {k: st.skipped[k] / st.counted[k] for k in st.counted if st.counted[k] > 0}
+        skipped, counted = self.state.stats.skipped, self.state.stats.counted
+        rate = {k: skipped[k] / counted[k] for k in counted if counted[k] > 0}
 
         def mean(keys):
-            keys = [k for k in keys if k in st.counted]
-            num, den = sum(st.skipped[k] for k in keys), sum(st.counted[k] for k in keys)
+            keys = [k for k in keys if k in counted]
+            num, den = sum(skipped[k] for k in keys), sum(counted[k] for k in keys)
             return num / den if den else 0.0
 
-        params = self._weights("params")
+        params = self.budget_weights("params")
         out = {
             "module": mean([k for k in params if k[1] in self.skipgpt_config.modules]),
             "attn": mean([k for k in params if k[1] == "attn"]),
             "mlp": mean([k for k in params if k[1] == "mlp"]),
             "params": sum(w * rate.get(k, 0.0) for k, w in params.items()) / sum(params.values()),
-            "per_layer": {m: [rate.get((i, m), 0.0) for i in range(st.num_layers)] for m in MODULES},
+            "per_layer": {m: [rate.get((i, m), 0.0) for i in range(self.state.num_layers)] for m in MODULES},
         }
         return out
 

@@ -111,7 +111,7 @@ def apply_removal(model: SkipGPTModel, removed: Iterable) -> SkipGPTModel:
         attn = layers[i].part("attn")
         if isinstance(getattr(attn, "layer_idx", None), int):
             attn.layer_idx = slot
-    model.state.removed = pairs
+    model.routing_settings.removed = pairs
     return model
 
 

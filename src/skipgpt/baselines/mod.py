@@ -6,8 +6,8 @@ each sequence by router score, ``s`` the skip rate (capacity ``1 - s``); padding
 selected. With the same rate for every module, the parameter sparsity is ``s`` exactly (up to
 the per-sequence rounding), so MoD-D meets a parameter budget by construction.
 
-Implementation: a routing ``override`` (``RoutingState.override``), so ``layer.py`` is
-untouched. In training the gate is the hard top-k mask with a straight-through gradient,
+Implementation: a routing policy (``routing.TopKPolicy``), so ``layer.py`` is untouched.
+In training the gate is the hard top-k mask with a straight-through gradient,
 ``hard + p - p.detach()`` (p = the router's p(execute)): the forward computes the top-k
 output, the router learns which tokens profit most from the module. The routers are tuned
 with ``train_routers`` (same loop, data and steps as SkipGPT; ``alpha = 0`` since the budget
@@ -32,38 +32,25 @@ from torch import nn
 from ..config import CONFIG_NAME, SkipGPTConfig
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
+from ..routing import TopKPolicy
 from ..train.loop import LoopArgs
 from ..train.router_tuning import RouterTuningArgs, train_routers
 
-__all__ = ["topk_override", "topk_routing", "train_mod"]
+__all__ = ["TopKPolicy", "topk_override", "topk_routing", "train_mod"]
 
 
 def topk_override(model: SkipGPTModel, skip_rate: float, straight_through: bool = True):
-    """An ``override`` executing, per sequence, the top ``n - round(skip_rate·n)`` real tokens.
+    """``TopKPolicy`` as a plain ``(layer_idx, module, hidden) -> (B, T) gate`` callable of
+    ``model`` (for callers that call the rule directly; ``routing(override=...)`` takes it).
 
-    Returns a (B, T) gate: bool at inference, ``hard + p - p.detach()`` (float, 0/1 values)
-    when gradients are enabled and ``straight_through``.
+    The gate is bool at inference, ``hard + p - p.detach()`` (float, 0/1 values) when gradients
+    are enabled and ``straight_through``.
     """
-    if not 0.0 <= float(skip_rate) < 1.0:
-        raise SkipGPTError(f"MoD skip rate must be in [0, 1), got {skip_rate!r}")
+    policy = TopKPolicy(skip_rate, straight_through)
     layers = model.routed_layers
 
     def override(layer_idx: int, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        p = layers[layer_idx].execute_probability(module, hidden)  # (B, T)
-        mask = model.state.token_mask
-        real = (
-            mask.to(p.device)
-            if mask is not None and mask.shape == p.shape
-            else torch.ones_like(p, dtype=torch.bool)
-        )
-        n_real = real.sum(1, keepdim=True)  # (B, 1)
-        n_exec = n_real - torch.round(n_real * skip_rate).long()
-        score = p.detach().masked_fill(~real, float("-inf"))
-        rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)  # 0 = best
-        hard = (rank < n_exec) & real
-        if straight_through and torch.is_grad_enabled():
-            return hard.to(p.dtype) + p - p.detach()
-        return hard
+        return policy.decide(layers[layer_idx], module, hidden)
 
     return override
 
@@ -75,7 +62,7 @@ def topk_routing(model: SkipGPTModel, skip_rate: float | None = None):
         if meta.get("baseline") != "mod-d":
             raise SkipGPTError("this model was not trained as MoD-D; give skip_rate explicitly")
         skip_rate = meta["skip_rate"]
-    return model.routing(override=topk_override(model, skip_rate, straight_through=False))
+    return model.routing(policy=TopKPolicy(skip_rate, straight_through=False))
 
 
 def train_mod(
@@ -113,7 +100,7 @@ def train_mod(
         "budget": "params (uniform skip rate per module = parameter sparsity)",
         **(metadata or {}),
     }
-    with model.routing(override=topk_override(model, sparsity)):
+    with model.routing(policy=TopKPolicy(sparsity)):
         result = train_routers(
             model,
             blocks,

@@ -40,6 +40,7 @@ from ..config import SkipGPTConfig
 from ..costs import CostModel, ForwardRecord, routing_cost, routing_traffic
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
+from ..routing import RandomPolicy
 
 __all__ = [
     "DEFAULT_SCENARIOS",
@@ -107,27 +108,13 @@ def machine_string() -> str:
 
 # -- routing ---------------------------------------------------------------------------------------
 def random_routing_override(model: SkipGPTModel, rate: float, seed: int = 0, router_overhead: bool = True):
-    """An ``override`` skipping each (token, module) with probability ``rate`` (private generator).
+    """A ``routing.RandomPolicy`` skipping each (token, module) with probability ``rate``.
 
     With ``router_overhead`` the layer's routers still run as inference runs them (fused when
     they share their input) and their decisions are discarded, so timings include what trained
     routers cost.
     """
-    gen = torch.Generator().manual_seed(seed)
-    layers = model.routed_layers
-    threshold = model.state.threshold
-
-    def override(layer_idx: int, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        layer = layers[layer_idx]
-        if router_overhead:
-            if not layer._fusable():
-                probs = {module: layer.execute_probability(module, hidden)}
-            else:  # one pass decides both modules, at the attention router
-                probs = layer.execute_probabilities(hidden) if module == "attn" else {}
-            _discarded = [p >= threshold for p in probs.values()]
-        return (torch.rand(hidden.shape[:2], generator=gen) >= rate).to(hidden.device)
-
-    return override
+    return RandomPolicy(rate, seed, router_overhead=router_overhead)
 
 
 class _Routing:
@@ -148,7 +135,7 @@ class _Routing:
             return self.model.dense
         settings = {"execution": variant, "threshold": self.threshold, "keep_decisions": keep_decisions}
         if self.rate is not None:
-            settings["override"] = random_routing_override(
+            settings["policy"] = random_routing_override(
                 self.model, self.rate, self.seed, router_overhead=self.router_overhead
             )
         return lambda: self.model.routing(**settings)
