@@ -24,7 +24,8 @@ routed         ``train-router`` (stage 1): routers only
 =============  ===============================================================================
 
 ``export`` and ``calibrate`` write a copy of their source's kind; an exported folder is told
-by its layout (``base_model_in_folder``), not by its kind.
+by its layout (``base_model_in_folder``), not by its kind. The kind is not stored: it follows
+from the record and the folder (an ``adapter/`` beside the routers), so it cannot disagree with them.
 
 Formats: version 0 is skipgpt 0.1.0's (no ``format_version`` key; LLM-Drop's removed modules
 inside ``metadata``); version 1 adds ``format_version`` and puts ``removed_modules`` (and the
@@ -79,6 +80,8 @@ class FolderRecord:
     ``base_model`` is the recorded spec; ``base_spec`` the one to load (an exported folder's own
     ``hf/``). ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` is
     reserved (None today), ``metadata`` what training recorded (data, losses, history, ...).
+    ``format_version`` is the version the folder was written in (``read`` migrates older ones;
+    ``write`` always writes ``FORMAT_VERSION``).
     """
 
     base_model: str | None
@@ -188,8 +191,9 @@ def _v0_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
 
 
-def _migrate(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
-    version = raw.get("format_version", 0)  # no key: skipgpt 0.1.0's folders
+def _migrate(path: Path, raw: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(version on disk, the raw record migrated to ``FORMAT_VERSION``)."""
+    version = written = raw.get("format_version", 0)  # no key: skipgpt 0.1.0's folders
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise SkipGPTError(f"{path}: 'format_version' must be an integer >= 0, got {version!r}")
     if version > FORMAT_VERSION:
@@ -200,7 +204,7 @@ def _migrate(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     while version < FORMAT_VERSION:
         raw = MIGRATIONS[version](raw)
         version += 1
-    return raw
+    return written, raw
 
 
 def _removed(path: Path, value: Any) -> tuple[tuple[int, str], ...]:
@@ -229,7 +233,9 @@ def read(folder: str | Path) -> FolderRecord:
     if not is_skipgpt_dir(folder) and (folder / SHORTGPT_RECORD_NAME).is_file():
         return _read_shortgpt(folder)
     path = folder / CONFIG_NAME
-    raw = _migrate(path, SkipGPTConfig.read_json(path))  # read_json: missing, corrupt, ill-typed keys
+    written, raw = _migrate(
+        path, SkipGPTConfig.read_json(path)
+    )  # read_json: missing, corrupt, ill-typed keys
     config = raw.get("router_config")
     substitutes = raw.get("substitutes")
     if substitutes is not None and not isinstance(substitutes, dict):
@@ -244,7 +250,7 @@ def read(folder: str | Path) -> FolderRecord:
         substitutes=substitutes,
         base_model_in_folder=raw.get("base_model_in_folder") or None,
         metadata=raw.get("metadata") or {},
-        format_version=FORMAT_VERSION,
+        format_version=written,
         skipgpt_version=raw.get("skipgpt_version"),
         adapter=ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else None,
         folder=folder,
@@ -265,6 +271,7 @@ def _read_shortgpt(folder: Path) -> FolderRecord:
         router_config=None,
         num_layers=meta.get("num_layers_after"),
         metadata=meta,
+        format_version=0,  # shortgpt.json has no version: 0.1.0's
         skipgpt_version=None,
         folder=folder,
     )
