@@ -157,7 +157,7 @@ class FolderRecord:
 KIND_RULES: tuple[tuple[FolderKind, Callable[[FolderRecord], bool]], ...] = (
     ("shortgpt", lambda r: r.router_config is None and r.metadata.get("method") == "shortgpt"),
     ("dense-lora", lambda r: r.router_config is None),
-    ("llm-drop", lambda r: bool(r.removed_modules)),
+    ("llm-drop", lambda r: bool(r.removed_modules) or r.metadata.get("baseline") == "llm-drop"),
     ("mod", lambda r: r.metadata.get("baseline") == "mod-d"),
     ("routed-lora", lambda r: r.adapter is not None),
     ("routed", lambda r: True),

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint
 from .adapters import get_adapter
-from .checkpoint import ROUTERS_NAME, FolderRecord, resolve_base_spec
+from .checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord, resolve_base_spec
 from .config import MODULES, SkipGPTConfig
 from .errors import SkipGPTError
 from .io import staged_dir
@@ -206,7 +206,7 @@ class SkipGPTModel(nn.Module):
         tensors = {
             k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.router_state_dict().items()
         }
-        with staged_dir(output_dir, drop=("adapter",)) as stage:
+        with staged_dir(output_dir, drop=(ADAPTER_DIR,)) as stage:
             save_file(tensors, str(stage / ROUTERS_NAME), metadata={"format": "pt", "skipgpt": __version__})
             fault_point("final:files")
             checkpoint.write(stage, record)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..checkpoint import ADAPTER_DIR, FolderRecord
+from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord
 from ..errors import SkipGPTError
 from ..io import prepare_output_dir, staged_dir
 from ..lora_adapter import attach_adapter, forget_peft, get_peft, remember_peft
@@ -221,7 +221,7 @@ def save_with_adapter(
     """
     peft_model = get_peft(model)
     output_dir = prepare_output_dir(output_dir)
-    with staged_dir(output_dir, drop=("routers.safetensors",)) as stage:
+    with staged_dir(output_dir, drop=(ROUTERS_NAME,)) as stage:
         if isinstance(model, SkipGPTModel):
             model.save_pretrained(stage, metadata=metadata)
         else:  # dense + LoRA: no routers (checkpoint kind 'dense-lora')
