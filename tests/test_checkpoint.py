@@ -89,7 +89,7 @@ def test_old_llm_drop_folders_are_migrated(folders):
     raw = json.loads((folders / "llm_drop" / checkpoint.CONFIG_NAME).read_text())
     assert "format_version" not in raw and "removed_modules" not in raw
     record = checkpoint.read(folders / "llm_drop")
-    assert [list(p) for p in record.removed_modules] == raw["metadata"]["removed_modules"]
+    assert [list(p) for p in record.removed_modules] == sorted(raw["metadata"]["removed_modules"])
     assert checkpoint.read(folders / "llm_drop_lora").removed_modules == record.removed_modules
     assert checkpoint.read(folders / "routed").removed_modules == ()
 
@@ -170,3 +170,18 @@ def test_is_skipgpt_dir_has_one_owner():
     from skipgpt import loading, specs
 
     assert specs.is_skipgpt_dir is loading.is_skipgpt_dir is checkpoint.is_skipgpt_dir
+
+
+def test_todays_writers_write_the_same_kinds_in_the_current_format(tmp_path):
+    """The fixture script run with today's code: same kinds, format version 1, same logits."""
+    assert make_folders.main([str(tmp_path / "new")]) == 0
+    for name in FOLDER_KINDS:
+        record = checkpoint.read(tmp_path / "new" / name)
+        assert record.kind == KIND_OF[name], name
+        assert record.format_version == (0 if name == "shortgpt" else checkpoint.FORMAT_VERSION), name
+        new = load_file(str(tmp_path / "new" / name / make_folders.LOGITS_NAME))["logits"]
+        old = load_file(str(make_folders.FOLDERS / name / make_folders.LOGITS_NAME))["logits"]
+        torch.testing.assert_close(new, old, atol=1e-6, rtol=1e-6, msg=name)
+    assert checkpoint.read(tmp_path / "new" / "llm_drop").removed_modules == (
+        checkpoint.read(make_folders.FOLDERS / "llm_drop").removed_modules
+    )

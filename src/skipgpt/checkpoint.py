@@ -218,7 +218,7 @@ def _removed(path: Path, value: Any) -> tuple[tuple[int, str], ...]:
                 f"{path}: a removed module must be [layer, one of {list(MODULES)}], got {item!r}"
             )
         out.append((item[0], item[1]))
-    return tuple(out)
+    return tuple(sorted(out))  # by layer, attention first: one record whatever order a writer used
 
 
 # -- reading and writing ------------------------------------------------------------------------
