@@ -33,7 +33,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog="skipgpt", description="Dynamic, token-aware layer skipping (SkipGPT) that really saves compute."

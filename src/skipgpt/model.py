@@ -19,27 +19,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import checkpoint
 from .adapters import get_adapter
-from .config import CONFIG_NAME, MODULES, SkipGPTConfig
+from .checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord, resolve_base_spec
+from .config import MODULES, SkipGPTConfig
 from .errors import SkipGPTError
 from .io import staged_dir
 from .layer import RoutedDecoderLayer
+from .lora_adapter import attach_adapter
+from .removal import apply_removal
 from .routing import EXECUTIONS, OverridePolicy, RoutingPolicy, RoutingState
+from .version import __version__
 
 __all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_spec"]
 
-ROUTERS_NAME = "routers.safetensors"
 # what SkipGPTModel.routing() may change (RoutingSettings fields; ``override`` becomes a policy)
 _ROUTING_SETTINGS = ("threshold", "enabled", "policy", "execution", "keep_decisions", "tau", "removed")
-
-
-def resolve_base_spec(record: dict[str, Any], folder: str | Path) -> str:
-    """The base model spec of a ``skipgpt_config.json``. An exported folder (``skipgpt export``)
-    holds its own HF weights in a sub-folder named by ``base_model_in_folder``, found relative to
-    the folder so that it can be moved."""
-    inside = record.get("base_model_in_folder")
-    return str(Path(folder).resolve() / inside) if inside else record["base_model"]
 
 
 def get_skipgpt_model(model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None) -> SkipGPTModel:
@@ -235,28 +230,30 @@ class SkipGPTModel(nn.Module):
         else the old folder held is kept (the training checkpoint), except a LoRA ``adapter/``,
         which belonged to the old routers.
         """
-        import json
-
         from .io import fault_point, prepare_output_dir
 
         output_dir = prepare_output_dir(output_dir)
-        record = {
-            "skipgpt_version": __version__,
-            "base_model": self.base_spec,
-            "model_type": self.base_model.config.model_type,
-            "hidden_size": self.base_model.config.get_text_config(decoder=True).hidden_size,
-            "num_layers": self.state.num_layers,
-            "router_config": self.skipgpt_config.to_dict(),
-            "metadata": metadata or {},
-        }
+        record = self.folder_record(metadata)
         tensors = {
             k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.router_state_dict().items()
         }
-        with staged_dir(output_dir, drop=("adapter",)) as stage:
+        with staged_dir(output_dir, drop=(ADAPTER_DIR,)) as stage:
             save_file(tensors, str(stage / ROUTERS_NAME), metadata={"format": "pt", "skipgpt": __version__})
             fault_point("final:files")
-            (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            checkpoint.write(stage, record)
         return output_dir
+
+    def folder_record(self, metadata: dict[str, Any] | None = None) -> FolderRecord:
+        """The ``skipgpt_config.json`` record of this model (``skipgpt.checkpoint``)."""
+        return FolderRecord(
+            base_model=self.base_spec,
+            router_config=self.skipgpt_config,
+            model_type=self.base_model.config.model_type,
+            hidden_size=self.base_model.config.get_text_config(decoder=True).hidden_size,
+            num_layers=self.state.num_layers,
+            removed_modules=tuple(sorted(self.state.removed)),
+            metadata=metadata or {},
+        )
 
     def load_routers(self, path: str | Path) -> None:
         """Load ``routers.safetensors``; refuse a file made for another model, naming the shapes."""
@@ -291,30 +288,26 @@ class SkipGPTModel(nn.Module):
     def from_pretrained(
         cls, path: str | Path, base_model: nn.Module | None = None, dtype: torch.dtype = torch.float32
     ) -> SkipGPTModel:
-        """Rebuild the base model from its recorded spec (unless given) and load the routers."""
+        """Rebuild the base model from its recorded spec (unless given), load the routers, then
+        what the folder adds (``skipgpt.checkpoint``): its LoRA adapter, LLM-Drop's removed modules."""
         path = Path(path)
-        record = SkipGPTConfig.read_json(path / CONFIG_NAME)
-        if record.get("router_config") is None:
+        record = checkpoint.read(path)
+        if not record.routed:
             raise SkipGPTError(
                 f"{path} holds a dense model with LoRA (no routers); load it with skipgpt.load_model"
             )
-        config = SkipGPTConfig.from_dict(record["router_config"])
-        spec = resolve_base_spec(record, path)
+        spec = record.base_spec
         if base_model is None:
             from .specs import load_base_model
 
             base_model, _ = load_base_model(spec, dtype=dtype)
-        model = cls(base_model, config, base_spec=spec)
+        model = cls(base_model, record.router_config, base_spec=spec)
         model.load_routers(path / ROUTERS_NAME)
-        model.metadata = record.get("metadata", {})
-        if (path / "adapter").is_dir():  # stage 2 (LoRA) output: routers + adapter
-            from .train.lora import load_adapter
-
-            load_adapter(model, path / "adapter")
-        if model.metadata.get("removed_modules"):  # a static baseline (LLM-Drop): modules really gone
-            from .baselines.llm_drop import apply_removal
-
-            apply_removal(model, model.metadata["removed_modules"])
+        model.metadata = record.metadata
+        if record.adapter is not None:  # stage 2 (LoRA) output: routers + adapter
+            attach_adapter(model, path / record.adapter, hf=model.base_model)
+        if record.removed_modules:  # a static baseline (LLM-Drop): modules really gone
+            apply_removal(model, record.removed_modules)
         return model
 
     def unwrap(self) -> nn.Module:

@@ -9,8 +9,8 @@ Accepted forms (``model_spec_forms``):
 * a local Hugging Face model folder (with ``config.json``);
 * a Hugging Face Hub id (``org/name``), when the Hub or the local cache has it.
 
-Skipgpt output folders (``skipgpt_config.json`` inside) are recognised by ``is_skipgpt_dir`` but loaded
-by ``skipgpt.load_model``, not here.
+Skipgpt output folders (``skipgpt_config.json`` inside) are recognised by ``is_skipgpt_dir`` (from
+``skipgpt.checkpoint``, which owns the folder format) but loaded by ``skipgpt.load_model``, not here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from .assets import ASSET_PACKAGES, hub_reachable, smollm2_gguf
-from .config import CONFIG_NAME
+from .checkpoint import is_skipgpt_dir
 from .errors import SkipGPTError
 
 __all__ = [
@@ -156,14 +156,6 @@ def model_spec_forms() -> str:
 # Resolving a spec: (kind, target). Kinds: builtin, random, gguf, local, hub, skipgpt.
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def is_skipgpt_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a skipgpt output folder (it holds ``skipgpt_config.json``)."""
-    try:
-        return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def _resolve(spec: str | Path) -> tuple[str, str | Path]:

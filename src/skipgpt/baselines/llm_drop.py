@@ -16,8 +16,9 @@ skipgpt folder over the *unchanged* base model whose routing is static:
   slot that is never written would otherwise confuse ``get_seq_length``/masks in generation);
 * the routers are constant (zero weights, a large bias): every kept module executes, every
   dropped one would be skipped even by code that ignores ``removed``;
-* ``skipgpt_config.json`` metadata records ``removed_modules`` (and the scores);
-  ``SkipGPTModel.from_pretrained`` (hence ``load_model``) re-applies the removal on load.
+* ``skipgpt_config.json`` records ``removed_modules`` (``skipgpt.checkpoint``; the metadata keeps
+  them too, in removal order, with the scores); ``SkipGPTModel.from_pretrained`` (hence
+  ``load_model``) re-applies the removal on load (``skipgpt.removal.apply_removal``, re-exported here).
 
 The folder holds only a few KB; the kept routers are linear (``d -> 2``), a negligible cost.
 """
@@ -34,6 +35,7 @@ from torch import nn
 from ..config import MODULES, SkipGPTConfig
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
+from ..removal import apply_removal, removed_pairs
 from .scores import (
     baseline_output,
     branch_param_counts,
@@ -68,56 +70,9 @@ def module_importance(
     return {(i, m): 1.0 - sims[m][i] for m in MODULES for i in range(len(sims[m]))}
 
 
-def _pairs(removed: Iterable, num_layers: int) -> frozenset[tuple[int, str]]:
-    out = set()
-    for item in removed:
-        try:
-            layer, module = int(item[0]), str(item[1])
-        except (TypeError, ValueError, IndexError):
-            raise SkipGPTError(f"a removed module must be [layer, 'attn'|'mlp'], got {item!r}") from None
-        if module not in MODULES or not 0 <= layer < num_layers:
-            raise SkipGPTError(
-                f"removed module {item!r} does not exist: layers 0..{num_layers - 1}, modules {list(MODULES)}"
-            )
-        out.add((layer, module))
-    return frozenset(out)
-
-
-def apply_removal(model: SkipGPTModel, removed: Iterable) -> SkipGPTModel:
-    """Drop the (layer, module) pairs ``removed`` from ``model`` (in place) and renumber KV slots.
-
-    The cache builds slot j for ``layer_types[j]`` (sliding or full), and masks and
-    ``get_seq_length`` read the first slot of each type. So kept attentions of each type take the
-    slots of that type in depth order (for one type: slots 0..m-1), and dropped ones the slots
-    left over (used only if something runs them anyway). Refuses to drop every attention of the
-    type of slot 0 (nothing would track the sequence length).
-    """
-    layers = model.routed_layers
-    n = len(layers)
-    pairs = _pairs(removed, n)
-    types = list(getattr(model.base_model.config, "layer_types", None) or ["attention"] * n)
-    free = {t: [j for j in range(n) if types[j] == t] for t in dict.fromkeys(types)}
-    slots: dict[int, int] = {}
-    for i in range(n):
-        if (i, "attn") not in pairs:
-            slots[i] = free[types[i]].pop(0)
-    if 0 not in slots.values():
-        raise SkipGPTError(
-            f"dropping every {types[0]} attention module leaves no KV cache to track positions; keep one"
-        )
-    rest = sorted(j for js in free.values() for j in js)
-    slots.update(zip((i for i in range(n) if i not in slots), rest, strict=True))
-    for i, slot in slots.items():
-        attn = layers[i].part("attn")
-        if isinstance(getattr(attn, "layer_idx", None), int):
-            attn.layer_idx = slot
-    model.routing_settings.removed = pairs
-    return model
-
-
 def set_static_routers(model: SkipGPTModel, removed: Iterable) -> None:
     """Make every router constant: execute for kept modules, skip for ``removed`` ones."""
-    pairs = _pairs(removed, len(model.routed_layers))
+    pairs = removed_pairs(removed, len(model.routed_layers))
     with torch.no_grad():
         for layer in model.routed_layers:
             for m, router in layer.routers.items():

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import CONFIG_NAME, SkipGPTConfig
+from .. import checkpoint
+from ..config import SkipGPTConfig
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
 from ..routing import TopKPolicy
@@ -113,7 +114,7 @@ def train_mod(
             progress=progress,
         )
     if tuning.calibrate_blocks > 0:  # θ for the causal variant, on the model's params budget
-        saved = SkipGPTConfig.read_json(Path(output) / CONFIG_NAME)["metadata"]
+        saved = dict(checkpoint.read(output).metadata)
         saved["threshold_calibration"] = calibrate_and_measure(model, blocks[: tuning.calibrate_blocks])
         model.save_pretrained(output, metadata=saved)
     model.metadata = meta

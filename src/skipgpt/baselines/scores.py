@@ -34,7 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
-from ..config import CONFIG_NAME, MODULES
+from ..checkpoint import is_output_dir
+from ..config import MODULES
 from ..errors import SkipGPTError
 
 __all__ = [
@@ -262,8 +263,7 @@ def check_baseline_output(path: str | Path, overwrite: bool = False) -> None:
         raise SkipGPTError(f"output {path} exists and is a file; give a new folder")
     if not any(path.iterdir()):
         return
-    ours = (path / CONFIG_NAME).exists() or (path / "shortgpt.json").exists()
-    if not ours:
+    if not is_output_dir(path):
         raise SkipGPTError(
             f"output folder {path} exists and is not a skipgpt/baseline folder; give a new folder"
         )

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
+from ..checkpoint import SHORTGPT_RECORD_NAME
 from ..errors import SkipGPTError
 from .scores import baseline_output, check_budget, residual_similarities, select_by_budget, unit_params
 
 __all__ = ["RECORD_NAME", "block_influence", "remove_layers", "shortgpt_prune", "save_pruned"]
 
-RECORD_NAME = "shortgpt.json"
+RECORD_NAME = SHORTGPT_RECORD_NAME  # beside the HF files; skipgpt.checkpoint reads it (kind shortgpt)
 
 
 def block_influence(

@@ -108,9 +108,9 @@ def add_parser(sub) -> None:
 
 def _base_and_blocks(args, units):
     from ..baselines.scores import check_budget
+    from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
-    from ..loading import is_skipgpt_dir
     from ..specs import load_base_model
 
     if is_skipgpt_dir(args.model):
@@ -195,11 +195,11 @@ def run_mod(args) -> int:
     import torch
 
     from ..baselines.mod import topk_routing, train_mod
+    from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
     from ..eval.perplexity import evaluate_perplexity
     from ..io import prepare_output_dir
-    from ..loading import is_skipgpt_dir
     from ..specs import load_base_model
     from .train_router import loop_args_from_args
 

@@ -44,33 +44,29 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _routed_folder(folder: str) -> dict:
-    """The record of a folder that routes by θ; one-line errors for anything else."""
-    from pathlib import Path
-
-    from ..config import CONFIG_NAME, SkipGPTConfig
+def _routed_folder(folder: str):
+    """The record (``checkpoint.FolderRecord``) of a folder that routes by θ; one-line errors for anything else."""
+    from .. import checkpoint
     from ..errors import SkipGPTError
-    from ..loading import is_skipgpt_dir
 
-    if not is_skipgpt_dir(folder):
+    if not checkpoint.is_skipgpt_dir(folder):
         raise SkipGPTError(
-            f"{folder} is not a skipgpt output folder (no {CONFIG_NAME}); calibrate takes the folder "
+            f"{folder} is not a skipgpt output folder (no {checkpoint.CONFIG_NAME}); calibrate takes the folder "
             "of train-router, finetune-lora, baseline mod or export"
         )
-    record = SkipGPTConfig.read_json(Path(folder) / CONFIG_NAME)
-    if record.get("router_config") is None:
+    record = checkpoint.read(folder)
+    if record.kind == "dense-lora":
         raise SkipGPTError(f"{folder} has no routers (a dense + LoRA folder): there is no θ to set")
-    if (record.get("metadata") or {}).get("baseline") == "llm-drop":
+    if record.kind == "llm-drop":
         raise SkipGPTError(f"{folder} is LLM-Drop: it removes modules statically and has no θ to set")
     return record
 
 
 def run(args) -> int:
-    import json
     import shutil
     from pathlib import Path
 
-    from ..config import CONFIG_NAME
+    from .. import checkpoint
     from ..data import load_blocks
     from ..io import prepare_output_dir, staged_dir
     from ..loading import load_model
@@ -85,16 +81,18 @@ def run(args) -> int:
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.blocks)
     calibration = calibrate_and_measure(model, blocks, args.target_sparsity, args.budget)
     calibration.update(dataset=args.dataset, seq_len=args.seq_len, source=str(source))
-    record["router_config"] = model.skipgpt_config.to_dict()  # θ set by the calibration
-    record["metadata"] = {**(record.get("metadata") or {}), "threshold_calibration": calibration}
+    record = record.replace(
+        router_config=model.skipgpt_config,  # θ set by the calibration
+        metadata={**record.metadata, "threshold_calibration": calibration},
+    )
 
     with staged_dir(output) as stage:
         for item in source.iterdir():
-            if item.name in (CHECKPOINT_DIR, CONFIG_NAME):
+            if item.name in (CHECKPOINT_DIR, checkpoint.CONFIG_NAME):
                 continue
             copy = shutil.copytree if item.is_dir() else shutil.copy2
             copy(item, stage / item.name)
-        (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        checkpoint.write(stage, record)
     summary = {"output": str(output)} | {
         k: calibration[k]
         for k in ("target", "budget", "threshold_before", "sparsity_before", "threshold", "sparsity_after")

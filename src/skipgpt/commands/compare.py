@@ -129,18 +129,16 @@ def measure_prefill(
 # -- building and loading each method ---------------------------------------------------------------
 def _record_target(method: str, folder: Path) -> float | None:
     """Target sparsity a finished folder was built for, or None when the folder is not finished."""
-    import json
+    from .. import checkpoint
 
-    from ..config import CONFIG_NAME, SkipGPTConfig
-
-    if method == "shortgpt":
-        f = folder / "shortgpt.json"
-        return json.loads(f.read_text())["target_sparsity"] if f.exists() else None
-    if not (folder / CONFIG_NAME).exists():
+    done = checkpoint.is_output_dir(folder) if method == "shortgpt" else checkpoint.is_skipgpt_dir(folder)
+    if not done:
         return None
-    rec = SkipGPTConfig.read_json(folder / CONFIG_NAME)
-    meta = rec.get("metadata", {})
-    return meta.get("target_sparsity", meta.get("skip_rate", rec["router_config"]["target_sparsity"]))
+    rec = checkpoint.read(folder)
+    meta = rec.metadata
+    if method == "shortgpt":
+        return meta["target_sparsity"]
+    return meta.get("target_sparsity", meta.get("skip_rate", rec.router_config.target_sparsity))
 
 
 def _build(method: str, folder: Path, args, base, tokenizer, train_blocks, progress: bool = True) -> None:
@@ -228,14 +226,13 @@ def _build(method: str, folder: Path, args, base, tokenizer, train_blocks, progr
 
 def _load(method: str, folder: Path, base):
     """The model of a finished folder, as ``load_model`` builds it (base weights shared by copy)."""
-    import json
-
+    from .. import checkpoint
     from ..model import SkipGPTModel
     from ..specs import load_base_model
 
     if method == "shortgpt":
         model, _ = load_base_model(str(folder))
-        return model.eval(), json.loads((folder / "shortgpt.json").read_text())
+        return model.eval(), checkpoint.read(folder).metadata
     model = SkipGPTModel.from_pretrained(folder, base_model=copy.deepcopy(base)).eval()
     return model, model.metadata
 
@@ -294,11 +291,11 @@ def run(args) -> int:
     import torch
 
     from ..baselines.mod import topk_routing
+    from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
     from ..eval.perplexity import evaluate_perplexity
     from ..eval.speed import machine_string
-    from ..loading import is_skipgpt_dir
     from ..model import SkipGPTModel
     from ..specs import load_base_model
 

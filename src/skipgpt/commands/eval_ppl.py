@@ -70,10 +70,12 @@ def run(args) -> int:
 
 def _static_removal(spec: str) -> dict | None:
     """Sparsity of a ShortGPT output folder (its layers are removed, not routed), else None."""
-    import json
-    from pathlib import Path
+    from .. import checkpoint
 
-    from ..baselines.shortgpt import RECORD_NAME
-
-    record = Path(spec) / RECORD_NAME
-    return json.loads(record.read_text())["sparsity"] if record.is_file() else None
+    try:
+        if not checkpoint.is_output_dir(spec) or checkpoint.is_skipgpt_dir(spec):
+            return None
+    except (OSError, ValueError):  # a model spec that is no path
+        return None
+    record = checkpoint.read(spec)
+    return record.metadata["sparsity"] if record.kind == "shortgpt" else None

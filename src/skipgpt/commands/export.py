@@ -59,9 +59,9 @@ def _check_copied(stage, src, hf, config, routed: bool, adapter: bool) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME
     from ..errors import SkipGPTError
-    from ..model import ROUTERS_NAME, SkipGPTModel
-    from ..train.lora import ADAPTER_DIR
+    from ..model import SkipGPTModel
 
     if routed:
         wrapped = SkipGPTModel(hf, config)
@@ -99,39 +99,38 @@ def export_model(source: str, output: str, merge: bool = False) -> dict:
 
 
 def _export(source: str, output: str, merge: bool) -> dict:
-    import json
     import shutil
     from pathlib import Path
 
-    from ..config import CONFIG_NAME, SkipGPTConfig
+    from .. import checkpoint
+    from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME
     from ..errors import SkipGPTError
     from ..io import prepare_output_dir, recover_dir, staged_dir
-    from ..loading import is_skipgpt_dir, load_model
-    from ..model import ROUTERS_NAME, SkipGPTModel, resolve_base_spec
+    from ..loading import load_model
+    from ..model import SkipGPTModel
     from ..specs import load_base_model
-    from ..train.lora import ADAPTER_DIR, merge_lora
+    from ..train.lora import merge_lora
 
     src = Path(source)
-    if not is_skipgpt_dir(src):
+    if not checkpoint.is_skipgpt_dir(src):
         raise SkipGPTError(
-            f"{source} is not a skipgpt output folder (no {CONFIG_NAME}); export takes the output of "
+            f"{source} is not a skipgpt output folder (no {checkpoint.CONFIG_NAME}); export takes the output of "
             "train-router or finetune-lora"
         )
     recover_dir(output)  # what a killed export left beside the folder (we hold its lock)
     out = prepare_output_dir(output, allow_existing_ours=False)
     if out.exists() and any(out.iterdir()):
         raise SkipGPTError(f"output folder {out} is not empty; give a new folder")
-    record = SkipGPTConfig.read_json(src / CONFIG_NAME)
-    routed = record.get("router_config") is not None
-    config = SkipGPTConfig.from_dict(record["router_config"]) if routed else None
-    has_adapter = (src / ADAPTER_DIR).is_dir()
+    record = checkpoint.read(src)
+    routed, config = record.routed, record.router_config
+    has_adapter = record.adapter is not None
     merged = merge and has_adapter
     if merged:
         model, tokenizer = load_model(str(src))
         model = merge_lora(model)
         hf = model.unwrap() if isinstance(model, SkipGPTModel) else model
     else:  # the clean base weights; the adapter (if any) is copied as it is
-        hf, tokenizer = load_base_model(resolve_base_spec(record, src))
+        hf, tokenizer = load_base_model(record.base_spec)
 
     with staged_dir(out) as stage:
         if not routed and merged:  # dense + LoRA, merged: just a HF model folder
@@ -151,24 +150,25 @@ def _export(source: str, output: str, merge: bool) -> dict:
         if has_adapter and not merged:
             shutil.copytree(src / ADAPTER_DIR, stage / ADAPTER_DIR)
         _check_copied(stage, src, hf, config, routed, adapter=has_adapter and not merged)
-        new = dict(record)
-        new["base_model"] = str(out.resolve() / HF_DIR)  # for humans; loaders use base_model_in_folder
-        new["base_model_in_folder"] = HF_DIR
-        new["metadata"] = {
-            **record.get("metadata", {}),
-            "export": {
-                "source": str(src.resolve()),
-                "merged": merged,
-                "original_base_model": record["base_model"],
+        new = record.replace(
+            base_model=str(out.resolve() / HF_DIR),  # for humans; loaders use base_model_in_folder
+            base_model_in_folder=HF_DIR,
+            metadata={
+                **record.metadata,
+                "export": {
+                    "source": str(src.resolve()),
+                    "merged": merged,
+                    "original_base_model": record.base_model,
+                },
             },
-        }
-        (stage / CONFIG_NAME).write_text(json.dumps(new, indent=2) + "\n")
+        )
+        checkpoint.write(stage, new)
     return {
         "output": str(out),
         "kind": "routed" if routed else "dense+adapter",
         "merged": merged,
         "adapter": has_adapter and not merged,
-        "base_model": new["base_model"],
+        "base_model": new.base_model,
     }
 
 

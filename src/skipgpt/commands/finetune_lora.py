@@ -123,28 +123,26 @@ def lora_args_from_args(args):
 
 
 def _routed_source(folder: str):
-    """Check that ``folder`` is a stage-1 output; return its record."""
+    """Check that ``folder`` is a stage-1 output; return its record (``checkpoint.FolderRecord``)."""
     from pathlib import Path
 
-    from ..config import CONFIG_NAME, SkipGPTConfig
+    from .. import checkpoint
+    from ..checkpoint import ROUTERS_NAME
     from ..errors import SkipGPTError
-    from ..loading import is_skipgpt_dir
-    from ..model import ROUTERS_NAME
-    from ..train.lora import ADAPTER_DIR
 
     hint = "pass --dense for the dense + LoRA control or --joint to train routers and LoRA together"
-    if not is_skipgpt_dir(folder):
+    if not checkpoint.is_skipgpt_dir(folder):
         raise SkipGPTError(
-            f"{folder} is not a skipgpt output folder (no {CONFIG_NAME}): stage 2 needs the routers of "
+            f"{folder} is not a skipgpt output folder (no {checkpoint.CONFIG_NAME}): stage 2 needs the routers of "
             f"`skipgpt train-router`; {hint}"
         )
-    record = SkipGPTConfig.read_json(Path(folder) / CONFIG_NAME)
-    if record.get("router_config") is None or not (Path(folder) / ROUTERS_NAME).exists():
+    record = checkpoint.read(folder)
+    if not record.routed or not (Path(folder) / ROUTERS_NAME).exists():
         raise SkipGPTError(
             f"{folder} has no routers ({ROUTERS_NAME} missing): stage 2 needs the output of "
             f"`skipgpt train-router`; {hint}"
         )
-    if (Path(folder) / ADAPTER_DIR).is_dir():
+    if record.adapter is not None:
         raise SkipGPTError(
             f"{folder} already has a LoRA adapter; give its stage-1 folder, or `skipgpt export --merge` it first"
         )
@@ -152,15 +150,13 @@ def _routed_source(folder: str):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import torch
 
-    from ..config import CONFIG_NAME, SkipGPTConfig
+    from .. import checkpoint
+    from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
-    from ..loading import is_skipgpt_dir
-    from ..model import SkipGPTModel, get_skipgpt_model, resolve_base_spec
+    from ..model import SkipGPTModel, get_skipgpt_model
     from ..specs import load_base_model
     from ..train.loop import claim_output_dir
     from ..train.lora import check_targets, finetune_lora, train_joint
@@ -178,7 +174,7 @@ def run(args) -> int:
     _refuse_ignored(args, continue_routers)
     if continue_routers:  # the stage-1 routers keep training beside LoRA
         record = _routed_source(args.model)
-        base, tokenizer = load_base_model(resolve_base_spec(record, args.model))
+        base, tokenizer = load_base_model(record.base_spec)
         model = SkipGPTModel.from_pretrained(args.model, base_model=base)
         tuning = tuning_args_from_args(args)
         kind = "stage 2 (LoRA, routers still training)"
@@ -190,12 +186,12 @@ def run(args) -> int:
         kind = "SkipGPT-Joint"
     elif args.dense:
         if is_skipgpt_dir(args.model):  # the base model of a routed folder
-            spec = resolve_base_spec(SkipGPTConfig.read_json(Path(args.model) / CONFIG_NAME), args.model)
+            spec = checkpoint.read(args.model).base_spec
         model, tokenizer = load_base_model(spec)
         kind = "dense + LoRA"
     else:
         record = _routed_source(args.model)
-        base, tokenizer = load_base_model(resolve_base_spec(record, args.model))
+        base, tokenizer = load_base_model(record.base_spec)
         model = SkipGPTModel.from_pretrained(args.model, base_model=base)
         kind = "stage 2 (LoRA, routers frozen)"
     check_targets(model, lora.targets)  # a wrong module name fails before the data is read

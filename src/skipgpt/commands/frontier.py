@@ -90,19 +90,19 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _router_record(folder: str, layers: int) -> dict:
-    """The saved record of a router folder, refused in one line when it cannot be a line here."""
-    from ..config import CONFIG_NAME, SkipGPTConfig
+def _router_record(folder: str, layers: int):
+    """The record (``checkpoint.FolderRecord``) of a router folder, refused in one line when it
+    cannot be a line here."""
+    from .. import checkpoint
     from ..errors import SkipGPTError
-    from ..loading import is_skipgpt_dir
 
-    if not is_skipgpt_dir(folder):
-        raise SkipGPTError(f"--routers {folder} is not a skipgpt output folder (no {CONFIG_NAME})")
-    record = SkipGPTConfig.read_json(Path(folder) / CONFIG_NAME)
-    if record.get("router_config") is None or (record.get("metadata") or {}).get("removed_modules"):
+    if not checkpoint.is_skipgpt_dir(folder):
+        raise SkipGPTError(f"--routers {folder} is not a skipgpt output folder (no {checkpoint.CONFIG_NAME})")
+    record = checkpoint.read(folder)
+    if record.kind in ("dense-lora", "llm-drop"):
         raise SkipGPTError(f"--routers {folder} holds no trained routers")
-    if record.get("num_layers") != layers:
-        raise SkipGPTError(f"--routers {folder} has {record.get('num_layers')} layers; --model has {layers}")
+    if record.num_layers != layers:
+        raise SkipGPTError(f"--routers {folder} has {record.num_layers} layers; --model has {layers}")
     return record
 
 
@@ -126,6 +126,7 @@ def run(args) -> int:
     import copy
     import shutil
 
+    from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
     from ..eval.frontier import (
@@ -137,7 +138,6 @@ def run(args) -> int:
         run_frontier,
     )
     from ..eval.speed import machine_string
-    from ..loading import is_skipgpt_dir
     from ..model import SkipGPTModel
     from ..specs import load_base_model
     from . import compare
@@ -211,7 +211,7 @@ def run(args) -> int:
     for folder, name in zip(routers, names, strict=True):
         unique = names.count(name) == 1
         key = "skipgpt" if len(routers) == 1 else f"skipgpt:{name if unique else folder}"
-        info = {"routers": folder, "calibrated_threshold": records[folder]["router_config"].get("threshold")}
+        info = {"routers": folder, "calibrated_threshold": records[folder].router_config.threshold}
         lines.append(RouterLine(key, f"SkipGPT-RT ({name if unique else folder})", loader(folder), info))
 
     result = run_frontier(

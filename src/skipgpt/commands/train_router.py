@@ -173,9 +173,9 @@ def tuning_args_from_args(args):
 def run(args) -> int:
     import torch
 
+    from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
-    from ..loading import is_skipgpt_dir
     from ..model import get_skipgpt_model
     from ..specs import load_base_model
     from ..train.loop import claim_output_dir

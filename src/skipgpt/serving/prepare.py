@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..config import CONFIG_NAME, SkipGPTConfig
+from .. import checkpoint
+from ..checkpoint import CONFIG_NAME, ROUTERS_NAME
 from ..errors import SkipGPTError
 from . import ARCHITECTURE, ROUTED_ARCHITECTURES
 
@@ -52,8 +53,6 @@ def is_prepared(folder: str | Path) -> bool:
 
 
 def _up_to_date(source: Path, out: Path) -> bool:
-    from ..model import ROUTERS_NAME
-
     if not is_prepared(out):
         return False
     return all(
@@ -83,6 +82,15 @@ def _save_plain_weights(base, folder: Path) -> dict[str, Any]:
     return config
 
 
+# folder kind (skipgpt.checkpoint) -> why the vLLM plugin cannot serve it
+_NOT_SERVED = {
+    "dense-lora": "{source} has no routers (dense + LoRA); serve its merged export with vllm directly",
+    "routed-lora": "{source} holds a LoRA adapter; run `skipgpt export --model {source} --merge --output DIR` "
+    "and serve DIR",
+    "llm-drop": "{source} is a static (LLM-Drop) baseline; the vLLM plugin serves routed models only",
+}
+
+
 def prepare_serving_folder(source: str | Path, output: str | Path | None = None, force: bool = False) -> Path:
     """Prepare (or reuse) the vLLM folder of the skipgpt folder ``source``; returns its path.
 
@@ -90,30 +98,18 @@ def prepare_serving_folder(source: str | Path, output: str | Path | None = None,
     (one line) for what vLLM cannot serve with routing: a dense + LoRA folder, an unmerged LoRA
     adapter, a statically pruned baseline, or a base family without a routed vLLM class.
     """
-    from ..model import ROUTERS_NAME, resolve_base_spec
-
     source = Path(source)
     if is_prepared(source):
         return source
-    if not (source / CONFIG_NAME).exists():
+    if not checkpoint.is_skipgpt_dir(source):
         raise SkipGPTError(
             f"{source} is neither a skipgpt output folder (no {CONFIG_NAME}) nor a prepared vLLM folder"
         )
-    record = SkipGPTConfig.read_json(source / CONFIG_NAME)
-    if record.get("router_config") is None:
-        raise SkipGPTError(
-            f"{source} has no routers (dense + LoRA); serve its merged export with vllm directly"
-        )
-    if (source / "adapter").is_dir():
-        raise SkipGPTError(
-            f"{source} holds a LoRA adapter; run `skipgpt export --model {source} --merge --output DIR` "
-            "and serve DIR"
-        )
-    if (record.get("metadata") or {}).get("removed_modules"):
-        raise SkipGPTError(
-            f"{source} is a static (LLM-Drop) baseline; the vLLM plugin serves routed models only"
-        )
-    model_type = record.get("model_type")
+    record = checkpoint.read(source)
+    refusal = _NOT_SERVED.get("routed-lora" if record.routed and record.adapter else record.kind)
+    if refusal is not None:
+        raise SkipGPTError(refusal.format(source=source))
+    model_type = record.model_type
     if model_type not in ROUTED_ARCHITECTURES:
         raise SkipGPTError(
             f"no routed vLLM class for model_type {model_type!r}; supported: {sorted(ROUTED_ARCHITECTURES)}"
@@ -129,8 +125,8 @@ def prepare_serving_folder(source: str | Path, output: str | Path | None = None,
     from ..io import staged_dir
     from ..specs import load_base_model
 
-    config = SkipGPTConfig.from_dict(record["router_config"])
-    base, tokenizer = load_base_model(resolve_base_spec(record, source), dtype=torch.float32)
+    config = record.router_config
+    base, tokenizer = load_base_model(record.base_spec, dtype=torch.float32)
     with staged_dir(out) as stage:
         hf_config = _save_plain_weights(base, stage)
         tokenizer.save_pretrained(stage)

@@ -28,7 +28,6 @@ config (``router_config: null``) and ``adapter/`` only.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,10 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
-from ..config import CONFIG_NAME
+from .. import checkpoint
+from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord
 from ..errors import SkipGPTError
 from ..io import prepare_output_dir, staged_dir
+from ..lora_adapter import attach_adapter, forget_peft, get_peft, remember_peft
 from ..model import SkipGPTModel
 from .loop import CHECKPOINT_DIR, LoopArgs, claim_output_dir, save_on_main_process, train_loop
 from .losses import check_loss_weights
@@ -68,7 +68,6 @@ __all__ = [
     "save_with_adapter",
 ]
 
-ADAPTER_DIR = "adapter"
 DEFAULT_TARGETS = ("q_proj", "v_proj", "gate_proj")  # the paper's code
 STAGE2_ROUTING = ("deterministic", "sampled")
 ROUTING_REASON = {
@@ -79,7 +78,6 @@ ROUTING_REASON = {
 }
 # Router MLPs live under `routers.<module>.net.<i>`; never LoRA targets, whatever the user asks.
 ROUTER_EXCLUDE = r".*\.routers\..*"
-_PEFT_ATTR = "_skipgpt_peft"  # the PeftModel handle, kept out of the module tree (no duplicate params)
 
 
 @dataclass
@@ -149,11 +147,6 @@ def check_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str] | str
     return list(targets)
 
 
-def get_peft(model: nn.Module):
-    """The ``PeftModel`` attached by ``add_lora``/``load_adapter``, or None."""
-    return model.__dict__.get(_PEFT_ATTR)
-
-
 def add_lora(model: nn.Module, args: LoraArgs | None = None):
     """Inject fresh LoRA layers into ``model`` (a ``SkipGPTModel`` or a plain HF model), in place.
 
@@ -175,20 +168,14 @@ def add_lora(model: nn.Module, args: LoraArgs | None = None):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(_hf(model), config)
-    model.__dict__[_PEFT_ATTR] = peft_model
+    remember_peft(model, peft_model)
     return peft_model
 
 
 def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
-    """Restore a saved ``adapter/`` folder into ``model`` (in place); returns the PeftModel."""
-    from peft import PeftModel
-
-    path = Path(path)
-    if not (path / "adapter_config.json").exists():
-        raise SkipGPTError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
-    peft_model = PeftModel.from_pretrained(_hf(model), str(path), is_trainable=trainable)
-    model.__dict__[_PEFT_ATTR] = peft_model
-    return peft_model
+    """Restore a saved ``adapter/`` folder into ``model`` (in place); returns the PeftModel.
+    (``lora_adapter.attach_adapter``, which loading uses, given the HF model inside ``model``.)"""
+    return attach_adapter(model, path, hf=_hf(model), trainable=trainable)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -208,7 +195,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         return model
     if not isinstance(model, SkipGPTModel):
         merged = peft_model.merge_and_unload()
-        merged.__dict__.pop(_PEFT_ATTR, None)
+        forget_peft(merged)
         return merged
     routers = {k: v.detach().clone() for k, v in model.router_state_dict().items()}
     hf = model.unwrap()
@@ -234,18 +221,17 @@ def save_with_adapter(
     """
     peft_model = get_peft(model)
     output_dir = prepare_output_dir(output_dir)
-    with staged_dir(output_dir, drop=("routers.safetensors",)) as stage:
+    with staged_dir(output_dir, drop=(ROUTERS_NAME,)) as stage:
         if isinstance(model, SkipGPTModel):
             model.save_pretrained(stage, metadata=metadata)
-        else:  # dense + LoRA: no routers; loading.load_model knows `router_config: null`
-            record = {
-                "skipgpt_version": __version__,
-                "base_model": base_spec,
-                "model_type": model.config.model_type,
-                "router_config": None,
-                "metadata": metadata,
-            }
-            (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        else:  # dense + LoRA: no routers (checkpoint kind 'dense-lora')
+            record = FolderRecord(
+                base_model=base_spec,
+                router_config=None,
+                model_type=model.config.model_type,
+                metadata=metadata,
+            )
+            checkpoint.write(stage, record)
         if peft_model is not None:
             peft_model.save_pretrained(str(stage / ADAPTER_DIR))
     return output_dir

@@ -61,7 +61,7 @@ def dense_teacher(model):
     module executing (routing off) and LoRA, if attached, switched off."""
     from contextlib import ExitStack
 
-    from .lora import get_peft
+    from ..lora_adapter import get_peft
 
     stack = ExitStack()
     if isinstance(model, SkipGPTModel):
