@@ -35,6 +35,7 @@ __all__ = [
     "verify_checkpoint",
     "has_checkpoint",
     "MANIFEST_NAME",
+    "set_gradient_checkpointing",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -203,7 +204,7 @@ def _rank_divergence(accelerator, prepared, params: list[torch.nn.Parameter]) ->
     return float((every - every[0]).abs().max())
 
 
-def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
+def set_gradient_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     """Turn on/off transformers' activation checkpointing of the decoder layers.
 
     ``RoutedDecoderLayer`` is a ``GradientCheckpointingLayer``, so the routed layers are the
@@ -418,7 +419,7 @@ def train_loop(
                 )
 
         model.train()
-        _set_checkpointing(model, args.gradient_checkpointing)
+        set_gradient_checkpointing(model, args.gradient_checkpointing)
         bar = tqdm(
             total=args.max_steps,
             initial=start,
@@ -489,5 +490,5 @@ def train_loop(
             if on_step is not None:
                 on_step(step, sums)
         bar.close()
-        _set_checkpointing(model, False)
+        set_gradient_checkpointing(model, False)
         return history

@@ -43,13 +43,8 @@ from ..io import prepare_output_dir, staged_dir
 from ..model import SkipGPTModel
 from .loop import CHECKPOINT_DIR, LoopArgs, claim_output_dir, save_on_main_process, train_loop
 from .losses import check_loss_weights
-from .router_tuning import (
-    RouterTuningArgs,
-    _module_rates,
-    calibrate_and_measure,
-    lm_and_distillation,
-    make_step_fn,
-)
+from .objectives import PEFT_HANDLE, attached_peft, lm_and_distillation, module_rates
+from .router_tuning import RouterTuningArgs, calibrate_and_measure, make_step_fn
 
 __all__ = [
     "LoraArgs",
@@ -79,7 +74,7 @@ ROUTING_REASON = {
 }
 # Router MLPs live under `routers.<module>.net.<i>`; never LoRA targets, whatever the user asks.
 ROUTER_EXCLUDE = r".*\.routers\..*"
-_PEFT_ATTR = "_skipgpt_peft"  # the PeftModel handle, kept out of the module tree (no duplicate params)
+_PEFT_ATTR = PEFT_HANDLE  # the PeftModel handle, kept out of the module tree (no duplicate params)
 
 
 @dataclass
@@ -151,7 +146,7 @@ def check_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str] | str
 
 def get_peft(model: nn.Module):
     """The ``PeftModel`` attached by ``add_lora``/``load_adapter``, or None."""
-    return model.__dict__.get(_PEFT_ATTR)
+    return attached_peft(model)
 
 
 def add_lora(model: nn.Module, args: LoraArgs | None = None):
@@ -319,7 +314,7 @@ def finetune_lora(
         loss, terms = lm_and_distillation(model, forward, input_ids, args, use_cache=False)
         metrics = {"loss": float(loss.detach()), **terms}
         if routed:
-            metrics.update(sparsity=float(model.realised_sparsity().detach()), **_module_rates(model))
+            metrics.update(sparsity=float(model.realised_sparsity().detach()), **module_rates(model))
         return loss, metrics
 
     if routed and args.routing == "deterministic":

@@ -19,14 +19,8 @@ import torch
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel
 from .loop import LoopArgs, claim_output_dir, save_on_main_process, train_loop
-from .losses import (
-    check_loss_weights,
-    curriculum_target,
-    distillation_loss,
-    shifted_lm_loss,
-    sparsity_penalty,
-    temperature_at,
-)
+from .losses import check_loss_weights, curriculum_target, sparsity_penalty, temperature_at
+from .objectives import lm_and_distillation, module_rates
 
 __all__ = ["RouterTuningArgs", "train_routers"]
 
@@ -47,55 +41,6 @@ class RouterTuningArgs:
             raise SkipGPTError(f"curriculum must be a fraction in [0, 1], got {self.curriculum}")
 
 
-def _module_rates(model: SkipGPTModel) -> dict[str, float]:
-    rates = model.state.skip_rates
-    out = {}
-    for m in model.skipgpt_config.modules:
-        vals = [float(v.detach() if torch.is_tensor(v) else v) for (_, mod), v in rates.items() if mod == m]
-        out[f"{m}_skip"] = sum(vals) / max(len(vals), 1)
-    return out
-
-
-def dense_teacher(model):
-    """Context in which ``model`` is its own distillation teacher: the frozen base model, every
-    module executing (routing off) and LoRA, if attached, switched off."""
-    from contextlib import ExitStack
-
-    from .lora import get_peft
-
-    stack = ExitStack()
-    if isinstance(model, SkipGPTModel):
-        stack.enter_context(model.dense())
-    peft_model = get_peft(model)
-    if peft_model is not None:
-        stack.enter_context(peft_model.disable_adapter())
-    return stack
-
-
-def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forward_kwargs):
-    """One student forward (after a teacher forward in ``dense_teacher`` when distilling).
-
-    ``weights`` has ``lm_weight``, ``distill_weight`` and ``distill_temperature`` (the stage-1
-    or stage-2 args). Returns ``(loss, metrics)``: ``lm_weight·LM + distill_weight·KD`` (0.0
-    when both terms are off) and the terms' values under ``lm`` / ``kd``.
-    """
-    teacher = None
-    if weights.distill_weight > 0:
-        with torch.no_grad(), dense_teacher(model):
-            teacher = forward(input_ids=input_ids, **forward_kwargs).logits
-    logits = forward(input_ids=input_ids, **forward_kwargs).logits
-    loss, metrics = 0.0, {}
-    if weights.lm_weight > 0:
-        lm = shifted_lm_loss(logits, input_ids)
-        loss = loss + weights.lm_weight * lm
-        metrics["lm"] = float(lm.detach())
-    if teacher is not None:
-        kd = distillation_loss(logits, teacher, weights.distill_temperature)
-        loss = loss + weights.distill_weight * kd
-        metrics["kd"] = float(kd.detach())
-    return loss, metrics
-
-
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *, anneal: bool = True):
     """The stage-1 step: Gumbel temperature annealed tau_start → tau_end over the run (held at
     tau_end if not ``anneal``), target ramped by the curriculum, task loss + sparsity penalty."""
@@ -109,7 +54,7 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
         task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
         realised = model.realised_sparsity()
         loss = sparsity_penalty(realised, target, cfg.alpha) + task_loss
-        metrics.update(_module_rates(model))
+        metrics.update(module_rates(model))
         metrics.update(loss=float(loss.detach()), sparsity=float(realised.detach()), tau=tau, target=target)
         return loss, metrics
 
