@@ -86,7 +86,7 @@ def _train(model, blocks, out, steps, lr=1e-2, save_every=50, **tuning):
 
 
 def test_regulariser_moves_sparsity_to_target(tmp_path):
-    model, _ = routed("llama", target_sparsity=0.5, alpha=20.0)
+    model, _ = routed("llama", target_sparsity=0.5, sparsity_weight=20.0)
     blocks = random_ids(16, 32, model.config.vocab_size)
     with torch.no_grad():
         model(blocks[:4])

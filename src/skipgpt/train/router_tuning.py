@@ -2,7 +2,7 @@
 
 Loss per step::
 
-    lm_weight * LM  +  alpha * |target_t - s|  [+ distill_weight * KL(dense teacher || routed)]
+    lm_weight * LM  +  sparsity_weight * |target_t - s|  [+ distill_weight * KL(dense teacher || routed)]
 
 where ``s`` is the realised skip rate of the step (modules or parameters, ``config.budget``),
 ``target_t`` the (optionally ramped) target, and the teacher is the same frozen model with
@@ -11,7 +11,7 @@ every module executing (free: no second model in memory).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,13 +27,31 @@ __all__ = ["RouterTuningArgs", "train_routers"]
 
 @dataclass
 class RouterTuningArgs:
-    """Stage-1 settings beyond the router config (which holds target, alpha and tau)."""
+    """Stage-1 settings beyond the router config (which holds target, sparsity weight and tau).
 
-    lm_weight: float = 1.0
-    distill_weight: float = 0.0
-    distill_temperature: float = 1.0
-    curriculum: float = 0.0  # fraction of the run over which the target ramps up from 0
-    calibrate_blocks: int = 16  # after training, set θ to hit the target on this many blocks (0 = keep θ)
+    The defaults are the default recipe (``skipgpt.train.recipes``): self-distillation from the
+    dense model and a 30% sparsity curriculum, with which dense-start routers also learn on small
+    models; the paper's recipe (LM loss only, fixed target) is ``RECIPES["paper"]``.
+    """
+
+    lm_weight: float = field(default=1.0, metadata={"help": "weight of the LM loss"})
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "weight of KL(dense teacher || routed) self-distillation (0 = off)"}
+    )
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature of self-distillation"}
+    )
+    curriculum: float = field(
+        default=0.3,
+        metadata={"help": "fraction of the run over which the target ramps from 0 (0 = fixed target)"},
+    )
+    calibrate_blocks: int = field(
+        default=16,
+        metadata={
+            "help": "after training, set θ so that deterministic routing meets the target on this many "
+            "training blocks (0 = keep --threshold)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_loss_weights(self.lm_weight, self.distill_weight, self.distill_temperature)
@@ -53,7 +71,7 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
         model.set_temperature(tau)
         task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
         realised = model.realised_sparsity()
-        loss = sparsity_penalty(realised, target, cfg.alpha) + task_loss
+        loss = sparsity_penalty(realised, target, cfg.sparsity_weight) + task_loss
         metrics.update(module_rates(model))
         metrics.update(loss=float(loss.detach()), sparsity=float(realised.detach()), tau=tau, target=target)
         return loss, metrics
