@@ -81,7 +81,10 @@ def test_sparsity_stats_and_params_weighting(tiny_llama):
 
 
 def _train(model, blocks, out, steps, lr=1e-2, save_every=50, **tuning):
+    """Stage 1 with the paper's loss (LM + regulariser, fixed target) unless ``tuning`` says
+    otherwise: what these tests measure, without the default recipe's distillation and ramp."""
     loop = LoopArgs(max_steps=steps, batch_size=4, lr=lr, save_every=save_every)
+    tuning = {"distill_weight": 0.0, "curriculum": 0.0, **tuning}
     return train_routers(model, blocks, out, loop, RouterTuningArgs(**tuning), progress=False)
 
 
