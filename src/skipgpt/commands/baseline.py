@@ -16,6 +16,8 @@ __all__ = ["add_parser", "add_static_args", "add_mod_router_args", "mod_router_c
 
 def add_static_args(p: argparse.ArgumentParser) -> None:
     """Calibration and budget options of the static baselines."""
+    from ..baselines.scores import ROUNDINGS
+
     p.add_argument(
         "--sparsity", type=probability, required=True, help="parameter sparsity to remove, in (0, 1)"
     )
@@ -26,7 +28,7 @@ def add_static_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument(
         "--rounding",
-        choices=["nearest", "down", "up"],
+        choices=ROUNDINGS,
         default="nearest",
         help="whole units are removed: stop at the share nearest the target (ties: fewer), "
         "the largest not above it, or the smallest not below it",
@@ -146,11 +148,12 @@ def run_shortgpt(args) -> int:
 def run_llm_drop(args) -> int:
     from ..baselines.llm_drop import llm_drop_prune, save_llm_drop
     from ..baselines.scores import check_baseline_output, describe_removed
+    from ..config import MODULES
     from ..errors import SkipGPTError
 
     check_baseline_output(args.output, args.overwrite)
     droppable = [m.strip() for m in args.droppable.split(",") if m.strip()]
-    if not droppable or any(m not in ("attn", "mlp") for m in droppable):
+    if not droppable or any(m not in MODULES for m in droppable):
         raise SkipGPTError(f"--droppable must be attn,mlp | attn | mlp, got {args.droppable!r}")
     base, _, blocks = _base_and_blocks(args, tuple(droppable))
     model, record = llm_drop_prune(

@@ -49,6 +49,7 @@ BUDGET = "parameter sparsity: parameters of skipped attention/MLP modules (per t
 
 
 def add_parser(sub) -> None:
+    from ..baselines.scores import ROUNDINGS
     from .train_router import LOOP_FIELDS, add_loop_options, add_router_args
 
     p = sub.add_parser("compare", help="SkipGPT-RT vs ShortGPT, LLM-Drop, MoD-D at one parameter budget")
@@ -73,7 +74,7 @@ def add_parser(sub) -> None:
         },
     )
     t.add_argument("--calib-blocks", type=positive_int, default=32, help="ShortGPT/LLM-Drop scoring blocks")
-    t.add_argument("--rounding", choices=["nearest", "down", "up"], default="nearest")
+    t.add_argument("--rounding", choices=ROUNDINGS, default="nearest")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-datasets", default="wiki-heldout,ptb")
     e.add_argument("--eval-seq-len", type=positive_int, default=1024)

@@ -68,13 +68,14 @@ def add_dataclass_args(
     """Add a flag for each of ``fields`` (names; default: every command-line field) of ``cls``.
 
     ``defaults`` / ``help`` (field name -> value) replace a field's default or help for this
-    command (e.g. stage 2's learning rate). The help shows the default unless it says one.
+    command (e.g. stage 2's learning rate; a help given here is an argparse format string, so
+    ``%`` is ``%%``). The help shows the default unless it says one.
     """
     chosen = [_field(cls, n) for n in fields] if fields is not None else cli_fields(cls)
     for f in chosen:
         meta = f.metadata
         default = (defaults or {}).get(f.name, _default(f))
-        text = (help or {}).get(f.name, meta["help"])
+        text = (help or {}).get(f.name, meta["help"].replace("%", "%%"))  # argparse formats help with %
         if "(default" not in text and default is not None and default is not False:
             text += " (default: %(default)s)"
         kwargs: dict[str, Any] = {"default": default, "help": text, "dest": dest_of(f)}

@@ -24,7 +24,7 @@ TRAINING = ("target_sparsity", "max_steps", "batch_size", "calibrate_blocks")
 
 
 def add_parser(sub) -> None:
-    from ..eval.frontier import SCENARIOS
+    from ..eval.frontier import SCENARIOS, STATISTICS
 
     p = sub.add_parser(
         "frontier",
@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
     e.add_argument("--decode-context", type=positive_int, default=384)
     e.add_argument(
         "--statistic",
-        choices=["median", "min"],
+        choices=list(STATISTICS),
         default="median",
         help="how the timed runs are read (min: on a shared machine whose other jobs slow single runs); "
         "the runs are kept, so a finished run may be re-read either way",

@@ -17,6 +17,10 @@ either the model's trained routers (at ``threshold``) or forced random routing a
 repeat; with ``router_overhead`` the routers are still run and their answer discarded, so the
 time includes them). The ideal speedup is computed from the decisions actually taken (an
 extra, untimed pass of the fast variant keeps them) with ``skipgpt.costs``.
+
+The harness is public for the other timed jobs (``eval.frontier``, ``benchmarks/``): ``token_pool``
+(the input ids), ``new_cache``, ``Runner`` (one scenario of one variant), ``VariantRouting`` (the
+routing context of each variant), ``rotated`` and ``decode_alternating`` (interleaved timing).
 """
 
 from __future__ import annotations

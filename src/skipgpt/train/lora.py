@@ -110,7 +110,7 @@ class LoraArgs:
         default=0.0,
         metadata={
             "help": "stage 2 and --dense: weight of KL(dense base model || model) added to the LM loss "
-            "(0 = LM only, the default: on SmolLM2 it gained 0.5%% PPL at twice the step time); "
+            "(0 = LM only, the default: on SmolLM2 it gained 0.5% PPL at twice the step time); "
             "--joint uses --distill-weight",
             "flag": "--stage2-distill-weight",
             "type": "non_negative",
