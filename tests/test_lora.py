@@ -302,6 +302,7 @@ def test_stage2_self_distillation_teacher_is_the_dense_base_model(tmp_path):
     "kwargs, match",
     [
         ({"r": 0}, "rank"),
+        ({"lora_alpha": 0.0}, "lora_alpha"),
         ({"dropout": 1.0}, "dropout"),
         ({"targets": ""}, "targets"),
         ({"routing": "x"}, "routing"),

@@ -58,8 +58,9 @@ def add_loop_options(p, fields=LOOP_FIELDS, defaults=None) -> None:
     add_dataclass_args(p, LoopArgs, fields, defaults=defaults, help={"mixed_precision": MIXED_PRECISION_HELP})
 
 
-def add_loop_args(p: argparse.ArgumentParser, lr: float | None = None, defaults=None) -> None:
-    """Data, ``LoopArgs`` and output-folder options of a training command (``lr``: its default)."""
+def add_loop_args(p: argparse.ArgumentParser, defaults=None) -> None:
+    """Data, ``LoopArgs`` and output-folder options of a training command; ``defaults``: the
+    ``LoopArgs`` fields whose default differs for it (e.g. stage 2's learning rate)."""
     g = p.add_argument_group("data and optimisation")
     g.add_argument(
         "--dataset",
@@ -70,7 +71,7 @@ def add_loop_args(p: argparse.ArgumentParser, lr: float | None = None, defaults=
     g.add_argument(
         "--max-blocks", type=positive_int, default=None, help="use at most this many blocks of the dataset"
     )
-    add_loop_options(g, defaults={**({"lr": lr} if lr is not None else {}), **(defaults or {})})
+    add_loop_options(g, defaults=defaults)
     g.add_argument(
         "--output", required=True, help="output folder (new, or an earlier skipgpt output with --resume)"
     )
