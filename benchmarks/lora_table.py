@@ -271,7 +271,7 @@ def _run(args: argparse.Namespace) -> dict:
         f"{spec}, target sparsity {config.target_sparsity} ({config.budget}). Token budget per stage: "
         f"{args.steps} steps × {args.batch_size}×{args.seq_len} = {stage_tokens} {TRAIN_DATA} tokens "
         f"(stage 1: {s1_text}); SkipGPT-Joint: {joint_steps} steps = stage 1 + stage 2. "
-        f"Stage 1 lr {loop1.lr} {loop1.lr_scheduler}; LoRA r={lora.r} α={lora.alpha} on {','.join(lora.targets)}, "
+        f"Stage 1 lr {loop1.lr} {loop1.lr_scheduler}; LoRA r={lora.r} α={lora.lora_alpha} on {','.join(lora.targets)}, "
         f"lr {loop2.lr} {loop2.lr_scheduler} (warm-up {loop2.warmup_ratio}), stage-2 routing {lora.routing}, "
         f"stage-2 loss {_loss_text(lora)} (KD: KL(dense base model ‖ student), T={lora.distill_temperature:g}); "
         f"Joint router lr {stage2.router_lr}. PPL on the first {args.eval_windows} windows of {args.eval_seq_len} "

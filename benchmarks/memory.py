@@ -37,13 +37,13 @@ def measure_step(model_spec: str, seq_len: int, batch_size: int, checkpointing: 
 
     from skipgpt import SkipGPTConfig, get_skipgpt_model
     from skipgpt.specs import load_base_model
-    from skipgpt.train.loop import _set_checkpointing
+    from skipgpt.train.loop import set_gradient_checkpointing
 
     base, _ = load_base_model(model_spec)
     model = get_skipgpt_model(base.to(device), SkipGPTConfig(), base_spec=model_spec)
     model.mark_only_routers_trainable()
     model.train()
-    _set_checkpointing(model, checkpointing)
+    set_gradient_checkpointing(model, checkpointing)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(3, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(
         device

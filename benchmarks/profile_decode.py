@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from skipgpt import SkipGPTConfig, SkipGPTModel, get_skipgpt_model
     from skipgpt.adapters import model_cache_argument
-    from skipgpt.eval.speed import CACHES, _new_cache, _Routing, _token_pool, machine_string
+    from skipgpt.eval.speed import CACHES, VariantRouting, machine_string, new_cache, token_pool
 
     model, tokenizer = load(args.model, args.threshold)
     if not isinstance(model, SkipGPTModel):
@@ -47,10 +47,10 @@ def main(argv=None) -> int:
             p.error("a model without routers needs --random-routing")
         model = get_skipgpt_model(model, SkipGPTConfig())
     model.eval()
-    routing = _Routing(model, args.random_routing, args.threshold, seed=0, router_overhead=True)
+    routing = VariantRouting(model, args.random_routing, args.threshold, seed=0, router_overhead=True)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     need = args.context + args.steps + 1
-    ids, source = _token_pool(tokenizer, args.batch * need, vocab, 0, None)
+    ids, source = token_pool(tokenizer, args.batch * need, vocab, 0, None)
     ids = ids.view(args.batch, need)
 
     lines = [
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     cache_arg = model_cache_argument(model)
     for variant in args.variants.split(","):
         with torch.inference_mode(), routing(variant):
-            cache = _new_cache(model, args.cache, need)
+            cache = new_cache(model, args.cache, need)
             model(input_ids=ids[:, : args.context], **{cache_arg: cache}, use_cache=True, logits_to_keep=1)
             model(input_ids=ids[:, args.context : args.context + 1], **{cache_arg: cache}, use_cache=True)
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

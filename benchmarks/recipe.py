@@ -29,6 +29,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,10 +40,14 @@ from skipgpt.eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
 from skipgpt.eval.tables import markdown_table
 from skipgpt.io import atomic_path, write_json_atomic
 from skipgpt.train.loop import CHECKPOINT_DIR, LoopArgs, load_trainable
-from skipgpt.train.router_tuning import RouterTuningArgs, train_routers
+from skipgpt.train.recipes import RECIPES
+from skipgpt.train.router_tuning import train_routers
 
-# name -> (router config changes, stage-1 loss changes), relative to SkipGPTConfig() and
-# RouterTuningArgs() (the library defaults, not the CLI's recipe defaults)
+PAPER_LOSS = RECIPES["paper"].tuning
+
+# name -> (router config changes, stage-1 loss changes), relative to SkipGPTConfig() and the
+# paper's loss (RECIPES["paper"].tuning: LM only, fixed target; the default recipe's loss is
+# "dense-init+distill+curriculum")
 VARIANTS = {
     "paper": ({"router_init": "paper"}, {}),
     "dense-init": ({}, {}),
@@ -252,7 +257,7 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
     loop = LoopArgs(
         max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=SEED, save_every=save_every
     )
-    tuning = RouterTuningArgs(calibrate_blocks=settings["calibrate_blocks"], **tuning_changes)
+    tuning = replace(PAPER_LOSS, calibrate_blocks=settings["calibrate_blocks"], **tuning_changes)
     run_settings = {**settings, "save_every": save_every}
 
     # an interrupted run of the same settings continues from its last checkpoint

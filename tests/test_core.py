@@ -81,12 +81,15 @@ def test_sparsity_stats_and_params_weighting(tiny_llama):
 
 
 def _train(model, blocks, out, steps, lr=1e-2, save_every=50, **tuning):
+    """Stage 1 with the paper's loss (LM + regulariser, fixed target) unless ``tuning`` says
+    otherwise: what these tests measure, without the default recipe's distillation and ramp."""
     loop = LoopArgs(max_steps=steps, batch_size=4, lr=lr, save_every=save_every)
+    tuning = {"distill_weight": 0.0, "curriculum": 0.0, **tuning}
     return train_routers(model, blocks, out, loop, RouterTuningArgs(**tuning), progress=False)
 
 
 def test_regulariser_moves_sparsity_to_target(tmp_path):
-    model, _ = routed("llama", target_sparsity=0.5, alpha=20.0)
+    model, _ = routed("llama", target_sparsity=0.5, sparsity_weight=20.0)
     blocks = random_ids(16, 32, model.config.vocab_size)
     with torch.no_grad():
         model(blocks[:4])
@@ -122,7 +125,9 @@ def test_save_load_gives_identical_logits_and_routing(tmp_path):
 def test_resume_gives_the_same_next_step_loss(tmp_path):
     blocks = random_ids(12, 24, 259)
     full, _ = routed("llama", target_sparsity=0.3)
-    h_full = _train(full, blocks, tmp_path / "full", steps=6, save_every=3)["history"]
+    loop = LoopArgs(max_steps=6, batch_size=4, lr=1e-2, save_every=3)
+    # the default recipe: self-distillation and a curriculum, both replayed exactly on resume
+    h_full = train_routers(full, blocks, tmp_path / "full", loop, progress=False)["history"]
 
     class Stop(Exception):
         pass
@@ -132,7 +137,6 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
             raise Stop
 
     part, _ = routed("llama", target_sparsity=0.3)
-    loop = LoopArgs(max_steps=6, batch_size=4, lr=1e-2, save_every=3)
     with pytest.raises(Stop):
         train_routers(part, blocks, tmp_path / "part", loop, progress=False, on_step=stop_at_4)
     resumed, _ = routed("llama", target_sparsity=0.3)

@@ -12,7 +12,7 @@ import torch
 from conftest import random_ids, routed
 
 from skipgpt.errors import SkipGPTError
-from skipgpt.train.loop import LoopArgs, _set_checkpointing, batch_indices, make_accelerator
+from skipgpt.train.loop import LoopArgs, batch_indices, make_accelerator, set_gradient_checkpointing
 from skipgpt.train.router_tuning import RouterTuningArgs, train_routers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,11 +78,11 @@ def test_gradient_checkpointing_keeps_router_gradients(arch):
     model.train()
     ids = random_ids(2, 16, model.config.vocab_size)
     loss, grads = _loss_and_router_grads(model, ids)
-    _set_checkpointing(model, True)
+    set_gradient_checkpointing(model, True)
     assert model.is_activation_checkpointing
     assert all(layer.gradient_checkpointing for layer in model.routed_layers)
     loss_ckpt, grads_ckpt = _loss_and_router_grads(model, ids)
-    _set_checkpointing(model, False)
+    set_gradient_checkpointing(model, False)
     assert not model.is_activation_checkpointing
     assert torch.equal(loss, loss_ckpt)
     assert grads.abs().sum() > 0

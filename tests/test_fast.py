@@ -474,15 +474,15 @@ def test_run_bench_shape_and_table():
 def test_decode_with_alternating_variants_takes_the_decisions_of_one_run(rate):
     """The benchmark times decode with dense, masked and fast taking turns step by step; the
     fast variant must then route exactly as one uninterrupted run does (trained or random)."""
-    from skipgpt.eval.speed import VARIANTS, _decode_alternating, _Routing, _Runner, parse_scenario
+    from skipgpt.eval.speed import VARIANTS, Runner, VariantRouting, decode_alternating, parse_scenario
 
     model = make_model("llama")
     half_skipping_routers(model)
     sc = parse_scenario("decode_b3_ctx6", decode_steps=4)
     ids = torch.randint(1, VOCAB, (3 * 10,), generator=torch.Generator().manual_seed(1))
-    routing = _Routing(model, rate, 0.5, 0, True)
+    routing = VariantRouting(model, rate, 0.5, 0, True)
     with torch.inference_mode():
-        one = _Runner(model, sc, ids)
+        one = Runner(model, sc, ids)
         with routing("fast"):
             one.prepare()
         model.reset_stats()
@@ -491,12 +491,12 @@ def test_decode_with_alternating_variants_takes_the_decisions_of_one_run(rate):
         expected = {k: [d.clone() for d in v] for k, v in model.state.decisions.items()}
         model.reset_stats()
 
-        runners = {v: _Runner(model, sc, ids) for v in VARIANTS}
+        runners = {v: Runner(model, sc, ids) for v in VARIANTS}
         for v, runner in runners.items():
             with routing(v):
                 runner.prepare()
         contexts = {v: routing.reentrant(v, keep_decisions=v == "fast") for v in VARIANTS}
-        times = _decode_alternating(runners, contexts, sc.steps)
+        times = decode_alternating(runners, contexts, sc.steps)
         got = model.state.decisions
     assert set(times) == set(VARIANTS) and all(t > 0 for t in times.values())
     assert got.keys() == expected.keys() and len(expected[(0, "attn")]) == sc.steps

@@ -88,7 +88,7 @@ def test_speedup_comes_from_dense_and_point_times_of_the_same_run(monkeypatch):
     point.register_forward_pre_hook(advance("point"), with_kwargs=True)
     cost = CostModel.from_config(dense.config)
     scenarios = [parse_scenario("prefill_1x8"), parse_scenario("decode_b2_ctx4", decode_steps=3)]
-    ids, _ = speed._token_pool(tok, 64, cost.vocab, 0, None)
+    ids, _ = speed.token_pool(tok, 64, cost.vocab, 0, None)
     runners = {}
     first = measure_speed(dense, point, scenarios, ids, cost, removed=[(1, "attn"), (1, "mlp")], repeats=3,
                           warmup=1, dense_runners=runners)  # fmt: skip
@@ -119,7 +119,7 @@ def test_decode_timing_alternates_step_by_step(monkeypatch):
     model.base_model.register_forward_pre_hook(lambda *a: log.append("p"))
     cost = CostModel.from_config(dense.config)
     sc = parse_scenario("decode_b1_ctx4", decode_steps=4)
-    ids, _ = speed._token_pool(tok, 16, cost.vocab, 0, None)
+    ids, _ = speed.token_pool(tok, 16, cost.vocab, 0, None)
     with model.routing(threshold=0.5):
         res = measure_speed(dense, model, [sc], ids, cost, repeats=1, warmup=0)
     timed = log[2:10]  # after the two context prefills: one forward of each per step, in turns

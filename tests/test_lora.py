@@ -268,7 +268,7 @@ def test_stage2_self_distillation_teacher_is_the_dense_base_model(tmp_path):
     """The teacher of stage 2 is the base model with every module executing and LoRA off: the
     KL term is 0 for dense + LoRA at step 0 (LoRA starts as a no-op) and > 0 for a routed model,
     and after training the teacher context still gives the base model's logits exactly."""
-    from skipgpt.train.router_tuning import dense_teacher
+    from skipgpt.train.objectives import dense_teacher
 
     ids = _blocks(2, 16, seed=7)
     s1 = _stage1(tmp_path / "s1")
@@ -302,6 +302,7 @@ def test_stage2_self_distillation_teacher_is_the_dense_base_model(tmp_path):
     "kwargs, match",
     [
         ({"r": 0}, "rank"),
+        ({"lora_alpha": 0.0}, "lora_alpha"),
         ({"dropout": 1.0}, "dropout"),
         ({"targets": ""}, "targets"),
         ({"routing": "x"}, "routing"),

@@ -12,7 +12,7 @@ import sys
 
 from .errors import SkipGPTError
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "OPTIONAL_DEPENDENCIES"]
 
 # name -> module exposing add_parser(subparsers); heavy imports stay inside each command's run().
 COMMANDS = {
@@ -31,6 +31,10 @@ COMMANDS = {
     "frontier": "skipgpt.commands.frontier",
 }
 
+# optional dependency (top-level import name) -> the extra of skipgpt that installs it; a command
+# that needs one which is missing says so in one line, any other import error is a bug and raises
+OPTIONAL_DEPENDENCIES = {"lm_eval": "eval", "matplotlib": "eval", "vllm": "serve", "openai": "serve"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
@@ -41,11 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skipgpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
-        try:
-            importlib.import_module(module).add_parser(sub)
-        except ModuleNotFoundError as e:  # TODO(lead): drop once every command module exists
-            if e.name != module:
-                raise
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -57,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except SkipGPTError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_DEPENDENCIES.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"error: skipgpt {args.command} needs the optional package '{e.name}'; "
+            f"install it with: pip install 'skipgpt[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted; a run with checkpoints continues with --resume", file=sys.stderr)

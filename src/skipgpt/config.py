@@ -11,13 +11,23 @@ from typing import Any
 
 from .errors import SkipGPTError
 
-__all__ = ["SkipGPTConfig", "CONFIG_NAME", "MODULES", "ROUTER_INITS", "BUDGETS", "MLP_ROUTER_INPUTS"]
+__all__ = [
+    "SkipGPTConfig",
+    "CONFIG_NAME",
+    "MODULES",
+    "ROUTER_INITS",
+    "BUDGETS",
+    "MLP_ROUTER_INPUTS",
+    "RENAMED_KEYS",
+]
 
 CONFIG_NAME = "skipgpt_config.json"
 MODULES = ("attn", "mlp")
 ROUTER_INITS = ("dense", "paper")
 BUDGETS = ("modules", "params")
 MLP_ROUTER_INPUTS = ("block_input", "post_attention")
+# keys of a saved router config that were renamed: old -> new (``from_dict`` migrates them)
+RENAMED_KEYS = {"alpha": "sparsity_weight"}
 
 
 def _probability(name: str, value: Any, *, open_interval: bool) -> float:
@@ -39,43 +49,61 @@ class SkipGPTConfig:
     The router of each (layer, module) reads a token's hidden state and decides *execute* or
     *skip*. Training samples decisions with straight-through Gumbel-softmax; inference executes
     a module iff p(execute) >= ``threshold``.
+
+    Field metadata drives the command line (``skipgpt.commands.dataclass_args``): ``help``,
+    ``choices`` (the constants above), ``flag``/``aliases`` where the flag is not the field's
+    name, ``type`` (a named argparse type of ``commands.common.ARG_TYPES``), ``cli: False`` for
+    fields no command exposes.
     """
 
     target_sparsity: float = field(
-        default=0.25, metadata={"help": "Fraction of routed decisions to skip, in (0, 1)."}
+        default=0.25,
+        metadata={"help": "fraction of routed decisions to skip, in (0, 1)", "type": "probability"},
     )
     router_hidden: int | None = field(
         default=None,
-        metadata={"help": "Router hidden width; None = hidden_size // 4 (paper code), 0 = a linear router."},
+        metadata={
+            "help": "router hidden width (None: hidden_size // 4, as the paper's code; 0: a linear router)"
+        },
     )
-    alpha: float = field(
-        default=20.0, metadata={"help": "Weight of the sparsity regulariser alpha*|target - s|."}
+    sparsity_weight: float = field(
+        default=20.0,
+        metadata={
+            "help": "weight of the sparsity regulariser sparsity_weight * |target - s| (the paper's alpha)",
+            "aliases": ("--alpha",),
+        },
     )
-    tau_start: float = field(default=5.0, metadata={"help": "Gumbel-softmax temperature at step 0."})
-    tau_end: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature at the last step."})
-    threshold: float = field(
-        default=0.5, metadata={"help": "Inference: execute iff p(execute) >= threshold."}
-    )
+    tau_start: float = field(default=5.0, metadata={"help": "Gumbel-softmax temperature at step 0"})
+    tau_end: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature at the last step"})
+    threshold: float = field(default=0.5, metadata={"help": "inference: execute iff p(execute) >= threshold"})
     modules: tuple[str, ...] = field(
-        default=MODULES, metadata={"help": "Which modules are routable: attn, mlp."}
+        default=MODULES, metadata={"help": "routable modules: attn,mlp | attn | mlp"}
     )
     router_init: str = field(
         default="dense",
         metadata={
-            "help": "'dense': last router layer zero, bias toward execute (starts as the base model); 'paper': default init."
+            "help": "dense: last router layer zero, bias toward execute (starts as the base model); "
+            "paper: default init",
+            "choices": ROUTER_INITS,
         },
     )
     execute_bias: float = field(
-        default=3.0, metadata={"help": "With router_init='dense': initial logit(execute) - logit(skip)."}
+        default=3.0, metadata={"help": "with router init dense: initial logit(execute) - logit(skip)"}
     )
     budget: str = field(
         default="modules",
-        metadata={"help": "'modules': every decision counts 1; 'params': weighted by module parameters."},
+        metadata={
+            "help": "what the target counts: routed decisions (modules), or parameters of skipped modules (params)",
+            "choices": BUDGETS,
+        },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the routers' initial weights."})
+    seed: int = field(default=0, metadata={"help": "seed of the routers' initial weights", "cli": False})
     mlp_router_input: str = field(
         default="block_input",
-        metadata={"help": "'block_input' (paper code) or 'post_attention': what the MLP router reads."},
+        metadata={
+            "help": "what the MLP router reads: the block input (the paper's code) or the post-attention state",
+            "choices": MLP_ROUTER_INPUTS,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -87,13 +115,13 @@ class SkipGPTConfig:
             or self.router_hidden < 0
         ):
             raise SkipGPTError(f"router_hidden must be None or an integer >= 0, got {self.router_hidden!r}")
-        for name in ("alpha", "tau_start", "tau_end", "execute_bias"):
+        for name in ("sparsity_weight", "tau_start", "tau_end", "execute_bias"):
             try:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
                 raise SkipGPTError(f"{name} must be a number, got {getattr(self, name)!r}") from None
-        if self.alpha < 0:
-            raise SkipGPTError(f"alpha must be >= 0, got {self.alpha}")
+        if self.sparsity_weight < 0:
+            raise SkipGPTError(f"sparsity_weight must be >= 0, got {self.sparsity_weight}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise SkipGPTError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
         if isinstance(self.modules, str):
@@ -124,6 +152,16 @@ class SkipGPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SkipGPTConfig:
+        """The config of a saved ``router_config``; keys of older versions are migrated
+        (``RENAMED_KEYS``: ``alpha`` became ``sparsity_weight``), unknown keys refused."""
+        d = dict(d)
+        for old, new in RENAMED_KEYS.items():
+            if old in d:
+                if new in d:
+                    raise SkipGPTError(
+                        f"router config has both '{old}' and its new name '{new}'; keep '{new}'"
+                    )
+                d[new] = d.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

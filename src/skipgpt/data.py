@@ -33,6 +33,7 @@ __all__ = [
     "HELDOUT_MIN_CHARS",
     "wiki_articles",
     "wiki_split",
+    "wiki_text",
     "load_texts",
     "pack_blocks",
     "load_blocks",
@@ -50,11 +51,16 @@ _PROGRESS_MIN_TEXTS = 4 * _TOKENIZE_BATCH
 # Offline built-ins
 
 
+def _wiki_file() -> Path:
+    """exllamav2's ``wiki.utf8``: Wikipedia articles, each between ``<doc …>`` and ``</doc>`` lines."""
+    return cal_data_dir() / "wiki.utf8"
+
+
 def wiki_articles() -> list[str]:
     """The articles of exllamav2's ``wiki.utf8`` in file order: ``<doc …>`` / ``</doc>`` tag lines
     dropped, each article = its title line + body; title-only stubs (no body) dropped."""
     articles: list[list[str]] = []
-    for line in (cal_data_dir() / "wiki.utf8").read_text(encoding="utf-8").splitlines():
+    for line in _wiki_file().read_text(encoding="utf-8").splitlines():
         if line.startswith("<doc "):
             articles.append([])
         elif line.strip() != "</doc>" and articles:
@@ -74,6 +80,20 @@ def wiki_split() -> tuple[list[str], list[str]]:
     heldout = articles[start:]
     held = set(heldout)
     return [a for a in articles[:start] if a not in held], heldout
+
+
+def wiki_text(max_chars: int = 200_000) -> str | None:
+    """The first ``max_chars`` characters of ``wiki.utf8`` as plain text (tag lines dropped), or
+    None when the offline assets are not installed: filler text for speed benchmarks."""
+    try:
+        path = _wiki_file()
+    except SkipGPTError:
+        return None
+    if not path.exists():
+        return None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        text = f.read(max_chars)
+    return "\n".join(line for line in text.splitlines() if not line.startswith("<doc") and line != "</doc>")
 
 
 def _paragraph_chunks(text: str) -> list[str]:

@@ -86,7 +86,7 @@ def build_llm_drop(
     base: nn.Module, removed: Iterable, base_spec: str | None = None, target: float = 0.25
 ) -> SkipGPTModel:
     """Wrap ``base`` (in place) as a statically routed model with ``removed`` (layer, module) dropped."""
-    config = SkipGPTConfig(target_sparsity=target, router_hidden=0, budget="params", alpha=0.0)
+    config = SkipGPTConfig(target_sparsity=target, router_hidden=0, budget="params", sparsity_weight=0.0)
     model = get_skipgpt_model(base, config, base_spec=base_spec)
     removed = list(removed)
     set_static_routers(model, removed)

@@ -10,7 +10,7 @@ Implementation: a routing policy (``routing.TopKPolicy``), so ``layer.py`` is un
 In training the gate is the hard top-k mask with a straight-through gradient,
 ``hard + p - p.detach()`` (p = the router's p(execute)): the forward computes the top-k
 output, the router learns which tokens profit most from the module. The routers are tuned
-with ``train_routers`` (same loop, data and steps as SkipGPT; ``alpha = 0`` since the budget
+with ``train_routers`` (same loop, data and steps as SkipGPT; ``sparsity_weight = 0`` since the budget
 is fixed by the top-k).
 
 Caveat (as in the Mixture-of-Depths paper): top-k over a sequence is not causal (a token's
@@ -91,7 +91,7 @@ def train_mod(
 
     tuning = tuning or RouterTuningArgs()
     fields = dict(router_config or {})
-    fields.update(target_sparsity=sparsity, budget="params", alpha=0.0)
+    fields.update(target_sparsity=sparsity, budget="params", sparsity_weight=0.0)
     model = get_skipgpt_model(base, SkipGPTConfig(**fields), base_spec=base_spec)
     meta = {
         "baseline": "mod-d",

@@ -16,6 +16,8 @@ __all__ = ["add_parser", "add_static_args", "add_mod_router_args", "mod_router_c
 
 def add_static_args(p: argparse.ArgumentParser) -> None:
     """Calibration and budget options of the static baselines."""
+    from ..baselines.scores import ROUNDINGS
+
     p.add_argument(
         "--sparsity", type=probability, required=True, help="parameter sparsity to remove, in (0, 1)"
     )
@@ -26,7 +28,7 @@ def add_static_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument(
         "--rounding",
-        choices=["nearest", "down", "up"],
+        choices=ROUNDINGS,
         default="nearest",
         help="whole units are removed: stop at the share nearest the target (ties: fewer), "
         "the largest not above it, or the smallest not below it",
@@ -34,48 +36,39 @@ def add_static_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier model in --output")
 
 
-def add_mod_router_args(p: argparse.ArgumentParser) -> None:
-    """Router options of MoD-D (the budget is --sparsity; no alpha/tau: top-k fixes the rate)."""
-    from .train_router import DEFAULTS
+MOD_ROUTER_FIELDS = ("router_hidden", "router_init", "execute_bias")
+MOD_LOSS_FIELDS = ("lm_weight", "distill_weight", "distill_temperature", "calibrate_blocks")
 
-    g = p.add_argument_group("routers")
-    g.add_argument(
-        "--router-hidden", type=int, default=None, help="router hidden width (default hidden/4; 0 = linear)"
-    )
-    g.add_argument("--router-init", choices=["dense", "paper"], default=DEFAULTS["router_init"])
-    g.add_argument("--execute-bias", type=float, default=DEFAULTS["execute_bias"])
-    g.add_argument("--lm-weight", type=float, default=DEFAULTS["lm_weight"])
-    g.add_argument("--distill-weight", type=float, default=DEFAULTS["distill_weight"])
-    g.add_argument("--distill-temperature", type=float, default=DEFAULTS["distill_temperature"])
-    g.add_argument(
-        "--calibrate-blocks",
-        type=int,
-        default=16,
-        help="after training, calibrate θ (causal threshold routing) on this many blocks (0 = skip)",
+
+def add_mod_router_args(p: argparse.ArgumentParser) -> None:
+    """Router options of MoD-D (the budget is --sparsity; no sparsity weight/tau: top-k fixes the rate)."""
+    from .train_router import add_router_args
+
+    add_router_args(
+        p,
+        fields=MOD_ROUTER_FIELDS,
+        loss_fields=MOD_LOSS_FIELDS,
+        help={
+            "calibrate_blocks": "after training, calibrate θ (causal threshold routing) on this many blocks "
+            "(0 = skip)"
+        },
     )
 
 
 def mod_router_config(args) -> dict:
-    return {
-        "router_hidden": args.router_hidden,
-        "router_init": args.router_init,
-        "execute_bias": args.execute_bias,
-    }
+    """The ``SkipGPTConfig`` fields MoD-D takes from the command line."""
+    return {k: getattr(args, k) for k in MOD_ROUTER_FIELDS}
 
 
 def mod_tuning_args(args):
-    from ..train.router_tuning import RouterTuningArgs
+    """MoD-D's stage-1 loss: the flags, no curriculum (top-k fixes the skip rate from step 0)."""
+    from .train_router import tuning_args_from_args
 
-    return RouterTuningArgs(
-        lm_weight=args.lm_weight,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-        calibrate_blocks=args.calibrate_blocks,
-    )
+    return tuning_args_from_args(args, curriculum=0.0)
 
 
 def add_parser(sub) -> None:
-    from .train_router import DEFAULTS, add_loop_args
+    from .train_router import add_loop_args
 
     p = sub.add_parser("baseline", help="build a baseline at a parameter budget: shortgpt | llm-drop | mod")
     bsub = p.add_subparsers(dest="baseline", required=True, metavar="METHOD")
@@ -101,7 +94,7 @@ def add_parser(sub) -> None:
         "--sparsity", type=probability, required=True, help="skip rate of every module = parameter sparsity"
     )
     add_mod_router_args(m)
-    add_loop_args(m, lr=DEFAULTS["lr"])
+    add_loop_args(m)
     add_json_arg(m)
     m.set_defaults(func=run_mod)
 
@@ -155,11 +148,12 @@ def run_shortgpt(args) -> int:
 def run_llm_drop(args) -> int:
     from ..baselines.llm_drop import llm_drop_prune, save_llm_drop
     from ..baselines.scores import check_baseline_output, describe_removed
+    from ..config import MODULES
     from ..errors import SkipGPTError
 
     check_baseline_output(args.output, args.overwrite)
     droppable = [m.strip() for m in args.droppable.split(",") if m.strip()]
-    if not droppable or any(m not in ("attn", "mlp") for m in droppable):
+    if not droppable or any(m not in MODULES for m in droppable):
         raise SkipGPTError(f"--droppable must be attn,mlp | attn | mlp, got {args.droppable!r}")
     base, _, blocks = _base_and_blocks(args, tuple(droppable))
     model, record = llm_drop_prune(

@@ -30,9 +30,11 @@ def add_parser(sub) -> None:
     )
     add_model_arg(p)
     p.add_argument("--target-sparsity", type=probability, required=True, help="share to skip, in (0, 1)")
+    from ..config import BUDGETS
+
     p.add_argument(
         "--budget",
-        choices=["modules", "params"],
+        choices=BUDGETS,
         default=None,
         help="what the target counts: routed decisions or parameters of skipped modules (default: the folder's)",
     )

@@ -19,6 +19,7 @@ __all__ = [
     "options_given",
     "refuse_ignored_options",
     "refuse_output_at_model",
+    "ARG_TYPES",
 ]
 
 
@@ -76,6 +77,18 @@ def seq_len_int(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"{text} must be >= 2: a window needs a token to predict from")
     return value
+
+
+# argparse types a dataclass field's metadata may name ("type": "positive_int"): the core
+# dataclasses say what they accept without importing the command line
+ARG_TYPES = {
+    "probability": probability,
+    "unit_interval": unit_interval,
+    "positive_float": positive_float,
+    "non_negative": non_negative,
+    "positive_int": positive_int,
+    "seq_len_int": seq_len_int,
+}
 
 
 def add_model_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:

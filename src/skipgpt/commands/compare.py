@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
 
-__all__ = ["add_parser", "run", "METHODS", "measure_prefill", "format_compare_table"]
+__all__ = ["add_parser", "run", "METHODS", "build_method", "measure_prefill", "format_compare_table"]
 
 METHODS = ("skipgpt", "shortgpt", "llm-drop", "mod")
 LABELS = {
@@ -37,15 +37,20 @@ LABELS = {
 }
 # the options a table depends on, recorded in compare.json
 SETTINGS = (
-    "methods dataset seq_len max_blocks max_steps batch_size grad_accum lr seed alpha tau_start tau_end "
+    "methods dataset seq_len max_blocks max_steps batch_size grad_accum lr lr_scheduler warmup_ratio "
+    "mixed_precision seed alpha tau_start tau_end distill_temperature "
     "router_hidden router_init execute_bias lm_weight distill_weight curriculum calibrate_blocks calib_blocks "
     "rounding eval_seq_len max_windows eval_batch_size speed_tokens speed_batch speed_repeats tasks limit"
 ).split()
+SETTING_DESTS = {"alpha": "sparsity_weight"}  # compare.json keeps its key of the renamed option
+# the SkipGPTConfig flags of compare; the budget is --sparsity in parameters for every method
+ROUTER_FIELDS = ("sparsity_weight", "tau_start", "tau_end", "router_hidden", "router_init", "execute_bias")
 BUDGET = "parameter sparsity: parameters of skipped attention/MLP modules (per token) / attention+MLP parameters of all decoder layers"
 
 
 def add_parser(sub) -> None:
-    from .train_router import DEFAULTS
+    from ..baselines.scores import ROUNDINGS
+    from .train_router import LOOP_FIELDS, add_loop_options, add_router_args
 
     p = sub.add_parser("compare", help="SkipGPT-RT vs ShortGPT, LLM-Drop, MoD-D at one parameter budget")
     add_model_arg(p)
@@ -58,28 +63,18 @@ def add_parser(sub) -> None:
     t.add_argument("--dataset", default="calib")
     t.add_argument("--seq-len", type=seq_len_int, default=256)
     t.add_argument("--max-blocks", type=positive_int, default=None)
-    t.add_argument("--max-steps", type=positive_int, default=300)
-    t.add_argument("--batch-size", type=positive_int, default=8)
-    t.add_argument("--grad-accum", type=positive_int, default=1)
-    t.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=positive_int, default=50)
-    t.add_argument(
-        "--alpha", type=float, default=DEFAULTS["alpha"], help="SkipGPT sparsity regulariser weight"
+    add_loop_options(t, [f for f in LOOP_FIELDS if f != "gradient_checkpointing"])
+    add_router_args(
+        p,
+        fields=ROUTER_FIELDS,
+        loss_fields=("lm_weight", "distill_weight", "distill_temperature", "curriculum", "calibrate_blocks"),
+        help={
+            "curriculum": "SkipGPT target ramp fraction (MoD-D: none)",
+            "calibrate_blocks": "θ calibration blocks (0 = none)",
+        },
     )
-    t.add_argument("--tau-start", type=float, default=DEFAULTS["tau_start"])
-    t.add_argument("--tau-end", type=float, default=DEFAULTS["tau_end"])
-    t.add_argument("--router-hidden", type=int, default=None)
-    t.add_argument("--router-init", choices=["dense", "paper"], default=DEFAULTS["router_init"])
-    t.add_argument("--execute-bias", type=float, default=DEFAULTS["execute_bias"])
-    t.add_argument("--lm-weight", type=float, default=DEFAULTS["lm_weight"])
-    t.add_argument("--distill-weight", type=float, default=DEFAULTS["distill_weight"])
-    t.add_argument(
-        "--curriculum", type=float, default=DEFAULTS["curriculum"], help="SkipGPT target ramp fraction"
-    )
-    t.add_argument("--calibrate-blocks", type=int, default=16, help="θ calibration blocks (0 = none)")
     t.add_argument("--calib-blocks", type=positive_int, default=32, help="ShortGPT/LLM-Drop scoring blocks")
-    t.add_argument("--rounding", choices=["nearest", "down", "up"], default="nearest")
+    t.add_argument("--rounding", choices=ROUNDINGS, default="nearest")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-datasets", default="wiki-heldout,ptb")
     e.add_argument("--eval-seq-len", type=positive_int, default=1024)
@@ -141,30 +136,25 @@ def _record_target(method: str, folder: Path) -> float | None:
     return meta.get("target_sparsity", meta.get("skip_rate", rec.router_config.target_sparsity))
 
 
-def _build(method: str, folder: Path, args, base, tokenizer, train_blocks, progress: bool = True) -> None:
+def build_method(
+    method: str, folder: Path, args, base, tokenizer, train_blocks, progress: bool = True
+) -> None:
+    """Build ``method``'s model of ``base`` into ``folder`` at the budget ``args.sparsity``.
+
+    ``args`` holds compare's options; a training option it lacks (e.g. ``frontier``'s namespace)
+    takes its recipe default, through the same builders as ``train-router``."""
     from ..baselines.llm_drop import llm_drop_prune, save_llm_drop
     from ..baselines.mod import train_mod
     from ..baselines.shortgpt import save_pruned, shortgpt_prune
-    from ..config import SkipGPTConfig
     from ..model import get_skipgpt_model
-    from ..train.loop import CHECKPOINT_DIR, LoopArgs
-    from ..train.router_tuning import RouterTuningArgs, train_routers
+    from ..train.loop import CHECKPOINT_DIR
+    from ..train.router_tuning import train_routers
+    from .train_router import loop_args_from_args, router_config_from_args, tuning_args_from_args
 
     calib = train_blocks[: args.calib_blocks]
-    loop = LoopArgs(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
-    )
-    tuning = RouterTuningArgs(
-        lm_weight=args.lm_weight,
-        distill_weight=args.distill_weight,
-        curriculum=args.curriculum if method == "skipgpt" else 0.0,  # MoD's rate is fixed by top-k
-        calibrate_blocks=args.calibrate_blocks,
-    )
+    loop = loop_args_from_args(args)
+    # MoD-D's rate is fixed by top-k from step 0: no curriculum
+    tuning = tuning_args_from_args(args, **({} if method == "skipgpt" else {"curriculum": 0.0}))
     resume = (folder / CHECKPOINT_DIR / "trainer_state.json").exists()
     meta = {
         "dataset": args.dataset,
@@ -172,24 +162,14 @@ def _build(method: str, folder: Path, args, base, tokenizer, train_blocks, progr
         "blocks": int(train_blocks.shape[0]),
         "target_sparsity": args.sparsity,
     }
-    routers = {
-        "router_hidden": args.router_hidden,
-        "router_init": args.router_init,
-        "execute_bias": args.execute_bias,
-    }
+    routers = router_config_from_args(args)
+    routers = {k: getattr(routers, k) for k in ("router_hidden", "router_init", "execute_bias")}  # MoD-D's
     model = copy.deepcopy(base)
     if method == "skipgpt":
         import torch
 
         torch.manual_seed(args.seed)
-        config = SkipGPTConfig(
-            target_sparsity=args.sparsity,
-            budget="params",
-            alpha=args.alpha,
-            tau_start=args.tau_start,
-            tau_end=args.tau_end,
-            **routers,
-        )
+        config = router_config_from_args(args, target_sparsity=args.sparsity, budget="params")
         routed = get_skipgpt_model(model, config, base_spec=args.model)
         train_routers(
             routed, train_blocks, folder, loop, tuning, resume=resume, metadata=meta, progress=progress
@@ -338,7 +318,8 @@ def run(args) -> int:
         "model": args.model,
         "target_sparsity": args.sparsity,
         "budget": BUDGET,
-        "settings": {k: getattr(args, k) for k in SETTINGS} | {"eval_datasets": datasets},
+        "settings": {k: getattr(args, SETTING_DESTS.get(k, k)) for k in SETTINGS}
+        | {"eval_datasets": datasets},
         "machine": machine_string(),
         "rows": [],
         "complete": False,
@@ -378,7 +359,7 @@ def run(args) -> int:
     for method in methods:
         folder = out / "models" / method
         if _record_target(method, folder) is None:
-            _build(method, folder, args, base, tokenizer, train_blocks)
+            build_method(method, folder, args, base, tokenizer, train_blocks)
             gc.collect()
         model, record = _load(method, folder, base)
         build = {"folder": str(folder)}

@@ -10,23 +10,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import add_json_arg, emit, positive_int, seq_len_int
-from .train_router import add_router_args
+from .train_router import add_loop_options, add_recipe_arg, add_router_args
 
 # What a demo writes into its output folder (``routers/`` is a skipgpt output folder).
 DEMO_ENTRIES = ("routers", "results.json", "results.md")
+# the loop options of the demo (a short run: 150 steps of 4 blocks)
+DEMO_LOOP_FIELDS = (
+    "max_steps",
+    "batch_size",
+    "lr",
+    "lr_scheduler",
+    "warmup_ratio",
+    "seed",
+    "mixed_precision",
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="router tuning on SmolLM2-135M + PPL table (offline)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--output", default="runs/demo", help="output folder")
-    p.add_argument("--max-steps", type=positive_int, default=150)
-    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--seq-len", type=seq_len_int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-seq-len", type=positive_int, default=1024)
     p.add_argument("--eval-windows", type=positive_int, default=16, help="windows per PPL dataset")
-    p.add_argument("--seed", type=int, default=0)
+    add_recipe_arg(p)
+    add_loop_options(p, DEMO_LOOP_FIELDS, defaults={"max_steps": 150, "batch_size": 4})
     add_router_args(p)
     add_json_arg(p)
     p.set_defaults(func=run, target_sparsity=0.25)
@@ -64,10 +72,15 @@ def run(args) -> int:
     from ..io import atomic_path, write_json_atomic
     from ..model import get_skipgpt_model
     from ..specs import load_base_model
-    from ..train.loop import LoopArgs
     from ..train.router_tuning import train_routers
-    from .train_router import router_config_from_args, tuning_args_from_args
+    from .train_router import (
+        apply_recipe,
+        loop_args_from_args,
+        router_config_from_args,
+        tuning_args_from_args,
+    )
 
+    apply_recipe(args)
     out = prepare_demo_dir(args.output)  # before any slow work; a rerun replaces the results
     t0 = time.time()
     base, tokenizer = load_base_model(args.model)
@@ -79,7 +92,7 @@ def run(args) -> int:
         for name in ("wiki-heldout", "ptb")
     }
 
-    loop = LoopArgs(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    loop = loop_args_from_args(args)
     tuning = tuning_args_from_args(args)
     train_routers(
         model,

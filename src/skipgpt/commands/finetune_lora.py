@@ -4,13 +4,14 @@ from a ``train-router`` folder, continued)."""
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, non_negative, positive_int, refuse_output_at_model
+from .common import add_json_arg, add_model_arg, emit, refuse_output_at_model
 from .train_router import add_loop_args, add_router_args, loop_args_from_args
 
-__all__ = ["add_parser", "run", "lora_args_from_args", "DEFAULTS"]
+__all__ = ["add_parser", "run", "lora_args_from_args"]
 
-# The paper's code: q/v/gate projections, r=16, alpha=32, dropout 0.1; lr 2e-4 cosine, 10% warm-up.
-DEFAULTS = dict(targets="q_proj,v_proj,gate_proj", r=16, alpha=32.0, dropout=0.1, lr=2e-4, router_lr=2e-3)
+# LoRA as the paper's code trains it (``LoraArgs``' defaults, ``recipes.LORA_LOOP``): q/v/gate
+# projections, r=16, lora_alpha=32, dropout 0.1; lr 2e-4 cosine, 10% warm-up.
+LORA_FIELDS = ("targets", "r", "lora_alpha", "dropout", "routing", "distill_weight")
 
 
 def add_parser(sub) -> None:
@@ -35,46 +36,28 @@ def add_parser(sub) -> None:
         "which keep training instead of staying frozen (their config kept, tau held at tau-end, "
         "no curriculum)",
     )
+    from ..train.lora import LoraArgs
+    from ..train.recipes import LORA_LOOP, ROUTER_LR
+    from .dataclass_args import add_dataclass_args
+
     g = p.add_argument_group("LoRA")
-    g.add_argument(
-        "--lora-targets",
-        default=DEFAULTS["targets"],
-        help="comma-separated linear module names, or all-linear (routers are never targets)",
-    )
-    g.add_argument("--lora-r", type=positive_int, default=DEFAULTS["r"])
-    g.add_argument("--lora-alpha", type=float, default=DEFAULTS["alpha"])
-    g.add_argument("--lora-dropout", type=float, default=DEFAULTS["dropout"])
-    g.add_argument(
-        "--stage2-routing",
-        choices=["deterministic", "sampled"],
-        default="deterministic",
-        help="router decisions during stage 2: deterministic = as at inference (default), "
-        "sampled = Gumbel at tau-end",
-    )
-    g.add_argument(
-        "--stage2-distill-weight",
-        type=non_negative,
-        default=0.0,
-        help="stage 2 and --dense: weight of KL(dense base model || model) added to the LM loss "
-        "(0 = LM only, the default: on SmolLM2 it gained 0.5%% PPL at twice the step time); "
-        "--joint uses --distill-weight",
-    )
+    add_dataclass_args(g, LoraArgs, LORA_FIELDS)
     g.add_argument(
         "--router-lr",
         type=float,
-        default=DEFAULTS["router_lr"],
-        help="with --joint: learning rate of the routers",
+        default=ROUTER_LR,
+        help="with --joint: learning rate of the routers (default: %(default)s)",
     )
     add_router_args(p)
-    add_loop_args(p, lr=DEFAULTS["lr"])
-    p.set_defaults(lr_scheduler="cosine", warmup_ratio=0.1)
+    loop = {k: getattr(LORA_LOOP, k) for k in ("lr", "lr_scheduler", "warmup_ratio")}
+    add_loop_args(p, defaults=loop)
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
 # argparse dests of the router options (router config) and of the stage-1 loss
 ROUTER_OPTIONS = (
-    "target_sparsity budget alpha tau_start tau_end router_hidden router_init execute_bias modules "
+    "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias modules "
     "mlp_router_input threshold"
 ).split()
 STAGE1_LOSS_OPTIONS = ("lm_weight", "distill_weight", "curriculum", "router_lr", "calibrate_blocks")
@@ -109,17 +92,11 @@ def _refuse_ignored(args, continue_routers: bool) -> None:
 
 
 def lora_args_from_args(args):
+    """``LoraArgs`` of the LoRA flags; self-distillation at ``--distill-temperature``."""
     from ..train.lora import LoraArgs
+    from .dataclass_args import dataclass_from_args
 
-    return LoraArgs(
-        targets=args.lora_targets,
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        routing=args.stage2_routing,
-        distill_weight=args.stage2_distill_weight,
-        distill_temperature=args.distill_temperature,
-    )
+    return dataclass_from_args(LoraArgs, args, distill_temperature=args.distill_temperature)
 
 
 def _routed_source(folder: str):

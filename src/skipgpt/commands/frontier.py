@@ -24,7 +24,7 @@ TRAINING = ("target_sparsity", "max_steps", "batch_size", "calibrate_blocks")
 
 
 def add_parser(sub) -> None:
-    from ..eval.frontier import SCENARIOS
+    from ..eval.frontier import SCENARIOS, STATISTICS
 
     p = sub.add_parser(
         "frontier",
@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
     e.add_argument("--decode-context", type=positive_int, default=384)
     e.add_argument(
         "--statistic",
-        choices=["median", "min"],
+        choices=list(STATISTICS),
         default="median",
         help="how the timed runs are read (min: on a shared machine whose other jobs slow single runs); "
         "the runs are kept, so a finished run may be re-read either way",
@@ -107,19 +107,11 @@ def _router_record(folder: str, layers: int):
 
 
 def _training_args(args) -> argparse.Namespace:
-    """The options ``compare``'s SkipGPT build reads: this command's, the rest train-router's defaults."""
-    from .train_router import DEFAULTS
-
-    fields = dict(DEFAULTS) | {k: getattr(args, k) for k in ("model", "dataset", "seq_len", "seed")}
+    """The options of ``compare.build_method``'s SkipGPT build that this command has; the
+    others take their defaults (the default recipe), as ``train-router``'s would."""
+    fields = {k: getattr(args, k) for k in ("model", "dataset", "seq_len", "seed")}
     fields |= {k: getattr(args, k) for k in ("max_steps", "batch_size", "calibrate_blocks", "calib_blocks")}
-    return argparse.Namespace(
-        **fields,
-        sparsity=args.target_sparsity,
-        grad_accum=1,
-        save_every=50,
-        router_hidden=None,
-        rounding="nearest",
-    )
+    return argparse.Namespace(**fields, sparsity=args.target_sparsity, rounding="nearest")
 
 
 def run(args) -> int:
@@ -204,7 +196,7 @@ def run(args) -> int:
     if not routers:
         folder = out / "models" / "skipgpt"
         if compare._record_target("skipgpt", folder) is None:
-            compare._build("skipgpt", folder, _training_args(args), base, tokenizer, train_blocks)
+            compare.build_method("skipgpt", folder, _training_args(args), base, tokenizer, train_blocks)
         info = {"routers": str(folder)}
         lines.append(RouterLine("skipgpt", "SkipGPT-RT", loader(folder), info))
     names = [Path(f).name for f in routers]

@@ -4,74 +4,63 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
+from .common import add_json_arg, add_model_arg, emit, positive_int, seq_len_int
 
-# The default recipe: dense-start routers, self-distillation from the dense model and a 30%
-# sparsity curriculum. The paper's recipe (random router init, LM loss only) is
-# `--router-init paper --distill-weight 0 --curriculum 0`; `benchmarks/recipe.py` measures both.
-DEFAULTS = dict(
-    lr=2e-3,
-    alpha=20.0,
-    tau_start=5.0,
-    tau_end=1.0,
-    router_init="dense",
-    execute_bias=3.0,
-    distill_weight=1.0,
-    lm_weight=1.0,
-    distill_temperature=1.0,
-    curriculum=0.3,
+# Which fields of the library's dataclasses are flags here; their defaults are the fields'
+# defaults, i.e. the default recipe (``skipgpt.train.recipes``).
+ROUTER_FIELDS = (
+    "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias "
+    "modules mlp_router_input threshold"
+).split()
+LOSS_FIELDS = ("lm_weight", "distill_weight", "distill_temperature", "curriculum", "calibrate_blocks")
+LOOP_FIELDS = (
+    "max_steps batch_size grad_accum lr lr_scheduler warmup_ratio seed save_every mixed_precision "
+    "gradient_checkpointing"
+).split()
+MIXED_PRECISION_HELP = (
+    "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32 "
+    "(default: the accelerate launch setting, else no)"
 )
 
 
-def add_router_args(p: argparse.ArgumentParser) -> None:
-    """Router and stage-1 loss options (shared with commands that tune routers, e.g. baselines)."""
+def add_router_args(p: argparse.ArgumentParser, fields=None, loss_fields=None, help=None) -> None:
+    """Router and stage-1 loss options (shared with commands that tune routers, e.g. baselines):
+    the command-line fields of ``SkipGPTConfig`` and ``RouterTuningArgs``."""
+    from ..config import SkipGPTConfig
+    from ..train.router_tuning import RouterTuningArgs
+    from .dataclass_args import add_dataclass_args
+
     g = p.add_argument_group("routers and loss")
-    g.add_argument(
-        "--target-sparsity", type=probability, default=0.25, help="fraction of decisions to skip (0, 1)"
-    )
-    g.add_argument(
-        "--budget",
-        choices=["modules", "params"],
-        default="modules",
-        help="what the target counts: routed decisions, or parameters of skipped modules",
-    )
-    g.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="sparsity regulariser weight")
-    g.add_argument("--tau-start", type=float, default=DEFAULTS["tau_start"])
-    g.add_argument("--tau-end", type=float, default=DEFAULTS["tau_end"])
-    g.add_argument(
-        "--router-hidden", type=int, default=None, help="router hidden width (default hidden/4; 0 = linear)"
-    )
-    g.add_argument("--router-init", choices=["dense", "paper"], default=DEFAULTS["router_init"])
-    g.add_argument("--execute-bias", type=float, default=DEFAULTS["execute_bias"])
-    g.add_argument("--modules", default="attn,mlp", help="routable modules: attn,mlp | attn | mlp")
-    g.add_argument("--mlp-router-input", choices=["block_input", "post_attention"], default="block_input")
-    g.add_argument(
-        "--threshold", type=float, default=0.5, help="inference: execute iff p(execute) >= threshold"
-    )
-    g.add_argument("--lm-weight", type=float, default=DEFAULTS["lm_weight"])
-    g.add_argument(
-        "--distill-weight",
-        type=float,
-        default=DEFAULTS["distill_weight"],
-        help="weight of KL(dense teacher || routed) self-distillation (0 = off)",
-    )
-    g.add_argument("--distill-temperature", type=float, default=DEFAULTS["distill_temperature"])
-    g.add_argument(
-        "--curriculum",
-        type=float,
-        default=DEFAULTS["curriculum"],
-        help="fraction of the run over which the target ramps from 0 (0 = fixed target)",
-    )
-    g.add_argument(
-        "--calibrate-blocks",
-        type=int,
-        default=16,
-        help="after training, set θ so that deterministic routing meets the target on this many "
-        "training blocks (0 = keep --threshold)",
+    add_dataclass_args(g, SkipGPTConfig, ROUTER_FIELDS if fields is None else fields, help=help)
+    add_dataclass_args(g, RouterTuningArgs, LOSS_FIELDS if loss_fields is None else loss_fields, help=help)
+
+
+def add_recipe_arg(p: argparse.ArgumentParser) -> None:
+    from ..train.recipes import DEFAULT_RECIPE, RECIPES
+
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default=DEFAULT_RECIPE,
+        help="named recipe whose settings replace the defaults of the router, loss and loop options "
+        "not given: "
+        + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
+        + " (default: %(default)s)",
     )
 
 
-def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
+def add_loop_options(p, fields=LOOP_FIELDS, defaults=None) -> None:
+    """The ``LoopArgs`` flags of ``fields`` (``--mixed-precision`` defaults to the launcher's)."""
+    from ..train.loop import LoopArgs
+    from .dataclass_args import add_dataclass_args
+
+    defaults = {"mixed_precision": None, **(defaults or {})}
+    add_dataclass_args(p, LoopArgs, fields, defaults=defaults, help={"mixed_precision": MIXED_PRECISION_HELP})
+
+
+def add_loop_args(p: argparse.ArgumentParser, defaults=None) -> None:
+    """Data, ``LoopArgs`` and output-folder options of a training command; ``defaults``: the
+    ``LoopArgs`` fields whose default differs for it (e.g. stage 2's learning rate)."""
     g = p.add_argument_group("data and optimisation")
     g.add_argument(
         "--dataset",
@@ -82,28 +71,7 @@ def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument(
         "--max-blocks", type=positive_int, default=None, help="use at most this many blocks of the dataset"
     )
-    g.add_argument("--max-steps", type=positive_int, default=300)
-    g.add_argument("--batch-size", type=positive_int, default=8, help="blocks per micro-step and process")
-    g.add_argument("--grad-accum", type=positive_int, default=1)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument(
-        "--lr-scheduler", default="constant", help="transformers scheduler name (constant, cosine, linear)"
-    )
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps")
-    g.add_argument(
-        "--mixed-precision",
-        choices=["no", "bf16", "fp16"],
-        default=None,
-        help="autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32 "
-        "(default: the accelerate launch setting, else no)",
-    )
-    g.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute decoder layers in backward: less activation memory for long sequences",
-    )
+    add_loop_options(g, defaults=defaults)
     g.add_argument(
         "--output", required=True, help="output folder (new, or an earlier skipgpt output with --resume)"
     )
@@ -114,60 +82,63 @@ def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("train-router", help="stage 1: tune routers on a frozen model")
     add_model_arg(p)
+    add_recipe_arg(p)
     add_router_args(p)
-    add_loop_args(p, lr=DEFAULTS["lr"])
+    add_loop_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
-def router_config_from_args(args):
+def apply_recipe(args) -> None:
+    """Set, in ``args``, the settings in which ``args.recipe`` differs from the default recipe,
+    except those given on the command line (which win)."""
     from ..config import SkipGPTConfig
+    from ..train.loop import LoopArgs
+    from ..train.recipes import get_recipe
+    from ..train.router_tuning import RouterTuningArgs
+    from .common import options_given
+    from .dataclass_args import cli_fields, dest_of
 
-    return SkipGPTConfig(
-        target_sparsity=args.target_sparsity,
-        router_hidden=args.router_hidden,
-        alpha=args.alpha,
-        tau_start=args.tau_start,
-        tau_end=args.tau_end,
-        threshold=args.threshold,
-        modules=args.modules,
-        router_init=args.router_init,
-        execute_bias=args.execute_bias,
-        budget=args.budget,
-        mlp_router_input=args.mlp_router_input,
-    )
+    recipe = get_recipe(getattr(args, "recipe", None) or "default")
+    given = options_given(args)
+    for ours, default in (
+        (recipe.router, SkipGPTConfig()),
+        (recipe.tuning, RouterTuningArgs()),
+        (recipe.loop, LoopArgs()),
+    ):
+        for f in cli_fields(type(ours)):
+            value, dest = getattr(ours, f.name), dest_of(f)
+            if value != getattr(default, f.name) and dest not in given and hasattr(args, dest):
+                setattr(args, dest, ",".join(value) if isinstance(value, tuple) else value)
 
 
-def loop_args_from_args(args):
+def router_config_from_args(args, **changes):
+    """The ``SkipGPTConfig`` of the router flags (a field without a flag: its default)."""
+    from ..config import SkipGPTConfig
+    from .dataclass_args import dataclass_from_args
+
+    return dataclass_from_args(SkipGPTConfig, args, **changes)
+
+
+def loop_args_from_args(args, **changes):
+    """The ``LoopArgs`` of the loop flags; ``--mixed-precision`` unset: what ``accelerate launch``
+    (its flag or config file) asked for, else no."""
     import os
 
     from ..train.loop import LoopArgs
+    from .dataclass_args import dataclass_from_args
 
-    return LoopArgs(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        lr_scheduler=args.lr_scheduler,
-        warmup_ratio=args.warmup_ratio,
-        seed=args.seed,
-        save_every=args.save_every,
-        # unset: what `accelerate launch` (its flag or config file) asked for
-        mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    precision = getattr(args, "mixed_precision", None)
+    precision = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return dataclass_from_args(LoopArgs, args, **{"mixed_precision": precision, **changes})
 
 
-def tuning_args_from_args(args):
+def tuning_args_from_args(args, **changes):
+    """The ``RouterTuningArgs`` of the stage-1 loss flags."""
     from ..train.router_tuning import RouterTuningArgs
+    from .dataclass_args import dataclass_from_args
 
-    return RouterTuningArgs(
-        lm_weight=args.lm_weight,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-        curriculum=args.curriculum,
-        calibrate_blocks=args.calibrate_blocks,
-    )
+    return dataclass_from_args(RouterTuningArgs, args, **changes)
 
 
 def run(args) -> int:
@@ -181,6 +152,7 @@ def run(args) -> int:
     from ..train.loop import claim_output_dir
     from ..train.router_tuning import train_routers
 
+    apply_recipe(args)
     config = router_config_from_args(args)
     loop = loop_args_from_args(args)
     tuning = tuning_args_from_args(args)

@@ -53,7 +53,7 @@ from ..errors import SkipGPTError
 from ..io import atomic_path, write_json_atomic
 from ..model import SkipGPTModel
 from .perplexity import DENSE_SPARSITY, evaluate_perplexity
-from .speed import Scenario, _decode_alternating, _rotated, _Runner, _token_pool, parse_scenario
+from .speed import Runner, Scenario, decode_alternating, parse_scenario, rotated, token_pool
 
 __all__ = [
     "SCENARIOS",
@@ -115,8 +115,8 @@ def spread_order(n: int) -> list[int]:
 
 # -- speed ------------------------------------------------------------------------------------------
 def time_against_dense(
-    dense_runner: _Runner,
-    point_runner: _Runner,
+    dense_runner: Runner,
+    point_runner: Runner,
     scenario: Scenario,
     routing: Callable[[], contextlib.AbstractContextManager] | None = None,
     repeats: int = 3,
@@ -138,10 +138,10 @@ def time_against_dense(
                 runner.prepare()
         if scenario.kind == "decode":
             gc.collect()
-            run = _decode_alternating(runners, contexts, scenario.steps)
+            run = decode_alternating(runners, contexts, scenario.steps)
         else:
             run = {}
-            for v in _rotated(list(runners), r):  # neither always runs first
+            for v in rotated(list(runners), r):  # neither always runs first
                 gc.collect()
                 with contexts[v]():
                     run[v] = runners[v].run()
@@ -198,7 +198,7 @@ def measure_speed(
     removed=None,
     repeats: int = 3,
     warmup: int = 1,
-    dense_runners: dict[str, _Runner] | None = None,
+    dense_runners: dict[str, Runner] | None = None,
     statistic: str = "median",
 ) -> dict:
     """Measured and ideal speedup of ``model`` against ``dense`` per scenario.
@@ -216,8 +216,8 @@ def measure_speed(
     out: dict[str, dict] = {"speedup": {}, "ideal": {}, "tok_s": {}, "times_s": {}}
     for sc in scenarios:
         if sc.name not in dense_runners:
-            dense_runners[sc.name] = _Runner(dense, sc, ids)
-        runner = _Runner(model, sc, ids)
+            dense_runners[sc.name] = Runner(dense, sc, ids)
+        runner = Runner(model, sc, ids)
         times = time_against_dense(dense_runners[sc.name], runner, sc, enter, repeats, warmup)
         out["times_s"][sc.name] = {v: [round(t, 6) for t in ts] for v, ts in times.items()}
         out["tok_s"][sc.name], out["speedup"][sc.name] = read_times(times, sc, statistic)
@@ -646,9 +646,9 @@ def run_frontier(
 
     cost = CostModel.from_config(base.config)
     pool = max(s.batch * (s.length + s.steps) for s in parsed)
-    ids, source = _token_pool(tokenizer, pool, cost.vocab, 0, None)
+    ids, source = token_pool(tokenizer, pool, cost.vocab, 0, None)
     ids = ids.to(next(base.parameters()).device)
-    dense_runners: dict[str, _Runner] = {}
+    dense_runners: dict[str, Runner] = {}
     extra = {"timing_input": source}
 
     by_name = {sc.name: sc for sc in parsed}

@@ -17,13 +17,16 @@ either the model's trained routers (at ``threshold``) or forced random routing a
 repeat; with ``router_overhead`` the routers are still run and their answer discarded, so the
 time includes them). The ideal speedup is computed from the decisions actually taken (an
 extra, untimed pass of the fast variant keeps them) with ``skipgpt.costs``.
+
+The harness is public for the other timed jobs (``eval.frontier``, ``benchmarks/``): ``token_pool``
+(the input ids), ``new_cache``, ``Runner`` (one scenario of one variant), ``VariantRouting`` (the
+routing context of each variant), ``rotated`` and ``decode_alternating`` (interleaved timing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import os
 import platform
 import re
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 from ..adapters import model_cache_argument
 from ..config import SkipGPTConfig
 from ..costs import CostModel, ForwardRecord, routing_cost, routing_traffic
+from ..data import wiki_text
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
 from ..routing import RandomPolicy
@@ -53,6 +57,15 @@ __all__ = [
     "format_sweep_table",
     "machine_string",
     "cpu_name",
+    # the harness, for eval.frontier and benchmarks/: inputs, caches, timed runners, routing
+    "VARIANTS",
+    "CACHES",
+    "VariantRouting",
+    "token_pool",
+    "new_cache",
+    "Runner",
+    "rotated",
+    "decode_alternating",
 ]
 
 DEFAULT_SCENARIOS = ("prefill_1x1024", "prefill_4x512", "decode_b1", "decode_b8")
@@ -117,8 +130,13 @@ def random_routing_override(model: SkipGPTModel, rate: float, seed: int = 0, rou
     return RandomPolicy(rate, seed, router_overhead=router_overhead)
 
 
-class _Routing:
-    """The three variants' routing contexts, a fresh (same-seed) random override for each run."""
+class VariantRouting:
+    """The routing context of each variant (``dense``, ``masked``, ``fast``) of one model.
+
+    ``random_rate`` None: the model's routers at ``threshold`` (None: the model's θ); else
+    random routing at that skip rate (``seed``; ``router_overhead``: routers run, answer
+    discarded), a fresh same-seed override for each run so every run takes the same decisions.
+    """
 
     def __init__(self, model: SkipGPTModel, random_rate, threshold, seed, router_overhead):
         self.model, self.rate, self.seed, self.router_overhead = model, random_rate, seed, router_overhead
@@ -148,24 +166,13 @@ class _Routing:
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def _builtin_text(max_chars: int = 200_000) -> str | None:
-    """Wikipedia text of the offline assets (exllamav2 calibration data), read as a plain file."""
-    spec = importlib.util.find_spec("exllamav2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "conversion" / "standard_cal_data" / "wiki.utf8"
-    if not path.exists():
-        return None
-    with path.open(encoding="utf-8", errors="replace") as f:
-        text = f.read(max_chars)
-    return "\n".join(line for line in text.splitlines() if not line.startswith("<doc") and line != "</doc>")
-
-
-def _token_pool(tokenizer, n: int, vocab: int, seed: int, text: str | None) -> tuple[torch.Tensor, str]:
-    """n token ids: the tokenised text (repeated if short) or random ids."""
+def token_pool(tokenizer, n: int, vocab: int, seed: int, text: str | None) -> tuple[torch.Tensor, str]:
+    """``(ids (n,), source)``: the tokenised ``text`` (default: Wikipedia text of the offline
+    assets, ``data.wiki_text``), repeated if short, ids >= ``vocab`` dropped; without a tokenizer
+    or text, random ids from ``seed``. ``source`` says which, for the report."""
     if tokenizer is not None:
         source = "given text" if text else "Wikipedia text (exllamav2 calibration data)"
-        text = text or _builtin_text()
+        text = text or wiki_text()
         if text:
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
             ids = ids[ids < vocab]
@@ -182,7 +189,7 @@ def _token_pool(tokenizer, n: int, vocab: int, seed: int, text: str | None) -> t
 CACHES = {"dynamic": "DynamicCache", "static": "StaticCache"}
 
 
-def _new_cache(model, kind: str = "dynamic", max_len: int = 0):
+def new_cache(model, kind: str = "dynamic", max_len: int = 0):
     """A fresh HF cache of ``kind`` (a static one holds ``max_len`` tokens)."""
     from transformers import DynamicCache, StaticCache
 
@@ -196,8 +203,14 @@ def _croppable(cache) -> bool:
     return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
-class _Runner:
-    """Runs one scenario for one variant; keeps a decode cache between repeats."""
+class Runner:
+    """Runs one scenario for one variant of ``model``; keeps a decode cache between repeats.
+
+    ``ids`` (>= batch x (length [+ steps]) tokens) is cut into the prompt (B, T) and, for decode,
+    the teacher-forced new tokens (B, steps). ``prepare()`` fills the decode cache (untimed),
+    ``run()`` times one prefill or all decode steps, ``step(s)`` one decode step, ``finish()``
+    crops the cache back; ``records(decisions)`` gives the ``ForwardRecord``s of the cost model.
+    """
 
     def __init__(self, model, scenario: Scenario, ids: torch.Tensor, cache: str = "dynamic"):
         self.model, self.sc, self.cache_kind = model, scenario, cache
@@ -214,7 +227,7 @@ class _Runner:
     def prepare(self) -> None:
         """Decode: (re)fill the cache with the context (untimed)."""
         if self.sc.kind == "decode" and self.cache is None:
-            self.cache = _new_cache(self.model, self.cache_kind, self.sc.length + self.sc.steps)
+            self.cache = new_cache(self.model, self.cache_kind, self.sc.length + self.sc.steps)
             self.model(
                 input_ids=self.prompt, **{self.cache_arg: self.cache}, use_cache=True, logits_to_keep=1
             )
@@ -222,7 +235,7 @@ class _Runner:
     def run(self) -> float:
         """Time one run: the prefill, or all decode steps."""
         if self.sc.kind == "prefill":
-            cache = _new_cache(self.model, self.cache_kind, self.sc.length)
+            cache = new_cache(self.model, self.cache_kind, self.sc.length)
             t0 = time.perf_counter()
             self.model(input_ids=self.prompt, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - t0
@@ -256,13 +269,13 @@ class _Runner:
         return out
 
 
-def _rotated(items, k: int) -> list:
+def rotated(items, k: int) -> list:
     """``items`` rotated left by ``k`` (the order of the variants in round k)."""
     k %= len(items)
     return [*items[k:], *items[:k]]
 
 
-def _decode_alternating(runners: dict, contexts: dict, steps: int) -> dict[str, float]:
+def decode_alternating(runners: dict, contexts: dict, steps: int) -> dict[str, float]:
     """One decode run per variant, the variants taking turns step by step: a change of machine
     speed during the run (other load, clocks) then hits every variant alike, not one of them.
 
@@ -271,7 +284,7 @@ def _decode_alternating(runners: dict, contexts: dict, steps: int) -> dict[str, 
     """
     total = dict.fromkeys(runners, 0.0)
     for s in range(steps):
-        for v in _rotated(list(runners), s):  # no variant always steps first
+        for v in rotated(list(runners), s):  # no variant always steps first
             with contexts[v]():
                 total[v] += runners[v].step(s)
     for runner in runners.values():
@@ -328,11 +341,11 @@ def run_bench(
         model = get_skipgpt_model(model, SkipGPTConfig())
     was_training = model.training
     model.eval()
-    routing = _Routing(model, random_routing, threshold, seed, router_overhead)
+    routing = VariantRouting(model, random_routing, threshold, seed, router_overhead)
     cost = CostModel.from_config(model.config, router_hidden=_router_hidden(model))
     vocab = model.config.get_text_config(decoder=True).vocab_size
     pool_size = max(s.batch * (s.length + s.steps) for s in parsed)
-    ids, source = _token_pool(tokenizer, pool_size, vocab, seed, text)
+    ids, source = token_pool(tokenizer, pool_size, vocab, seed, text)
     ids = ids.to(next(model.parameters()).device)
 
     results = []
@@ -345,7 +358,7 @@ def run_bench(
     )
     try:
         for sc in parsed:
-            runners = {v: _Runner(model, sc, ids, cache) for v in VARIANTS}
+            runners = {v: Runner(model, sc, ids, cache) for v in VARIANTS}
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(warmup + repeats):
                 for v in VARIANTS:
@@ -354,13 +367,13 @@ def run_bench(
                 if sc.kind == "decode":
                     gc.collect()
                     bar.set_postfix_str(f"{sc.name} (variants alternate every step)")
-                    run_times = _decode_alternating(
+                    run_times = decode_alternating(
                         runners, {v: routing.reentrant(v) for v in VARIANTS}, sc.steps
                     )
                     bar.update(len(VARIANTS))
                 else:
                     run_times = {}
-                    for v in _rotated(VARIANTS, r):  # no variant always runs first
+                    for v in rotated(VARIANTS, r):  # no variant always runs first
                         bar.set_postfix_str(f"{sc.name} {v}")
                         gc.collect()
                         with routing(v):  # a fresh override: every run takes the same decisions
@@ -370,7 +383,7 @@ def run_bench(
                     for v in VARIANTS:
                         times[v].append(run_times[v])
             # the decisions actually taken (same routing as the timed fast runs), untimed
-            rec = _Runner(model, sc, ids, cache)
+            rec = Runner(model, sc, ids, cache)
             with routing("fast"):
                 rec.prepare()
             model.reset_stats()

@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "verify_checkpoint",
     "has_checkpoint",
     "MANIFEST_NAME",
+    "set_gradient_checkpointing",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -46,18 +47,39 @@ StepFn = Callable[[Callable, torch.Tensor, int], tuple[torch.Tensor, dict[str, f
 
 @dataclass
 class LoopArgs:
-    max_steps: int = 300
-    batch_size: int = 8  # per process and micro-step
-    grad_accum: int = 1
-    lr: float = 2e-3
-    lr_scheduler: str = "constant"  # any transformers scheduler name: constant, cosine, linear, ...
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    save_every: int = 50
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16": autocast through accelerate
-    gradient_checkpointing: bool = False  # recompute decoder layers in backward (long sequences)
+    """Optimisation settings of either stage (defaults: stage 1's; ``recipes.LORA_LOOP`` stage 2's).
+
+    Metadata as ``SkipGPTConfig``'s: the help and type of each CLI flag."""
+
+    max_steps: int = field(default=300, metadata={"help": "optimiser steps", "type": "positive_int"})
+    batch_size: int = field(
+        default=8, metadata={"help": "blocks per micro-step and process", "type": "positive_int"}
+    )
+    grad_accum: int = field(
+        default=1, metadata={"help": "micro-steps accumulated per step", "type": "positive_int"}
+    )
+    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "transformers scheduler name (constant, cosine, linear)"}
+    )
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "cli": False})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "gradient clipping norm (None: no clipping)", "cli": False}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the batch order and Gumbel noise"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps", "type": "positive_int"})
+    mixed_precision: str = field(
+        default="no",
+        metadata={
+            "help": "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32",
+            "choices": MIXED_PRECISION,
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute decoder layers in backward: less activation memory for long sequences"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
@@ -203,7 +225,7 @@ def _rank_divergence(accelerator, prepared, params: list[torch.nn.Parameter]) ->
     return float((every - every[0]).abs().max())
 
 
-def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
+def set_gradient_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     """Turn on/off transformers' activation checkpointing of the decoder layers.
 
     ``RoutedDecoderLayer`` is a ``GradientCheckpointingLayer``, so the routed layers are the
@@ -418,7 +440,7 @@ def train_loop(
                 )
 
         model.train()
-        _set_checkpointing(model, args.gradient_checkpointing)
+        set_gradient_checkpointing(model, args.gradient_checkpointing)
         bar = tqdm(
             total=args.max_steps,
             initial=start,
@@ -489,5 +511,5 @@ def train_loop(
             if on_step is not None:
                 on_step(step, sums)
         bar.close()
-        _set_checkpointing(model, False)
+        set_gradient_checkpointing(model, False)
         return history

@@ -29,9 +29,9 @@ def check_loss_weights(lm_weight: float, distill_weight: float, distill_temperat
         raise SkipGPTError(f"distill_temperature must be > 0, got {distill_temperature}")
 
 
-def sparsity_penalty(realised: torch.Tensor, target: float, alpha: float) -> torch.Tensor:
-    """``alpha * |target - realised|`` (the paper's regulariser)."""
-    return alpha * (target - realised).abs()
+def sparsity_penalty(realised: torch.Tensor, target: float, weight: float) -> torch.Tensor:
+    """``weight * |target - realised|`` (the paper's regulariser, its weight called alpha there)."""
+    return weight * (target - realised).abs()
 
 
 def curriculum_target(target: float, step: int, max_steps: int, ramp_fraction: float) -> float:

@@ -2,7 +2,7 @@
 
 Loss per step::
 
-    lm_weight * LM  +  alpha * |target_t - s|  [+ distill_weight * KL(dense teacher || routed)]
+    lm_weight * LM  +  sparsity_weight * |target_t - s|  [+ distill_weight * KL(dense teacher || routed)]
 
 where ``s`` is the realised skip rate of the step (modules or parameters, ``config.budget``),
 ``target_t`` the (optionally ramped) target, and the teacher is the same frozen model with
@@ -11,7 +11,7 @@ every module executing (free: no second model in memory).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,81 +19,44 @@ import torch
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel
 from .loop import LoopArgs, claim_output_dir, save_on_main_process, train_loop
-from .losses import (
-    check_loss_weights,
-    curriculum_target,
-    distillation_loss,
-    shifted_lm_loss,
-    sparsity_penalty,
-    temperature_at,
-)
+from .losses import check_loss_weights, curriculum_target, sparsity_penalty, temperature_at
+from .objectives import lm_and_distillation, module_rates
 
 __all__ = ["RouterTuningArgs", "train_routers"]
 
 
 @dataclass
 class RouterTuningArgs:
-    """Stage-1 settings beyond the router config (which holds target, alpha and tau)."""
+    """Stage-1 settings beyond the router config (which holds target, sparsity weight and tau).
 
-    lm_weight: float = 1.0
-    distill_weight: float = 0.0
-    distill_temperature: float = 1.0
-    curriculum: float = 0.0  # fraction of the run over which the target ramps up from 0
-    calibrate_blocks: int = 16  # after training, set θ to hit the target on this many blocks (0 = keep θ)
+    The defaults are the default recipe (``skipgpt.train.recipes``): self-distillation from the
+    dense model and a 30% sparsity curriculum, with which dense-start routers also learn on small
+    models; the paper's recipe (LM loss only, fixed target) is ``RECIPES["paper"]``.
+    """
+
+    lm_weight: float = field(default=1.0, metadata={"help": "weight of the LM loss"})
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "weight of KL(dense teacher || routed) self-distillation (0 = off)"}
+    )
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature of self-distillation"}
+    )
+    curriculum: float = field(
+        default=0.3,
+        metadata={"help": "fraction of the run over which the target ramps from 0 (0 = fixed target)"},
+    )
+    calibrate_blocks: int = field(
+        default=16,
+        metadata={
+            "help": "after training, set θ so that deterministic routing meets the target on this many "
+            "training blocks (0 = keep --threshold)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_loss_weights(self.lm_weight, self.distill_weight, self.distill_temperature)
         if not 0 <= self.curriculum <= 1:
             raise SkipGPTError(f"curriculum must be a fraction in [0, 1], got {self.curriculum}")
-
-
-def _module_rates(model: SkipGPTModel) -> dict[str, float]:
-    rates = model.state.skip_rates
-    out = {}
-    for m in model.skipgpt_config.modules:
-        vals = [float(v.detach() if torch.is_tensor(v) else v) for (_, mod), v in rates.items() if mod == m]
-        out[f"{m}_skip"] = sum(vals) / max(len(vals), 1)
-    return out
-
-
-def dense_teacher(model):
-    """Context in which ``model`` is its own distillation teacher: the frozen base model, every
-    module executing (routing off) and LoRA, if attached, switched off."""
-    from contextlib import ExitStack
-
-    from ..lora_adapter import get_peft
-
-    stack = ExitStack()
-    if isinstance(model, SkipGPTModel):
-        stack.enter_context(model.dense())
-    peft_model = get_peft(model)
-    if peft_model is not None:
-        stack.enter_context(peft_model.disable_adapter())
-    return stack
-
-
-def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forward_kwargs):
-    """One student forward (after a teacher forward in ``dense_teacher`` when distilling).
-
-    ``weights`` has ``lm_weight``, ``distill_weight`` and ``distill_temperature`` (the stage-1
-    or stage-2 args). Returns ``(loss, metrics)``: ``lm_weight·LM + distill_weight·KD`` (0.0
-    when both terms are off) and the terms' values under ``lm`` / ``kd``.
-    """
-    teacher = None
-    if weights.distill_weight > 0:
-        with torch.no_grad(), dense_teacher(model):
-            teacher = forward(input_ids=input_ids, **forward_kwargs).logits
-    logits = forward(input_ids=input_ids, **forward_kwargs).logits
-    loss, metrics = 0.0, {}
-    if weights.lm_weight > 0:
-        lm = shifted_lm_loss(logits, input_ids)
-        loss = loss + weights.lm_weight * lm
-        metrics["lm"] = float(lm.detach())
-    if teacher is not None:
-        kd = distillation_loss(logits, teacher, weights.distill_temperature)
-        loss = loss + weights.distill_weight * kd
-        metrics["kd"] = float(kd.detach())
-    return loss, metrics
 
 
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *, anneal: bool = True):
@@ -108,8 +71,8 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
         model.set_temperature(tau)
         task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
         realised = model.realised_sparsity()
-        loss = sparsity_penalty(realised, target, cfg.alpha) + task_loss
-        metrics.update(_module_rates(model))
+        loss = sparsity_penalty(realised, target, cfg.sparsity_weight) + task_loss
+        metrics.update(module_rates(model))
         metrics.update(loss=float(loss.detach()), sparsity=float(realised.detach()), tau=tau, target=target)
         return loss, metrics
 
