@@ -6,7 +6,9 @@ setup:
 demo: setup
 	skipgpt demo
 
+# the layering contract (pyproject.toml [tool.importlinter], docs/design.md), then the fast suite
 test: setup
+	lint-imports
 	python3 -m pytest -q -m "not slow"
 
 test-all:
@@ -28,4 +30,4 @@ test-serve: serve-env
 	.venv-serve/bin/python -m pytest -q tests/test_serve.py
 
 lint:
-	ruff check src tests benchmarks && ruff format --check src tests benchmarks
+	ruff check src tests benchmarks && ruff format --check src tests benchmarks && lint-imports

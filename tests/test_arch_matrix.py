@@ -95,7 +95,7 @@ def check_train(arch: str) -> str:
     ids = random_ids(2, 16, _vocab(model), seed=1)
     loss = model(input_ids=ids, labels=ids).loss + 20 * (model.realised_sparsity() - 0.25).abs()
     loss.backward()
-    for name, p in model.base_model.named_parameters():
+    for name, p in model.hf_model.named_parameters():
         is_router = ".routers." in name
         assert p.requires_grad == is_router, name
         if is_router:
@@ -105,7 +105,7 @@ def check_train(arch: str) -> str:
     assert any(p.grad.abs().sum() > 0 for p in model.router_parameters())
     model.zero_grad(set_to_none=True)
 
-    frozen = {k: v.clone() for k, v in model.base_model.state_dict().items() if ".routers." not in k}
+    frozen = {k: v.clone() for k, v in model.hf_model.state_dict().items() if ".routers." not in k}
     before = {k: v.detach().clone() for k, v in model.router_state_dict().items()}
     blocks = random_ids(8, 16, _vocab(model), seed=2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +121,7 @@ def check_train(arch: str) -> str:
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     after = model.router_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "routers did not move"
-    now = model.base_model.state_dict()
+    now = model.hf_model.state_dict()
     assert all(torch.equal(frozen[k], now[k]) for k in frozen), "a base weight changed"
     return f"loss {losses[0]:.3f} → {losses[-1]:.3f}"
 
@@ -215,7 +215,7 @@ def test_a_fallback_family_is_reported_as_fallback_not_as_a_pass(monkeypatch):
     from skipgpt.fast import fast_attention_supported
 
     model = _random_routers("gemma2").eval()
-    assert model.base_model.config.attn_logit_softcapping is not None
+    assert model.hf_model.config.attn_logit_softcapping is not None
     ids = random_ids(2, 12, _vocab(model), seed=3)
     assert attention_path(model, ids) == "fallback: attention logit softcapping"
     layer = model.routed_layers[0]

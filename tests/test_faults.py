@@ -1,7 +1,7 @@
 """Fault injection: a training run killed (SIGKILL) anywhere loses nothing and mixes nothing.
 
 Each case runs ``python -m skipgpt train-router`` on random:llama in a subprocess with
-``SKIPGPT_TEST_PAUSE_AT=<point>`` (``skipgpt.io.fault_point``), which makes the writer kill
+``SKIPGPT_TEST_PAUSE_AT=<point>`` (``skipgpt.outputs.fault_point``), which makes the writer kill
 itself at that point: between steps, inside a checkpoint write, inside the final write, between
 the two renames of a swap. Then the run is resumed, and its routers must be bit-identical to
 those of an uninterrupted run, or the resume must be refused in one line. A silent difference
@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from skipgpt.io import recover_dir
+from skipgpt.outputs import recover_dir
 
 ARGS = ["--model", "random:llama", "--seq-len", "16", "--max-blocks", "4", "--batch-size", "2"]
 ARGS += ["--max-steps", "3", "--save-every", "1", "--calibrate-blocks", "0"]

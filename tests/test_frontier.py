@@ -11,13 +11,13 @@ import types
 import pytest
 from conftest import routed, tiny
 
-import skipgpt.eval.frontier as frontier
+import skipgpt.experiments.frontier as frontier
 from skipgpt.baselines.shortgpt import remove_layers
 from skipgpt.cli import main
 from skipgpt.costs import CostModel
 from skipgpt.eval import speed
-from skipgpt.eval.frontier import envelope, measure_speed, ppl_at, summarize
 from skipgpt.eval.speed import parse_scenario
+from skipgpt.experiments.frontier import envelope, measure_speed, ppl_at, summarize
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,7 @@ def test_decode_timing_alternates_step_by_step(monkeypatch):
     model, _ = routed("llama")
     log = []
     dense.register_forward_pre_hook(lambda *a: log.append("d"))
-    model.base_model.register_forward_pre_hook(lambda *a: log.append("p"))
+    model.hf_model.register_forward_pre_hook(lambda *a: log.append("p"))
     cost = CostModel.from_config(dense.config)
     sc = parse_scenario("decode_b1_ctx4", decode_steps=4)
     ids, _ = speed.token_pool(tok, 16, cost.vocab, 0, None)

@@ -86,7 +86,7 @@ def test_stage2_trains_only_lora_and_keeps_routers_bit_for_bit(tmp_path, routing
     result = finetune_lora(model, _blocks(), tmp_path / "s2", _loop(), args, progress=False)
 
     lora = lora_parameters(model)
-    trainable = {n for n, p in model.base_model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in model.hf_model.named_parameters() if p.requires_grad}
     assert lora and trainable == set(lora)
     assert all(".routers." not in n for n in lora)
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in lora.items())

@@ -40,7 +40,7 @@ def _subparser(command: str) -> argparse.ArgumentParser:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.argv, args.build_parser = argv, build_parser  # as cli.main sets them
     return args
 
 

@@ -1,4 +1,4 @@
-"""A crash in the middle of a staged write (``skipgpt.io.staged_dir``) changes nothing on disk.
+"""A crash in the middle of a staged write (``skipgpt.outputs.staged_dir``) changes nothing on disk.
 
 The earlier folder stays byte-identical and no temp folder is left beside it, whether the
 crash is an exception or Ctrl-C, in the bare context manager or in the writers built on it
@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import routed
 
-from skipgpt.io import staged_dir
+from skipgpt.outputs import staged_dir
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -128,7 +128,7 @@ def test_checkpoint_crashing_midway_keeps_the_earlier_checkpoint(tmp_path, monke
 
 def test_a_swap_cut_between_its_renames_is_finished_by_recover_dir(tmp_path):
     """The state a kill leaves between the two renames: the old folder aside, the new one complete."""
-    from skipgpt.io import recover_dir
+    from skipgpt.outputs import recover_dir
 
     out = tmp_path / "model"
     earlier_output(out)
@@ -146,7 +146,7 @@ def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(tmp_path):
     import os
 
     from skipgpt.errors import SkipGPTError
-    from skipgpt.io import OutputLock
+    from skipgpt.outputs import OutputLock
 
     first = OutputLock(tmp_path / "model").acquire()
     try:

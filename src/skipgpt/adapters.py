@@ -173,13 +173,17 @@ def cache_argument(layer: nn.Module) -> str | None:
 
 
 def model_cache_argument(model: nn.Module) -> str:
-    """The name under which ``model`` (a HF causal LM, or a wrapper holding one as
-    ``base_model``) takes a KV cache: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    """The name under which ``model`` (a HF causal LM, or a wrapper whose ``get_base_model()`` or
+    ``base_model`` is one) takes a KV cache: ``cache`` since transformers 5.24, ``past_key_values``
+    before."""
     while model is not None:
         name = cache_argument(model)
         if name is not None:
             return name
-        model = getattr(model, "base_model", None)
+        inner = (
+            model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "base_model", None)
+        )
+        model = None if inner is model else inner
     return "past_key_values"
 
 

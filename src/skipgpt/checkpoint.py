@@ -281,7 +281,7 @@ def write(folder: str | Path, record: FolderRecord) -> Path:
     """Write ``record`` as ``folder/skipgpt_config.json`` (current format); returns the file.
 
     Only the record: routers, adapter and weights are written by their owners, and the whole
-    folder is made atomic by the caller (``io.staged_dir``).
+    folder is made atomic by the caller (``outputs.staged_dir``).
     """
     if record.kind == "shortgpt":
         raise SkipGPTError(

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    args.build_parser = build_parser  # commands.common.options_given re-parses argv (no upward import)
     try:
         return args.func(args) or 0
     except SkipGPTError as e:

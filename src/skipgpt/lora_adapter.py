@@ -38,7 +38,7 @@ def attach_adapter(
     """Restore the saved adapter folder ``path`` into ``model`` (in place); returns the PeftModel.
 
     ``hf``: the Hugging Face model the LoRA layers go into when ``model`` wraps one (a
-    ``SkipGPTModel`` passes its ``base_model``); default ``model`` itself.
+    ``SkipGPTModel`` passes its ``hf_model``); default ``model`` itself.
     """
     from peft import PeftModel
 

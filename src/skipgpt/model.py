@@ -24,9 +24,9 @@ from .adapters import get_adapter
 from .checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord, resolve_base_spec
 from .config import MODULES, SkipGPTConfig
 from .errors import SkipGPTError
-from .io import staged_dir
 from .layer import RoutedDecoderLayer
 from .lora_adapter import attach_adapter
+from .outputs import staged_dir
 from .removal import apply_removal
 from .routing import EXECUTIONS, OverridePolicy, RoutingPolicy, RoutingState
 from .version import __version__
@@ -47,7 +47,12 @@ def get_skipgpt_model(model: nn.Module, config: SkipGPTConfig, base_spec: str | 
 
 
 class SkipGPTModel(nn.Module):
-    """A causal LM whose decoder layers are routed. Attribute access falls through to the HF model."""
+    """A causal LM whose decoder layers are routed.
+
+    ``hf_model`` (also ``get_base_model()``, as in peft) is the wrapped Hugging Face causal LM.
+    Attribute access falls through to it, so ``model.base_model`` means what it means in
+    transformers: the backbone (e.g. ``LlamaModel``), not the causal LM.
+    """
 
     def __init__(self, model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None):
         super().__init__()
@@ -57,7 +62,7 @@ class SkipGPTModel(nn.Module):
         layers = self.adapter.layers(model)
         if any(isinstance(layer, RoutedDecoderLayer) for layer in layers):
             raise SkipGPTError("model already has routed layers; unwrap() it first")
-        self.base_model = model
+        self.hf_model = model
         # a copy: θ is set on this model's config (``set_threshold``), never on a caller's object
         self.skipgpt_config = config = config.replace()
         self.base_spec = base_spec or getattr(model.config, "_name_or_path", None)
@@ -84,13 +89,17 @@ class SkipGPTModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("base_model"), name)
+            return getattr(super().__getattr__("hf_model"), name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped Hugging Face causal LM (its decoder layers routed)."""
+        return self.hf_model
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        return self.hf_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        return self.hf_model.generate(*args, **kwargs)
 
     def _capture_token_mask(self, module, args, kwargs):
         """Pre-hook on the HF model: remember which tokens of this forward are real (not padding)."""
@@ -103,7 +112,7 @@ class SkipGPTModel(nn.Module):
 
     @property
     def routed_layers(self) -> list[RoutedDecoderLayer]:
-        return list(self.adapter.layers(self.base_model))
+        return list(self.adapter.layers(self.hf_model))
 
     # -- what trains and what is saved -------------------------------------------------------
     def router_state_dict(self) -> dict[str, torch.Tensor]:
@@ -118,7 +127,7 @@ class SkipGPTModel(nn.Module):
         return list(self.router_state_dict().values())
 
     def mark_only_routers_trainable(self) -> None:
-        for p in self.base_model.parameters():
+        for p in self.hf_model.parameters():
             p.requires_grad_(False)
         for p in self.router_parameters():
             p.requires_grad_(True)
@@ -225,12 +234,12 @@ class SkipGPTModel(nn.Module):
     def save_pretrained(self, output_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``skipgpt_config.json`` and ``routers.safetensors`` into ``output_dir`` as one unit.
 
-        The new folder is written complete beside the old one and swapped in (``io.staged_dir``):
+        The new folder is written complete beside the old one and swapped in (``outputs.staged_dir``):
         a kill leaves the old model or the new one, never new routers beside an old config. What
         else the old folder held is kept (the training checkpoint), except a LoRA ``adapter/``,
         which belonged to the old routers.
         """
-        from .io import fault_point, prepare_output_dir
+        from .outputs import fault_point, prepare_output_dir
 
         output_dir = prepare_output_dir(output_dir)
         record = self.folder_record(metadata)
@@ -248,8 +257,8 @@ class SkipGPTModel(nn.Module):
         return FolderRecord(
             base_model=self.base_spec,
             router_config=self.skipgpt_config,
-            model_type=self.base_model.config.model_type,
-            hidden_size=self.base_model.config.get_text_config(decoder=True).hidden_size,
+            model_type=self.hf_model.config.model_type,
+            hidden_size=self.hf_model.config.get_text_config(decoder=True).hidden_size,
             num_layers=self.state.num_layers,
             removed_modules=tuple(sorted(self.state.removed)),
             metadata=metadata or {},
@@ -305,15 +314,15 @@ class SkipGPTModel(nn.Module):
         model.load_routers(path / ROUTERS_NAME)
         model.metadata = record.metadata
         if record.adapter is not None:  # stage 2 (LoRA) output: routers + adapter
-            attach_adapter(model, path / record.adapter, hf=model.base_model)
+            attach_adapter(model, path / record.adapter, hf=model.hf_model)
         if record.removed_modules:  # a static baseline (LLM-Drop): modules really gone
             apply_removal(model, record.removed_modules)
         return model
 
     def unwrap(self) -> nn.Module:
         """Put the original decoder layers back and return the plain HF model."""
-        layers = self.adapter.layers(self.base_model)
+        layers = self.adapter.layers(self.hf_model)
         for i, layer in enumerate(layers):
             layers[i] = layer.base_layer
         self._hook.remove()
-        return self.base_model
+        return self.hf_model

@@ -45,7 +45,7 @@ def apply_removal(model: nn.Module, removed: Iterable) -> nn.Module:
     layers = model.routed_layers
     n = len(layers)
     pairs = removed_pairs(removed, n)
-    types = list(getattr(model.base_model.config, "layer_types", None) or ["attention"] * n)
+    types = list(getattr(model.hf_model.config, "layer_types", None) or ["attention"] * n)
     free = {t: [j for j in range(n) if types[j] == t] for t in dict.fromkeys(types)}
     slots: dict[int, int] = {}
     for i in range(n):

@@ -193,7 +193,7 @@ def run_mod(args) -> int:
     from ..data import load_blocks
     from ..errors import SkipGPTError
     from ..eval.perplexity import evaluate_perplexity
-    from ..io import prepare_output_dir
+    from ..outputs import prepare_output_dir
     from ..specs import load_base_model
     from .train_router import loop_args_from_args
 

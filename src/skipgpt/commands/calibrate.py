@@ -70,8 +70,8 @@ def run(args) -> int:
 
     from .. import checkpoint
     from ..data import load_blocks
-    from ..io import prepare_output_dir, staged_dir
     from ..loading import load_model
+    from ..outputs import prepare_output_dir, staged_dir
     from ..train.loop import CHECKPOINT_DIR
     from ..train.router_tuning import calibrate_and_measure
 

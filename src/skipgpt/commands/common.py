@@ -134,13 +134,12 @@ def emit(args, result: dict, human: str) -> None:
 
 def options_given(args) -> set[str]:
     """The option dests the user set on the command line (``args.argv``), as opposed to those
-    left at their defaults: the same parser, every default suppressed, parses the same argv.
-    Empty when ``args`` did not come from the command line."""
-    argv = getattr(args, "argv", None)
-    if argv is None:
+    left at their defaults: the same parser (``args.build_parser``, set by ``cli.main``), every
+    default suppressed, parses the same argv. Empty when ``args`` did not come from the command
+    line."""
+    argv, build_parser = getattr(args, "argv", None), getattr(args, "build_parser", None)
+    if argv is None or build_parser is None:
         return set()
-    from ..cli import build_parser
-
     parser = build_parser()
     parsers = [parser]
     while parsers:

@@ -122,7 +122,7 @@ def measure_prefill(
 
 
 # -- building and loading each method ---------------------------------------------------------------
-def _record_target(method: str, folder: Path) -> float | None:
+def record_target(method: str, folder: Path) -> float | None:
     """Target sparsity a finished folder was built for, or None when the folder is not finished."""
     from .. import checkpoint
 
@@ -248,7 +248,7 @@ def format_compare_table(result: dict) -> str:
 
 
 def _write(out: Path, result: dict) -> None:
-    from ..io import atomic_path, write_json_atomic
+    from ..outputs import atomic_path, write_json_atomic
 
     write_json_atomic(out / "compare.json", result)
     with atomic_path(out / "compare.md") as tmp:
@@ -301,7 +301,7 @@ def run(args) -> int:
         raise SkipGPTError(f"{args.model} is a routed model; compare needs the base model spec")
     _check_out(out)
     for m in methods:  # a finished folder built for another budget would silently mix budgets
-        target = _record_target(m, out / "models" / m)
+        target = record_target(m, out / "models" / m)
         if target is not None and abs(float(target) - args.sparsity) > 1e-9:
             raise SkipGPTError(
                 f"{out}/models/{m} was built for sparsity {target}, not {args.sparsity}; give a new --out"
@@ -358,7 +358,7 @@ def run(args) -> int:
     evaluate("dense", base)
     for method in methods:
         folder = out / "models" / method
-        if _record_target(method, folder) is None:
+        if record_target(method, folder) is None:
             build_method(method, folder, args, base, tokenizer, train_blocks)
             gc.collect()
         model, record = _load(method, folder, base)

@@ -69,8 +69,8 @@ def run(args) -> int:
     from ..data import load_blocks
     from ..eval.perplexity import evaluate_perplexity
     from ..eval.tables import markdown_table
-    from ..io import atomic_path, write_json_atomic
     from ..model import get_skipgpt_model
+    from ..outputs import atomic_path, write_json_atomic
     from ..specs import load_base_model
     from ..train.router_tuning import train_routers
     from .train_router import (

@@ -92,9 +92,9 @@ def run(args) -> int:
     from ..config import SkipGPTConfig
     from ..errors import SkipGPTError
     from ..eval.zeroshot import evaluate_zeroshot, prepare_tasks, retention
-    from ..io import write_json_atomic
     from ..loading import load_model
     from ..model import SkipGPTModel, get_skipgpt_model
+    from ..outputs import write_json_atomic
 
     if args.baseline and args.dense:
         raise SkipGPTError("--baseline dense compares routed with dense; drop --dense")

@@ -88,7 +88,7 @@ def export_model(source: str, output: str, merge: bool = False) -> dict:
 
     Returns ``{"output", "kind": "routed"|"hf", "merged", "adapter", "base_model"}``.
     """
-    from ..io import lock_output, release_output
+    from ..outputs import lock_output, release_output
 
     lock_output(output)
     try:
@@ -105,9 +105,9 @@ def _export(source: str, output: str, merge: bool) -> dict:
     from .. import checkpoint
     from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME
     from ..errors import SkipGPTError
-    from ..io import prepare_output_dir, recover_dir, staged_dir
     from ..loading import load_model
     from ..model import SkipGPTModel
+    from ..outputs import prepare_output_dir, recover_dir, staged_dir
     from ..specs import load_base_model
     from ..train.lora import merge_lora
 

@@ -5,7 +5,7 @@ line; without it one set is trained into ``OUT/models/skipgpt`` as ``skipgpt com
 it, with ``--budget params``); ShortGPT removes 1..N layers and LLM-Drop drops modules to the
 same parameter shares, both scored on the same calibration text. Every point gets realised
 sparsity, PPL on the same windows and its speedup against the dense model timed alternately in
-the same run (``skipgpt.eval.frontier``). Writes ``frontier.{json,md,png}`` into ``--out`` and
+the same run (``skipgpt.experiments.frontier``). Writes ``frontier.{json,md,png}`` into ``--out`` and
 keeps finished points in ``frontier.progress.json``: a rerun with the same settings resumes.
 """
 
@@ -24,7 +24,7 @@ TRAINING = ("target_sparsity", "max_steps", "batch_size", "calibrate_blocks")
 
 
 def add_parser(sub) -> None:
-    from ..eval.frontier import SCENARIOS, STATISTICS
+    from ..experiments.frontier import SCENARIOS, STATISTICS
 
     p = sub.add_parser(
         "frontier",
@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
 
 def _check_out(out: Path) -> None:
     from ..errors import SkipGPTError
-    from ..eval.frontier import PROGRESS_NAME
+    from ..experiments.frontier import PROGRESS_NAME
 
     if out.exists() and (
         not out.is_dir()
@@ -121,7 +121,8 @@ def run(args) -> int:
     from ..checkpoint import is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
-    from ..eval.frontier import (
+    from ..eval.speed import machine_string
+    from ..experiments.frontier import (
         RouterLine,
         default_max_layers,
         format_frontier_markdown,
@@ -129,7 +130,6 @@ def run(args) -> int:
         load_progress,
         run_frontier,
     )
-    from ..eval.speed import machine_string
     from ..model import SkipGPTModel
     from ..specs import load_base_model
     from . import compare
@@ -195,7 +195,7 @@ def run(args) -> int:
     lines = []
     if not routers:
         folder = out / "models" / "skipgpt"
-        if compare._record_target("skipgpt", folder) is None:
+        if compare.record_target("skipgpt", folder) is None:
             compare.build_method("skipgpt", folder, _training_args(args), base, tokenizer, train_blocks)
         info = {"routers": str(folder)}
         lines.append(RouterLine("skipgpt", "SkipGPT-RT", loader(folder), info))

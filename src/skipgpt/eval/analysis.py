@@ -348,7 +348,7 @@ def analyze_routing(
     """Trace ``blocks`` (N, T) and a sample text (``sample_ids`` (S,), default the first 48
     tokens of the first window), write the PNGs, ``token_view.html``, ``summary.json`` and
     ``report.md`` into ``out_dir`` (all or nothing), and return the summary."""
-    from ..io import staged_dir
+    from ..outputs import staged_dir
 
     out_dir = check_analysis_dir(Path(out_dir))
     if blocks.dim() != 2 or blocks.numel() == 0:

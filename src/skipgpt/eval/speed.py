@@ -18,7 +18,7 @@ repeat; with ``router_overhead`` the routers are still run and their answer disc
 time includes them). The ideal speedup is computed from the decisions actually taken (an
 extra, untimed pass of the fast variant keeps them) with ``skipgpt.costs``.
 
-The harness is public for the other timed jobs (``eval.frontier``, ``benchmarks/``): ``token_pool``
+The harness is public for the other timed jobs (``experiments.frontier``, ``benchmarks/``): ``token_pool``
 (the input ids), ``new_cache``, ``Runner`` (one scenario of one variant), ``VariantRouting`` (the
 routing context of each variant), ``rotated`` and ``decode_alternating`` (interleaved timing).
 """
@@ -57,7 +57,7 @@ __all__ = [
     "format_sweep_table",
     "machine_string",
     "cpu_name",
-    # the harness, for eval.frontier and benchmarks/: inputs, caches, timed runners, routing
+    # the harness, for experiments.frontier and benchmarks/: inputs, caches, timed runners, routing
     "VARIANTS",
     "CACHES",
     "VariantRouting",

@@ -256,7 +256,7 @@ def _lm(model, tokenizer, batch_size: int):
             finally:
                 handle.remove()
 
-    hf_model = model.base_model if isinstance(model, SkipGPTModel) else model
+    hf_model = model.hf_model if isinstance(model, SkipGPTModel) else model
     with _quiet():
         return RoutedHFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size)
 

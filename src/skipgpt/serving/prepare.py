@@ -122,7 +122,7 @@ def prepare_serving_folder(source: str | Path, output: str | Path | None = None,
             f"{out} exists and is not a prepared vLLM folder; give --prepared-dir a new folder"
         )
 
-    from ..io import staged_dir
+    from ..outputs import staged_dir
     from ..specs import load_base_model
 
     config = record.router_config

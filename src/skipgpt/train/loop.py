@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import CONFIG_NAME
 from ..errors import SkipGPTError
-from ..io import fault_point, lock_output, lock_until_saved, prepare_output_dir, recover_dir, staged_dir
+from ..outputs import fault_point, lock_output, lock_until_saved, prepare_output_dir, recover_dir, staged_dir
 
 __all__ = [
     "LoopArgs",
@@ -102,19 +102,19 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> P
     * it is a foreign folder or a file (``prepare_output_dir``);
     * it cannot be written (checked by writing a probe into it, or into the nearest existing
       parent when it does not exist yet), so that no training is lost to a late PermissionError;
-    * another run writes it (``io.lock_output``: the lock beside the folder, which ``train_loop``
+    * another run writes it (``outputs.lock_output``: the lock beside the folder, which ``train_loop``
       holds from its start until the final model is in place; the refusal names the holder's pid);
     * it holds a finished model and neither ``resume`` nor ``overwrite`` is set;
     * it holds an interrupted run (a checkpoint, no model) and neither is set: starting again at
       step 0 would silently discard that checkpoint.
 
-    While it holds the lock, what a killed run left is tidied (``io.recover_dir``): a swap cut between its
+    While it holds the lock, what a killed run left is tidied (``outputs.recover_dir``): a swap cut between its
     renames is finished or undone, stale stage folders are deleted, each said on stderr.
     """
     import sys
     import tempfile
 
-    from ..io import release_output
+    from ..outputs import release_output
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -127,7 +127,7 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> P
             pass
     except OSError as e:
         raise SkipGPTError(f"cannot write to {output_dir} ({e.strerror} in {probe_dir})") from None
-    from ..io import holds_output
+    from ..outputs import holds_output
 
     held = holds_output(output_dir)
     lock_output(output_dir)  # refuses while another run writes there
@@ -260,7 +260,7 @@ def _save_checkpoint(
 ) -> None:
     """Write a checkpoint as one unit: complete in its own stage folder, with a manifest (step,
     size and sha256 of every file) written last, then swapped in for the previous one by
-    renames (``io.swap_in``). A kill leaves the previous checkpoint or this one, never a mix of
+    renames (``outputs.swap_in``). A kill leaves the previous checkpoint or this one, never a mix of
     the two (the file-by-file writer once left step-15 weights beside a step-10 state)."""
     with staged_dir(path, keep_old=False) as stage:
         save_file(
@@ -402,7 +402,7 @@ def train_loop(
     ``lr_scale`` (name -> factor, default 1) gives some parameters another learning rate
     (SkipGPT-Joint: routers and LoRA in one run).
 
-    The run holds ``output_dir``'s lock (``io.lock_output``) from here until the final model
+    The run holds ``output_dir``'s lock (``outputs.lock_output``) from here until the final model
     is in place (the writer's swap releases it); an exception releases it at once.
     """
     with lock_until_saved(output_dir):

@@ -38,9 +38,9 @@ from torch import nn
 from .. import checkpoint
 from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord
 from ..errors import SkipGPTError
-from ..io import prepare_output_dir, staged_dir
 from ..lora_adapter import attach_adapter, forget_peft, get_peft, remember_peft
 from ..model import SkipGPTModel
+from ..outputs import prepare_output_dir, staged_dir
 from .loop import CHECKPOINT_DIR, LoopArgs, claim_output_dir, save_on_main_process, train_loop
 from .losses import check_loss_weights
 from .objectives import lm_and_distillation, module_rates
@@ -137,7 +137,7 @@ class LoraArgs:
 
 # -- attaching LoRA ---------------------------------------------------------------------------
 def _hf(model: nn.Module) -> nn.Module:
-    return model.base_model if isinstance(model, SkipGPTModel) else model
+    return model.hf_model if isinstance(model, SkipGPTModel) else model
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -238,7 +238,7 @@ def save_with_adapter(
 ) -> Path:
     """Write config (+ routers for a routed model) + ``adapter/`` into ``output_dir`` as one unit.
 
-    Written complete beside the old folder and swapped in (``io.staged_dir``); the old folder's
+    Written complete beside the old folder and swapped in (``outputs.staged_dir``); the old folder's
     checkpoint is kept, routers of an earlier model are not (a dense + LoRA model has none).
     """
     peft_model = get_peft(model)

@@ -50,10 +50,10 @@ from ..baselines.shortgpt import block_influence, remove_layers
 from ..config import MODULES
 from ..costs import CostModel, ForwardRecord, routing_cost
 from ..errors import SkipGPTError
-from ..io import atomic_path, write_json_atomic
+from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
+from ..eval.speed import Runner, Scenario, decode_alternating, parse_scenario, rotated, token_pool
 from ..model import SkipGPTModel
-from .perplexity import DENSE_SPARSITY, evaluate_perplexity
-from .speed import Runner, Scenario, decode_alternating, parse_scenario, rotated, token_pool
+from ..outputs import atomic_path, write_json_atomic
 
 __all__ = [
     "SCENARIOS",
@@ -314,7 +314,7 @@ def _x(v) -> str:
 
 def format_frontier_markdown(result: dict) -> str:
     """Markdown: the settings, the summary (PPL at the target speedups) and every point."""
-    from .tables import markdown_table
+    from ..eval.tables import markdown_table
 
     s = result["settings"]
     scenarios, datasets = s["scenarios"], s["eval_datasets"]
