@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from skipgpt.eval.speed import format_bench_table, run_bench
-    from skipgpt.io import atomic_path, write_json_atomic
+    from skipgpt.outputs import atomic_path, write_json_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)

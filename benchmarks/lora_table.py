@@ -39,9 +39,9 @@ from skipgpt.data import load_blocks
 from skipgpt.errors import SkipGPTError
 from skipgpt.eval.perplexity import evaluate_perplexity
 from skipgpt.eval.tables import markdown_table
-from skipgpt.io import atomic_path, write_json_atomic
 from skipgpt.loading import is_skipgpt_dir
 from skipgpt.model import ROUTERS_NAME, resolve_base_spec
+from skipgpt.outputs import atomic_path, write_json_atomic
 from skipgpt.specs import load_base_model
 from skipgpt.train.lora import finetune_lora, train_joint
 from skipgpt.train.router_tuning import RouterTuningArgs, train_routers

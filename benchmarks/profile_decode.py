@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        from skipgpt.io import atomic_path
+        from skipgpt.outputs import atomic_path
 
         with atomic_path(Path(args.out)) as tmp:
             tmp.write_text(text + "\n")

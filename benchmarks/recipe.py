@@ -38,7 +38,7 @@ from skipgpt import SkipGPTConfig, get_skipgpt_model
 from skipgpt.errors import SkipGPTError
 from skipgpt.eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
 from skipgpt.eval.tables import markdown_table
-from skipgpt.io import atomic_path, write_json_atomic
+from skipgpt.outputs import atomic_path, write_json_atomic
 from skipgpt.train.loop import CHECKPOINT_DIR, LoopArgs, load_trainable
 from skipgpt.train.recipes import RECIPES
 from skipgpt.train.router_tuning import train_routers

@@ -18,9 +18,9 @@ from skipgpt.baselines.random_routing import random_override
 from skipgpt.eval.speed import machine_string
 from skipgpt.eval.tables import markdown_table
 from skipgpt.eval.zeroshot import PAPER_TASKS, SOURCES, evaluate_zeroshot, prepare_tasks, retention
-from skipgpt.io import atomic_path, write_json_atomic
 from skipgpt.loading import load_model
 from skipgpt.model import SkipGPTModel
+from skipgpt.outputs import atomic_path, write_json_atomic
 
 
 def pct(v) -> str:
