@@ -16,17 +16,13 @@ every row.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
-import statistics
-import time
 from pathlib import Path
 
 from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
 
-__all__ = ["add_parser", "run", "METHODS", "build_method", "measure_prefill", "format_compare_table"]
+__all__ = ["add_parser", "run", "build_spec_from_args", "format_compare_table"]
 
-METHODS = ("skipgpt", "shortgpt", "llm-drop", "mod")
 LABELS = {
     "dense": "Dense",
     "skipgpt": "SkipGPT-RT",
@@ -50,6 +46,7 @@ BUDGET = "parameter sparsity: parameters of skipped attention/MLP modules (per t
 
 def add_parser(sub) -> None:
     from ..baselines.scores import ROUNDINGS
+    from ..experiments.compare import METHODS
     from .train_router import LOOP_FIELDS, add_loop_options, add_router_args
 
     p = sub.add_parser("compare", help="SkipGPT-RT vs ShortGPT, LLM-Drop, MoD-D at one parameter budget")
@@ -92,129 +89,25 @@ def add_parser(sub) -> None:
 
 
 # -- speed ---------------------------------------------------------------------------------------
-def _prefill_seconds(model, ids) -> float:
-    import torch
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        model(input_ids=ids, logits_to_keep=1)  # prefill into a fresh cache, last logits only
-        return time.perf_counter() - t0
-
-
-def measure_prefill(
-    dense, model, ids, repeats: int = 3, warmup: int = 1, routing=contextlib.nullcontext
-) -> dict:
-    """Prefill tokens/s of ``model`` (under ``routing()``) and of ``dense``, timed alternately.
-
-    ids: (B, T). Medians of ``repeats`` timings after ``warmup``; speedup = model / dense tok/s.
-    """
-    td, tm = [], []
-    for r in range(warmup + repeats):
-        a = _prefill_seconds(dense, ids)
-        with routing():
-            b = _prefill_seconds(model, ids)
-        if r >= warmup:
-            td.append(a)
-            tm.append(b)
-    n = ids.numel()
-    d, m = n / statistics.median(td), n / statistics.median(tm)
-    return {"prefill_tok_s": round(m, 2), "dense_tok_s": round(d, 2), "speedup": round(m / d, 4), "tokens": n}
-
-
-# -- building and loading each method ---------------------------------------------------------------
-def record_target(method: str, folder: Path) -> float | None:
-    """Target sparsity a finished folder was built for, or None when the folder is not finished."""
-    from .. import checkpoint
-
-    done = checkpoint.is_output_dir(folder) if method == "shortgpt" else checkpoint.is_skipgpt_dir(folder)
-    if not done:
-        return None
-    rec = checkpoint.read(folder)
-    meta = rec.metadata
-    if method == "shortgpt":
-        return meta["target_sparsity"]
-    return meta.get("target_sparsity", meta.get("skip_rate", rec.router_config.target_sparsity))
-
-
-def build_method(
-    method: str, folder: Path, args, base, tokenizer, train_blocks, progress: bool = True
-) -> None:
-    """Build ``method``'s model of ``base`` into ``folder`` at the budget ``args.sparsity``.
-
-    ``args`` holds compare's options; a training option it lacks (e.g. ``frontier``'s namespace)
-    takes its recipe default, through the same builders as ``train-router``."""
-    from ..baselines.llm_drop import llm_drop_prune, save_llm_drop
-    from ..baselines.mod import train_mod
-    from ..baselines.shortgpt import save_pruned, shortgpt_prune
-    from ..model import get_skipgpt_model
-    from ..train.loop import CHECKPOINT_DIR
-    from ..train.router_tuning import train_routers
+def build_spec_from_args(args):
+    """The ``experiments.compare.BuildSpec`` of ``args``: compare's options, or any namespace
+    (``frontier``'s) whose missing training options take the default recipe, through the same
+    builders as ``train-router``."""
+    from ..experiments.compare import BuildSpec
     from .train_router import loop_args_from_args, router_config_from_args, tuning_args_from_args
 
-    calib = train_blocks[: args.calib_blocks]
-    loop = loop_args_from_args(args)
-    # MoD-D's rate is fixed by top-k from step 0: no curriculum
-    tuning = tuning_args_from_args(args, **({} if method == "skipgpt" else {"curriculum": 0.0}))
-    resume = (folder / CHECKPOINT_DIR / "trainer_state.json").exists()
-    meta = {
-        "dataset": args.dataset,
-        "seq_len": args.seq_len,
-        "blocks": int(train_blocks.shape[0]),
-        "target_sparsity": args.sparsity,
-    }
-    routers = router_config_from_args(args)
-    routers = {k: getattr(routers, k) for k in ("router_hidden", "router_init", "execute_bias")}  # MoD-D's
-    model = copy.deepcopy(base)
-    if method == "skipgpt":
-        import torch
-
-        torch.manual_seed(args.seed)
-        config = router_config_from_args(args, target_sparsity=args.sparsity, budget="params")
-        routed = get_skipgpt_model(model, config, base_spec=args.model)
-        train_routers(
-            routed, train_blocks, folder, loop, tuning, resume=resume, metadata=meta, progress=progress
-        )
-    elif method == "mod":
-        import torch
-
-        torch.manual_seed(args.seed)
-        train_mod(
-            model,
-            train_blocks,
-            args.sparsity,
-            folder,
-            loop,
-            tuning,
-            base_spec=args.model,
-            router_config=routers,
-            resume=resume,
-            metadata=meta,
-            progress=progress,
-        )
-    elif method == "shortgpt":
-        record = shortgpt_prune(model, calib, args.sparsity, rounding=args.rounding, progress=progress)
-        record.update(base_model=args.model)
-        record["calibration"]["dataset"] = args.dataset
-        save_pruned(model, tokenizer, folder, record, overwrite=True)
-    else:
-        routed, record = llm_drop_prune(
-            model, calib, args.sparsity, base_spec=args.model, rounding=args.rounding, progress=progress
-        )
-        record["calibration"]["dataset"] = args.dataset
-        save_llm_drop(routed, folder, record, overwrite=True)
-
-
-def _load(method: str, folder: Path, base):
-    """The model of a finished folder, as ``load_model`` builds it (base weights shared by copy)."""
-    from .. import checkpoint
-    from ..model import SkipGPTModel
-    from ..specs import load_base_model
-
-    if method == "shortgpt":
-        model, _ = load_base_model(str(folder))
-        return model.eval(), checkpoint.read(folder).metadata
-    model = SkipGPTModel.from_pretrained(folder, base_model=copy.deepcopy(base)).eval()
-    return model, model.metadata
+    return BuildSpec(
+        base_spec=args.model,
+        dataset=args.dataset,
+        seq_len=args.seq_len,
+        sparsity=args.sparsity,
+        seed=args.seed,
+        calib_blocks=args.calib_blocks,
+        rounding=args.rounding,
+        config=router_config_from_args(args),
+        tuning=tuning_args_from_args(args),
+        loop=loop_args_from_args(args),
+    )
 
 
 # -- the table ---------------------------------------------------------------------------------------
@@ -276,6 +169,7 @@ def run(args) -> int:
     from ..errors import SkipGPTError
     from ..eval.perplexity import evaluate_perplexity
     from ..eval.speed import machine_string
+    from ..experiments.compare import METHODS, build_method, load_built, measure_prefill, record_target
     from ..model import SkipGPTModel
     from ..specs import load_base_model
 
@@ -359,9 +253,9 @@ def run(args) -> int:
     for method in methods:
         folder = out / "models" / method
         if record_target(method, folder) is None:
-            build_method(method, folder, args, base, tokenizer, train_blocks)
+            build_method(method, folder, build_spec_from_args(args), base, tokenizer, train_blocks)
             gc.collect()
-        model, record = _load(method, folder, base)
+        model, record = load_built(method, folder, base)
         build = {"folder": str(folder)}
         if method in ("shortgpt", "llm-drop"):
             key = "removed_layers" if method == "shortgpt" else "removed_modules"

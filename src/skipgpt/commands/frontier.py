@@ -107,7 +107,7 @@ def _router_record(folder: str, layers: int):
 
 
 def _training_args(args) -> argparse.Namespace:
-    """The options of ``compare.build_method``'s SkipGPT build that this command has; the
+    """The options of ``experiments.compare.build_method``'s SkipGPT build that this command has; the
     others take their defaults (the default recipe), as ``train-router``'s would."""
     fields = {k: getattr(args, k) for k in ("model", "dataset", "seq_len", "seed")}
     fields |= {k: getattr(args, k) for k in ("max_steps", "batch_size", "calibrate_blocks", "calib_blocks")}
@@ -122,6 +122,7 @@ def run(args) -> int:
     from ..data import load_blocks
     from ..errors import SkipGPTError
     from ..eval.speed import machine_string
+    from ..experiments.compare import build_method, record_target
     from ..experiments.frontier import (
         RouterLine,
         default_max_layers,
@@ -195,8 +196,9 @@ def run(args) -> int:
     lines = []
     if not routers:
         folder = out / "models" / "skipgpt"
-        if compare.record_target("skipgpt", folder) is None:
-            compare.build_method("skipgpt", folder, _training_args(args), base, tokenizer, train_blocks)
+        if record_target("skipgpt", folder) is None:
+            spec = compare.build_spec_from_args(_training_args(args))
+            build_method("skipgpt", folder, spec, base, tokenizer, train_blocks)
         info = {"routers": str(folder)}
         lines.append(RouterLine("skipgpt", "SkipGPT-RT", loader(folder), info))
     names = [Path(f).name for f in routers]
