@@ -146,25 +146,15 @@ def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     return get_skipgpt_model(model, SkipGPTConfig())
 
 
-def random_override(model, rates: dict[str, float], seed: int):
-    """Each (token, module) skips with probability ``rates[module]``; drawn on the model's device
-    (no host copy); the fused routers run and their answer is discarded (their cost is timed)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    layers = model.routed_layers
+def routing(model, variant: str, rates: dict[str, float], seed: int = 0, **extra):
+    """Dense, or each (token, module) skipping with probability ``rates[module]`` (drawn on the
+    model's device; the fused routers run and their answer is discarded, so their cost is timed)."""
+    from skipgpt.routing import RandomPolicy
 
-    def override(layer_idx: int, module: str, hidden: torch.Tensor) -> torch.Tensor:
-        if module == "attn":
-            layers[layer_idx].execute_probabilities(hidden)  # router overhead, discarded
-        return torch.rand(hidden.shape[:2], generator=gen, device=hidden.device) >= rates[module]
-
-    return override
-
-
-def routing(model, variant: str, rates, seed: int = 0, **extra):
     if variant == "dense":
         return model.dense()
-    return model.routing(execution=variant, override=random_override(model, rates, seed), **extra)
+    policy = RandomPolicy(rates, seed, router_overhead=True)
+    return model.routing(execution=variant, policy=policy, **extra)
 
 
 # -- timing ----------------------------------------------------------------------------------------

@@ -81,6 +81,19 @@ def test_random_policy_is_seeded_meets_its_rate_and_ignores_router_overhead():
         runs.append({k: v[0][0] for k, v in spy.gates.items()})
         assert abs(model.sparsity_stats()["module"] - 0.4) < 0.05
     assert all(torch.equal(runs[0][k], r[k]) for r in runs[1:] for k in runs[0])
+
+
+def test_random_policy_rates_by_module_name_or_by_layer_and_module():
+    """{"attn": a, "mlp": m} sets a rate per module kind (benchmarks/gpu_check's form); a
+    (layer, module) key wins over it; modules given neither always execute."""
+    model = _paper_model()
+    ids = _ids(model, 4, 256)
+    model.reset_stats()
+    with torch.no_grad(), model.routing(policy=RandomPolicy({"attn": 0.5, (0, "mlp"): 1.0}, seed=2)):
+        model(ids)
+    stats = model.sparsity_stats()
+    assert abs(stats["attn"] - 0.5) < 0.05
+    assert stats["per_layer"]["mlp"][0] == 1.0 and all(r == 0.0 for r in stats["per_layer"]["mlp"][1:])
     per_module = RandomPolicy({(0, "attn"): 1.0}, seed=0)
     model.reset_stats()
     with torch.no_grad(), model.routing(policy=per_module):

@@ -145,21 +145,34 @@ class LearnedPolicy(RoutingPolicy):
 
 @register_policy("random")
 class RandomPolicy(RoutingPolicy):
-    """Each (token, module) skips with probability ``rates`` (one number, or one per
-    ``(layer, module)``, 0 for those not given), from a private generator: the same seed gives
-    the same routing. With ``router_overhead`` the layer's routers still run as inference runs
-    them and their decisions are discarded, so timings include what trained routers cost."""
+    """Each (token, module) skips with probability ``rates``: one number, or a dict keyed by
+    ``(layer, module)`` or by module name (0 for those not given). Drawn from a private generator
+    on the hidden states' device (no host copy on a GPU): the same seed gives the same routing.
+    With ``router_overhead`` the layer's routers still run as inference runs them and their
+    decisions are discarded, so timings include what trained routers cost."""
 
     def __init__(
-        self, rates: float | dict[tuple[int, str], float], seed: int = 0, router_overhead: bool = False
+        self,
+        rates: float | dict[tuple[int, str], float] | dict[str, float],
+        seed: int = 0,
+        router_overhead: bool = False,
     ):
         self.rates, self.seed, self.router_overhead = rates, seed, router_overhead
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # the CPU one
+        self._generators = {torch.device("cpu"): self.generator}
 
     def rate(self, layer_idx: int, module: str) -> float:
         if isinstance(self.rates, float | int):
             return float(self.rates)
-        return self.rates.get((layer_idx, module), 0.0)
+        if (layer_idx, module) in self.rates:
+            return float(self.rates[(layer_idx, module)])
+        return float(self.rates.get(module, 0.0))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return gen
 
     def decide(self, layer, module: str, hidden: torch.Tensor) -> Gate:
         if self.router_overhead:
@@ -167,8 +180,8 @@ class RandomPolicy(RoutingPolicy):
                 _discarded = layer.execute_probability(module, hidden) >= layer.settings.threshold
             elif module == "attn":  # one pass decides both modules, at the attention router
                 _discarded = layer.fused_execute_probability(hidden) >= layer.settings.threshold
-        draw = torch.rand(hidden.shape[:2], generator=self.generator)
-        return (draw >= self.rate(layer.layer_idx, module)).to(hidden.device)
+        draw = torch.rand(hidden.shape[:2], generator=self._generator(hidden.device), device=hidden.device)
+        return draw >= self.rate(layer.layer_idx, module)
 
 
 @register_policy("topk")
