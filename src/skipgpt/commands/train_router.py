@@ -63,6 +63,19 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         help="fraction of the run over which the target ramps from 0 (0 = fixed target)",
     )
     g.add_argument(
+        "--teacher-cache",
+        type=int,
+        default=0,
+        metavar="K",
+        help="distil from the dense teacher's top-K logits, computed once per block and cached; the "
+        "KL is then over those K tokens plus the tail mass (0 = the live teacher every step)",
+    )
+    g.add_argument(
+        "--teacher-cache-dir",
+        default=None,
+        help="keep the teacher cache in this folder, reused by later runs on the same model and blocks",
+    )
+    g.add_argument(
         "--calibrate-blocks",
         type=int,
         default=16,
@@ -167,6 +180,8 @@ def tuning_args_from_args(args):
         distill_temperature=args.distill_temperature,
         curriculum=args.curriculum,
         calibrate_blocks=args.calibrate_blocks,
+        teacher_cache=getattr(args, "teacher_cache", 0),
+        teacher_cache_dir=getattr(args, "teacher_cache_dir", None),
     )
 
 

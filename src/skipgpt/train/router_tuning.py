@@ -40,9 +40,17 @@ class RouterTuningArgs:
     distill_temperature: float = 1.0
     curriculum: float = 0.0  # fraction of the run over which the target ramps up from 0
     calibrate_blocks: int = 16  # after training, set θ to hit the target on this many blocks (0 = keep θ)
+    # distillation from the dense teacher's top-k logits, computed once per block and cached
+    # (train.teacher_cache); 0 = the live teacher's full distribution every step
+    teacher_cache: int = 0
+    teacher_cache_dir: str | None = None  # keep the cached teacher here across runs (None: memory only)
 
     def __post_init__(self) -> None:
         check_loss_weights(self.lm_weight, self.distill_weight, self.distill_temperature)
+        if not isinstance(self.teacher_cache, int) or self.teacher_cache < 0:
+            raise SkipGPTError(
+                f"teacher_cache must be an integer >= 0 (top-k logits kept, 0 = off), got {self.teacher_cache!r}"
+            )
         if not 0 <= self.curriculum <= 1:
             raise SkipGPTError(f"curriculum must be a fraction in [0, 1], got {self.curriculum}")
 
@@ -72,15 +80,30 @@ def dense_teacher(model):
     return stack
 
 
-def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forward_kwargs):
+def lm_and_distillation(
+    model, forward, input_ids: torch.Tensor, weights, *, teacher_cache=None, **forward_kwargs
+):
     """One student forward (after a teacher forward in ``dense_teacher`` when distilling).
 
     ``weights`` has ``lm_weight``, ``distill_weight`` and ``distill_temperature`` (the stage-1
     or stage-2 args). Returns ``(loss, metrics)``: ``lm_weight·LM + distill_weight·KD`` (0.0
-    when both terms are off) and the terms' values under ``lm`` / ``kd``.
+    when both terms are off) and the terms' values under ``lm`` / ``kd``. With a
+    ``teacher_cache`` (``train.teacher_cache.TeacherCache``) the teacher runs only for blocks it
+    has not seen, under ``inference_mode``, and KD is the top-k KL (``topk_distillation_loss``).
     """
     teacher = None
-    if weights.distill_weight > 0:
+    if weights.distill_weight > 0 and teacher_cache is not None:
+        if forward_kwargs:
+            raise SkipGPTError(
+                f"the teacher cache keys blocks by token ids only; got {sorted(forward_kwargs)}"
+            )
+
+        def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), dense_teacher(model):
+                return forward(input_ids=ids).logits
+
+        teacher = teacher_cache.targets(input_ids, teacher_logits)
+    elif weights.distill_weight > 0:
         with torch.no_grad(), dense_teacher(model):
             teacher = forward(input_ids=input_ids, **forward_kwargs).logits
     logits = forward(input_ids=input_ids, **forward_kwargs).logits
@@ -90,10 +113,29 @@ def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forw
         loss = loss + weights.lm_weight * lm
         metrics["lm"] = float(lm.detach())
     if teacher is not None:
-        kd = distillation_loss(logits, teacher, weights.distill_temperature)
+        if teacher_cache is not None:
+            from .teacher_cache import topk_distillation_loss
+
+            kd = topk_distillation_loss(logits, teacher, weights.distill_temperature)
+        else:
+            kd = distillation_loss(logits, teacher, weights.distill_temperature)
         loss = loss + weights.distill_weight * kd
         metrics["kd"] = float(kd.detach())
     return loss, metrics
+
+
+def make_teacher_cache(model, loop: LoopArgs, args: RouterTuningArgs):
+    """The run's ``TeacherCache`` when ``args.teacher_cache`` > 0 and distilling, else None.
+    Its identity: the base model (spec and weights' fingerprint) and the autocast setting the
+    teacher runs under."""
+    if args.teacher_cache <= 0 or args.distill_weight <= 0:
+        return None
+    from .teacher_cache import TeacherCache, weights_fingerprint
+
+    identity = f"{getattr(model, 'base_spec', None)}|{weights_fingerprint(model)}|{loop.mixed_precision}"
+    return TeacherCache(
+        args.teacher_cache, args.distill_temperature, identity=identity, directory=args.teacher_cache_dir
+    )
 
 
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *, anneal: bool = True):
@@ -101,12 +143,13 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
     tau_end if not ``anneal``), target ramped by the curriculum, task loss + sparsity penalty."""
     cfg = model.skipgpt_config
     tau_start = cfg.tau_start if anneal else cfg.tau_end
+    cache = make_teacher_cache(model, loop, args)
 
     def step_fn(forward, input_ids: torch.Tensor, step: int):
         tau = temperature_at(tau_start, cfg.tau_end, step, loop.max_steps)
         target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum)
         model.set_temperature(tau)
-        task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
+        task_loss, metrics = lm_and_distillation(model, forward, input_ids, args, teacher_cache=cache)
         realised = model.realised_sparsity()
         loss = sparsity_penalty(realised, target, cfg.alpha) + task_loss
         metrics.update(_module_rates(model))
