@@ -274,6 +274,44 @@ def matmul_dtypes(bench: _Bench, v: Variant) -> str:
     return f"{counter.counts.get('bfloat16', 0)}/{total}"
 
 
+def kd_fidelity(bench: _Bench, top_ks: tuple[int, ...]) -> list[dict]:
+    """The top-k KL against the full KL on the benchmark batch, with the student routing as at
+    step 0 of the recipe (Gumbel at tau_start): value and cosine of the gradients wrt the
+    student logits, per k."""
+    from skipgpt.train.losses import distillation_loss
+    from skipgpt.train.router_tuning import dense_teacher
+    from skipgpt.train.teacher_cache import teacher_targets, topk_distillation_loss
+
+    model, ids = bench.model, bench.batch
+    t = bench.tuning.distill_temperature
+    with torch.no_grad():
+        with dense_teacher(model):
+            teacher = model(input_ids=ids).logits.float()
+        model.set_temperature(model.skipgpt_config.tau_start)
+        torch.manual_seed(1234)
+        student = model(input_ids=ids).logits.float()
+    student.requires_grad_()
+    full = distillation_loss(student, teacher, t)
+    (g_full,) = torch.autograd.grad(full, student)
+    rows = []
+    for k in top_ks:
+        kd = topk_distillation_loss(student, teacher_targets(teacher, k, t), t)
+        (g,) = torch.autograd.grad(kd, student)
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), g_full.flatten(), dim=0)
+        p_top = teacher_targets(teacher, k, t)
+        mass = (p_top.values - p_top.lse.unsqueeze(-1)).exp().sum(-1).mean()
+        rows.append(
+            {
+                "top_k": k,
+                "kd": float(kd),
+                "kd_full": float(full),
+                "grad_cosine": float(cos),
+                "teacher_mass": float(mass),
+            }
+        )
+    return rows
+
+
 def run_benchmark(
     model: str,
     dataset: str,
@@ -289,8 +327,7 @@ def run_benchmark(
 
     bench = _Bench(model, dataset, batch_size, seq_len, top_k)
     bench.snapshot()
-    for v in variants:  # warm-up: allocator, oneDNN primitives, and the teacher caches filled
-        bench.run(v)
+    # one untimed step per variant, matmuls counted: warms the allocator, oneDNN and the caches
     dtypes = {v.name: matmul_dtypes(bench, v) for v in variants}
     samples: dict[str, list[dict]] = {v.name: [] for v in variants}
     bar = tqdm(total=repeats * len(variants), desc="train throughput", disable=not progress)
@@ -319,6 +356,7 @@ def run_benchmark(
     epochs = bench.loop.max_steps * batch_size / bench.blocks.shape[0]
     return {
         "rows": rows,
+        "kd_fidelity": kd_fidelity(bench, (16, 64, 256)),
         "settings": {
             "model": model,
             "dataset": dataset,
@@ -382,7 +420,113 @@ def format_table(result: dict) -> str:
         "pays the teacher forward). Peak MB: rise of the resident set during the step. KD: the distillation "
         "term of that step (the cached one is the top-k KL)."
     )
-    return markdown_table(result["rows"], columns) + "\n\n" + note
+    fidelity = markdown_table(
+        result["kd_fidelity"],
+        [
+            ("cached top-k", "top_k"),
+            ("teacher mass in top-k", lambda r: f"{r['teacher_mass']:.4f}"),
+            ("KD top-k", lambda r: f"{r['kd']:.5f}"),
+            ("KD full", lambda r: f"{r['kd_full']:.5f}"),
+            ("KD ratio", lambda r: f"{r['kd'] / r['kd_full']:.4f}" if r["kd_full"] else "–"),
+            ("grad cosine", lambda r: f"{r['grad_cosine']:.5f}"),
+        ],
+    )
+    fidelity_note = (
+        "Top-k KL (teacher cache) against the full KL on the same batch, the student routing as at step 0 of "
+        "the recipe (Gumbel at tau_start): its value and the cosine between its gradient and the full KL's, "
+        "with respect to the student logits."
+    )
+    return (
+        markdown_table(result["rows"], columns) + "\n\n" + note + "\n\n" + fidelity + "\n\n" + fidelity_note
+    )
+
+
+def loss_curves(
+    model_spec: str, dataset: str, batch_size: int, seq_len: int, steps: int, log=None
+) -> dict[str, list[dict]]:
+    """Stage-1 runs of ``steps`` steps with the CLI recipe: fp32 and bf16 autocast at seed 0, and
+    fp32 at seed 1 (the noise scale: other batches order and Gumbel noise). Per-step history."""
+    import tempfile
+
+    from skipgpt import SkipGPTConfig, get_skipgpt_model
+    from skipgpt.commands.train_router import DEFAULTS
+    from skipgpt.data import load_blocks
+    from skipgpt.specs import load_base_model
+    from skipgpt.train.loop import LoopArgs, make_accelerator
+    from skipgpt.train.router_tuning import RouterTuningArgs, train_routers
+
+    runs = {"fp32 seed 0": ("no", 0), "bf16 seed 0": ("bf16", 0), "fp32 seed 1": ("no", 1)}
+    histories = {}
+    blocks = None
+    for name, (precision, seed) in runs.items():
+        torch.manual_seed(seed)
+        base, tokenizer = load_base_model(model_spec)
+        blocks = load_blocks(dataset, tokenizer, seq_len) if blocks is None else blocks
+        config = SkipGPTConfig(
+            target_sparsity=0.25,
+            **{k: DEFAULTS[k] for k in ("alpha", "tau_start", "tau_end", "router_init", "execute_bias")},
+        )
+        model = get_skipgpt_model(base, config, base_spec=model_spec)
+        loop = LoopArgs(
+            max_steps=steps,
+            batch_size=batch_size,
+            lr=DEFAULTS["lr"],
+            seed=seed,
+            save_every=steps,
+            mixed_precision=precision,
+        )
+        tuning = RouterTuningArgs(
+            **{k: DEFAULTS[k] for k in ("lm_weight", "distill_weight", "distill_temperature", "curriculum")},
+            calibrate_blocks=0,
+        )
+
+        def on_step(step, metrics, name=name):
+            if log is not None:
+                log.write(json.dumps({"run": name, "step": step, **metrics}) + "\n")
+                log.flush()
+
+        with tempfile.TemporaryDirectory() as out:
+            histories[name] = train_routers(
+                model, blocks, Path(out) / "r", loop, tuning, on_step=on_step, progress=False
+            )["history"]
+    make_accelerator("no")
+    return histories
+
+
+def format_curves(histories: dict[str, list[dict]], window: int = 10) -> str:
+    """Mean loss / KD / sparsity per window of steps, and the bf16 - fp32 gap beside the seed gap."""
+    from skipgpt.eval.tables import markdown_table
+
+    a, b, c = (histories[k] for k in ("fp32 seed 0", "bf16 seed 0", "fp32 seed 1"))
+    rows = []
+    for start in range(0, len(a), window):
+
+        def mean(h, key, start=start):
+            part = h[start : start + window]
+            return sum(x[key] for x in part) / len(part)
+
+        rows.append(
+            {
+                "steps": f"{start}-{min(start + window, len(a)) - 1}",
+                **{
+                    f"{n} {k}": mean(h, k)
+                    for n, h in (("fp32", a), ("bf16", b), ("seed1", c))
+                    for k in ("loss", "kd", "sparsity")
+                },
+            }
+        )
+    gap = sum(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) / len(a)
+    noise = sum(abs(x["loss"] - y["loss"]) for x, y in zip(a, c, strict=True)) / len(a)
+    cols = [("steps", "steps")] + [
+        (f"{n} {k}", (lambda key: lambda r: f"{r[key]:.4f}")(f"{n} {k}"))
+        for k in ("loss", "kd", "sparsity")
+        for n in ("fp32", "bf16", "seed1")
+    ]
+    return (
+        markdown_table(rows, cols)
+        + f"\n\nmean |loss(bf16) - loss(fp32)| per step at the same seed: {gap:.4f}; "
+        + f"mean |loss(fp32, seed 1) - loss(fp32, seed 0)|: {noise:.4f} (the noise scale)"
+    )
 
 
 def main() -> int:
@@ -401,11 +545,31 @@ def main() -> int:
     p.add_argument(
         "--out", default=None, help="also write the table here (markdown) and the rows beside (.json)"
     )
+    p.add_argument(
+        "--loss-curve",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="instead: train STEPS steps in fp32 and bf16 (seed 0) and fp32 (seed 1), compare the losses",
+    )
     a = p.parse_args()
     if a.quick:
         a.model, a.batch_size, a.seq_len, a.repeats = "random:llama", 2, 64, 1
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.loss_curve:
+        log = open(Path(a.out).with_suffix(".jsonl"), "w") if a.out else None  # noqa: SIM115
+        histories = loss_curves(a.model, a.dataset, a.batch_size, a.seq_len, a.loss_curve, log=log)
+        settings = (
+            f"{a.model}, {a.dataset}, {a.loss_curve} steps of {a.batch_size}×{a.seq_len}, CLI recipe; "
+            f"{_machine()}"
+        )
+        table = format_curves(histories) + "\n\n" + settings
+        print(table)
+        if a.out:
+            command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+            Path(a.out).write_text(f"`{command}`\n\n{table}\n")
+        return 0
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
