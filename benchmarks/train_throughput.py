@@ -144,7 +144,9 @@ class _MatmulDtypes:
 class _Bench:
     """The model, batch and step functions the variants share."""
 
-    def __init__(self, model_spec: str, dataset: str, batch_size: int, seq_len: int, top_k: int):
+    def __init__(
+        self, model_spec: str, dataset: str, batch_size: int, seq_len: int, top_k: int, max_blocks: int | None
+    ):
         from skipgpt import SkipGPTConfig, get_skipgpt_model
         from skipgpt.commands.train_router import DEFAULTS
         from skipgpt.data import load_blocks
@@ -165,7 +167,7 @@ class _Bench:
         self.model = get_skipgpt_model(base, config, base_spec=model_spec)
         self.model.mark_only_routers_trainable()
         self.model.train()
-        self.blocks = load_blocks(dataset, tokenizer, seq_len)
+        self.blocks = load_blocks(dataset, tokenizer, seq_len, max_blocks=max_blocks)
         if self.blocks.shape[0] < batch_size:
             raise SystemExit(
                 f"error: {dataset} has {self.blocks.shape[0]} blocks of {seq_len}, fewer than a batch"
@@ -321,11 +323,12 @@ def run_benchmark(
     variants: list[Variant],
     top_k: int = 64,
     progress: bool = True,
+    max_blocks: int | None = None,
 ) -> dict:
     """Interleaved repetitions of every variant; returns the rows (medians) and the settings."""
     from tqdm.auto import tqdm
 
-    bench = _Bench(model, dataset, batch_size, seq_len, top_k)
+    bench = _Bench(model, dataset, batch_size, seq_len, top_k, max_blocks)
     bench.snapshot()
     # one untimed step per variant, matmuls counted: warms the allocator, oneDNN and the caches
     dtypes = {v.name: matmul_dtypes(bench, v) for v in variants}
@@ -535,6 +538,7 @@ def main() -> int:
     p.add_argument("--dataset", default="calib")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-blocks", type=int, default=None, help="load at most this many blocks")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per variant (median)")
     p.add_argument("--top-k", type=int, default=64, help="teacher cache: logits kept per token")
     p.add_argument(
@@ -554,7 +558,7 @@ def main() -> int:
     )
     a = p.parse_args()
     if a.quick:
-        a.model, a.batch_size, a.seq_len, a.repeats = "random:llama", 2, 64, 1
+        a.model, a.batch_size, a.seq_len, a.repeats, a.max_blocks = "random:llama", 2, 64, 1, 16
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.loss_curve:
@@ -575,7 +579,14 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"error: unknown variant {unknown[0]!r}; choose from: {', '.join(VARIANTS)}")
     result = run_benchmark(
-        a.model, a.dataset, a.batch_size, a.seq_len, a.repeats, [VARIANTS[n] for n in names], a.top_k
+        a.model,
+        a.dataset,
+        a.batch_size,
+        a.seq_len,
+        a.repeats,
+        [VARIANTS[n] for n in names],
+        a.top_k,
+        max_blocks=a.max_blocks,
     )
     table = format_table(result)
     print(table)
