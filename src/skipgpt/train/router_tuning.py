@@ -6,7 +6,9 @@ Loss per step::
 
 where ``s`` is the realised skip rate of the step (modules or parameters, ``config.budget``),
 ``target_t`` the (optionally ramped) target, and the teacher is the same frozen model with
-every module executing (free: no second model in memory).
+every module executing (free: no second model in memory). With ``teacher_cache=K`` the teacher's
+top-K logits are computed once per block and reused (``train.teacher_cache``): the KL is then
+over those K tokens plus the tail mass.
 """
 
 from __future__ import annotations
