@@ -42,7 +42,7 @@ def test_quick_benchmark_prints_its_table(tmp_path):
     assert bf16 == total and int(total) > 0  # every matmul of the autocast step runs in bf16
     cells = [c.strip() for c in rows["stage-1 step, fp32 (today's default)"].split("|")[1:-1]]
     assert cells[header.split("|")[1:-1].index(" bf16 matmuls ")].startswith("0/")
-    assert out.read_text().count("| stage-1 step") == 5 and out.with_suffix(".json").is_file()
+    assert out.read_text().count("| stage-1 step") == 6 and out.with_suffix(".json").is_file()
 
 
 @pytest.mark.parametrize("teacher_cache", [0, 16])
