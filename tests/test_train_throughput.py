@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,20 @@ def test_bf16_step_changes_only_router_parameters(tmp_path, teacher_cache):
     router_names = {n for n, p in model.named_parameters() if id(p) in routers}
     assert changed and changed <= router_names
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    from skipgpt.train import loop
+
+    if torch.accelerator.is_available():
+        pytest.skip("the warning is about CPU training")
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    try:
+        with pytest.warns(UserWarning, match="without AVX-512 BF16 or AMX"):
+            make_accelerator("bf16")
+        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            make_accelerator("bf16")
+    finally:
+        make_accelerator("no")
