@@ -85,6 +85,8 @@ def add_dataclass_args(
             kwargs["type"] = ARG_TYPES[meta["type"]] if "type" in meta else _TYPES.get(f.type, str)
             if "choices" in meta:
                 kwargs["choices"] = list(meta["choices"])
+            if "metavar" in meta:
+                kwargs["metavar"] = meta["metavar"]
         parser.add_argument(flag_of(f), *meta.get("aliases", ()), **kwargs)
 
 

@@ -12,7 +12,15 @@ ROUTER_FIELDS = (
     "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias "
     "modules mlp_router_input threshold"
 ).split()
-LOSS_FIELDS = ("lm_weight", "distill_weight", "distill_temperature", "curriculum", "calibrate_blocks")
+LOSS_FIELDS = (
+    "lm_weight",
+    "distill_weight",
+    "distill_temperature",
+    "curriculum",
+    "calibrate_blocks",
+    "teacher_cache",
+    "teacher_cache_dir",
+)
 LOOP_FIELDS = (
     "max_steps batch_size grad_accum lr lr_scheduler warmup_ratio seed save_every mixed_precision "
     "gradient_checkpointing"

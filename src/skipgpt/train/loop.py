@@ -193,7 +193,22 @@ def make_accelerator(mixed_precision: str = "no"):
     if mixed_precision == "fp16" and not accelerator.native_amp:
         # accelerate would silently train in fp32 here
         raise SkipGPTError(f"--mixed-precision fp16 needs a GPU; on {accelerator.device.type} use bf16 or no")
+    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        import warnings
+
+        warnings.warn(
+            "--mixed-precision bf16 on a CPU without AVX-512 BF16 or AMX: the bf16 matmuls are emulated and "
+            "training runs many times slower than fp32 (results/train_throughput_bf16_2x128.md: 16x)",
+            stacklevel=2,
+        )
     return accelerator
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), as bf16 autocast needs to
+    be faster than fp32; False when torch cannot tell."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def save_on_main_process(save, *args, **kwargs) -> None:

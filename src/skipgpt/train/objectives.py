@@ -12,6 +12,7 @@ from contextlib import ExitStack
 
 import torch
 
+from ..errors import SkipGPTError
 from ..lora_adapter import get_peft
 from ..model import SkipGPTModel
 from .losses import distillation_loss, shifted_lm_loss
@@ -31,16 +32,31 @@ def dense_teacher(model: torch.nn.Module) -> ExitStack:
     return stack
 
 
-def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forward_kwargs):
+def lm_and_distillation(
+    model, forward, input_ids: torch.Tensor, weights, *, teacher_cache=None, **forward_kwargs
+):
     """One student forward (after a teacher forward in ``dense_teacher`` when distilling).
 
     ``input_ids``: (B, T). ``weights`` has ``lm_weight``, ``distill_weight`` and
     ``distill_temperature`` (the stage-1 or stage-2 args). Returns ``(loss, metrics)``:
     ``lm_weight·LM + distill_weight·KD`` (0.0 when both terms are off) and the terms' values
-    under ``lm`` / ``kd``.
+    under ``lm`` / ``kd``. With a ``teacher_cache`` (``train.teacher_cache.TeacherCache``) the
+    teacher runs only for blocks it has not seen, under ``inference_mode``, and KD is the top-k
+    KL (``topk_distillation_loss``).
     """
     teacher = None
-    if weights.distill_weight > 0:
+    if weights.distill_weight > 0 and teacher_cache is not None:
+        if forward_kwargs:
+            raise SkipGPTError(
+                f"the teacher cache keys blocks by token ids only; got {sorted(forward_kwargs)}"
+            )
+
+        def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), dense_teacher(model):
+                return forward(input_ids=ids).logits
+
+        teacher = teacher_cache.targets(input_ids, teacher_logits)
+    elif weights.distill_weight > 0:
         with torch.no_grad(), dense_teacher(model):
             teacher = forward(input_ids=input_ids, **forward_kwargs).logits
     logits = forward(input_ids=input_ids, **forward_kwargs).logits
@@ -50,7 +66,12 @@ def lm_and_distillation(model, forward, input_ids: torch.Tensor, weights, **forw
         loss = loss + weights.lm_weight * lm
         metrics["lm"] = float(lm.detach())
     if teacher is not None:
-        kd = distillation_loss(logits, teacher, weights.distill_temperature)
+        if teacher_cache is not None:
+            from .teacher_cache import topk_distillation_loss
+
+            kd = topk_distillation_loss(logits, teacher, weights.distill_temperature)
+        else:
+            kd = distillation_loss(logits, teacher, weights.distill_temperature)
         loss = loss + weights.distill_weight * kd
         metrics["kd"] = float(kd.detach())
     return loss, metrics

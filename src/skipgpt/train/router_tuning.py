@@ -6,7 +6,9 @@ Loss per step::
 
 where ``s`` is the realised skip rate of the step (modules or parameters, ``config.budget``),
 ``target_t`` the (optionally ramped) target, and the teacher is the same frozen model with
-every module executing (free: no second model in memory).
+every module executing (free: no second model in memory). With ``teacher_cache=K`` the teacher's
+top-K logits are computed once per block and reused (``train.teacher_cache``): the KL is then
+over those K tokens plus the tail mass.
 """
 
 from __future__ import annotations
@@ -52,11 +54,43 @@ class RouterTuningArgs:
             "training blocks (0 = keep --threshold)"
         },
     )
+    teacher_cache: int = field(
+        default=0,
+        metadata={
+            "help": "distil from the dense teacher's top-K logits, computed once per block and cached; "
+            "the KL is then over those K tokens plus the tail mass (0 = the live teacher every step)",
+            "metavar": "K",
+        },
+    )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "keep the teacher cache in this folder, reused by later runs on the same model and blocks"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_loss_weights(self.lm_weight, self.distill_weight, self.distill_temperature)
+        if not isinstance(self.teacher_cache, int) or self.teacher_cache < 0:
+            raise SkipGPTError(
+                f"teacher_cache must be an integer >= 0 (top-k logits kept, 0 = off), got {self.teacher_cache!r}"
+            )
         if not 0 <= self.curriculum <= 1:
             raise SkipGPTError(f"curriculum must be a fraction in [0, 1], got {self.curriculum}")
+
+
+def make_teacher_cache(model, loop: LoopArgs, args: RouterTuningArgs):
+    """The run's ``TeacherCache`` when ``args.teacher_cache`` > 0 and distilling, else None.
+    Its identity: the base model (spec and weights' fingerprint) and the autocast setting the
+    teacher runs under."""
+    if args.teacher_cache <= 0 or args.distill_weight <= 0:
+        return None
+    from .teacher_cache import TeacherCache, weights_fingerprint
+
+    identity = f"{getattr(model, 'base_spec', None)}|{weights_fingerprint(model)}|{loop.mixed_precision}"
+    return TeacherCache(
+        args.teacher_cache, args.distill_temperature, identity=identity, directory=args.teacher_cache_dir
+    )
 
 
 def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *, anneal: bool = True):
@@ -64,12 +98,13 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
     tau_end if not ``anneal``), target ramped by the curriculum, task loss + sparsity penalty."""
     cfg = model.skipgpt_config
     tau_start = cfg.tau_start if anneal else cfg.tau_end
+    cache = make_teacher_cache(model, loop, args)
 
     def step_fn(forward, input_ids: torch.Tensor, step: int):
         tau = temperature_at(tau_start, cfg.tau_end, step, loop.max_steps)
         target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum)
         model.set_temperature(tau)
-        task_loss, metrics = lm_and_distillation(model, forward, input_ids, args)
+        task_loss, metrics = lm_and_distillation(model, forward, input_ids, args, teacher_cache=cache)
         realised = model.realised_sparsity()
         loss = sparsity_penalty(realised, target, cfg.sparsity_weight) + task_loss
         metrics.update(module_rates(model))
