@@ -73,6 +73,16 @@ SECTIONS = {
         "skipgpt compare --model smollm2-135m --sparsity 0.25 --max-steps 100 --batch-size 4 --max-windows 16 "
         "--out runs/compare-100x4 && cp runs/compare-100x4/compare.md results/compare.md",
     ),
+    "train-throughput": (
+        "results/train_throughput.md",
+        "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --threads 1 --repeats 3 "
+        "--variants floor,today,no-kd,cache,cache-miss --out results/train_throughput.md",
+    ),
+    "train-throughput-bf16": (
+        "results/train_throughput_bf16_2x128.md",
+        "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --threads 1 --repeats 2 --batch-size 2 "
+        "--seq-len 128 --out results/train_throughput_bf16_2x128.md",
+    ),
     "zeroshot": (
         "results/zeroshot.md",
         "python benchmarks/zeroshot_table.py --model runs/demo/routers --limit 100 --out runs/zeroshot "
