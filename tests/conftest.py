@@ -26,6 +26,27 @@ def routed(arch: str = "llama", **config):
     return get_skipgpt_model(model, SkipGPTConfig(**config), base_spec=f"random:{arch}"), tok
 
 
+def interrupted_and_resumed(blocks, out, loop, tuning=None, stop_after: int = 3, **config):
+    """Stage-1 history of a run on ``routed("llama", **config)`` interrupted after step
+    ``stop_after`` (an exception from ``on_step``, as a kill between checkpoints) and resumed in
+    ``out`` by a fresh model: what an uninterrupted run must equal from ``stop_after`` on."""
+    from skipgpt.train.router_tuning import train_routers
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, metrics):
+        if step == stop_after:
+            raise Stop
+
+    extra = {} if tuning is None else {"args": tuning}
+    part, _ = routed("llama", **config)
+    with pytest.raises(Stop):
+        train_routers(part, blocks, out, loop, progress=False, on_step=stop, **extra)
+    resumed, _ = routed("llama", **config)
+    return train_routers(resumed, blocks, out, loop, resume=True, progress=False, **extra)["history"]
+
+
 def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, random_ids, routed, tiny
+from conftest import ARCHS, interrupted_and_resumed, random_ids, routed, tiny
 
 from skipgpt import SkipGPTConfig, SkipGPTError, SkipGPTModel, get_skipgpt_model
 from skipgpt.baselines.random_routing import random_override
@@ -129,18 +129,7 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
     # the default recipe: self-distillation and a curriculum, both replayed exactly on resume
     h_full = train_routers(full, blocks, tmp_path / "full", loop, progress=False)["history"]
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_4(step, metrics):
-        if step == 3:
-            raise Stop
-
-    part, _ = routed("llama", target_sparsity=0.3)
-    with pytest.raises(Stop):
-        train_routers(part, blocks, tmp_path / "part", loop, progress=False, on_step=stop_at_4)
-    resumed, _ = routed("llama", target_sparsity=0.3)
-    h_res = train_routers(resumed, blocks, tmp_path / "part", loop, resume=True, progress=False)["history"]
+    h_res = interrupted_and_resumed(blocks, tmp_path / "part", loop, target_sparsity=0.3)
     assert [h["step"] for h in h_res] == list(range(6))
     for a, b in zip(h_full[3:], h_res[3:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, routed
+from conftest import interrupted_and_resumed, random_ids, routed
 
 from skipgpt import SkipGPTError
 from skipgpt.train import router_tuning
@@ -121,20 +121,9 @@ def test_resume_with_a_teacher_cache_gives_the_same_next_step_loss(tmp_path, mon
     h_full = train_routers(full, blocks, tmp_path / "full", loop, tuning, progress=False)["history"]
     assert caches[0].hits == 16 and caches[0].misses == 8
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_4(step, metrics):
-        if step == 3:
-            raise Stop
-
-    part, _ = routed("llama", target_sparsity=0.3)
-    with pytest.raises(Stop):
-        train_routers(part, blocks, tmp_path / "part", loop, tuning, progress=False, on_step=stop_at_4)
-    resumed, _ = routed("llama", target_sparsity=0.3)
-    h_res = train_routers(resumed, blocks, tmp_path / "part", loop, tuning, resume=True, progress=False)
+    h_res = interrupted_and_resumed(blocks, tmp_path / "part", loop, tuning, target_sparsity=0.3)
     assert caches[-1].misses == 8 and caches[-1].hits == 4  # steps 3, 4, 5 from an empty cache
-    for a, b in zip(h_full[3:], h_res["history"][3:], strict=True):
+    for a, b in zip(h_full[3:], h_res[3:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
         assert a["kd"] == pytest.approx(b["kd"], rel=1e-5, abs=1e-8)
 
