@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,17 +63,25 @@ print(json.dumps({
 """
 
 
+FIXTURE_FOLDERS = Path(__file__).parent / "fixtures" / "folders"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """A random:llama routed folder (routers that skip about half the decisions), exported."""
     root = tmp_path_factory.mktemp("export")
     base, _ = load_base_model("random:llama")
-    model = get_skipgpt_model(
-        base, SkipGPTConfig(router_init="paper", router_hidden=0, threshold=0.5), "random:llama"
-    )
-    model.save_pretrained(root / "routers")
+    config = SkipGPTConfig(router_init="paper", router_hidden=0, threshold=0.5)
+    get_skipgpt_model(base, config, "random:llama").save_pretrained(root / "routers")
     export_model(str(root / "routers"), str(root / "out"))
     return root / "out"
+
+
+def _export_fixture(name: str, root: Path, merge: bool) -> Path:
+    """Export a copy of the 0.1.0 fixture folder ``name`` (``tests/fixtures/folders``)."""
+    shutil.copytree(FIXTURE_FOLDERS / name, root / name)
+    export_model(str(root / name), str(root / f"{name}-out"), merge=merge)
+    return root / f"{name}-out"
 
 
 def _skipgpt_reference(folder: Path, ids: torch.Tensor):
@@ -86,7 +95,12 @@ def _skipgpt_reference(folder: Path, ids: torch.Tensor):
     return logits, sparsity, generated
 
 
-def test_plain_transformers_loads_the_export_routed_without_skipgpt(exported, tmp_path):
+@pytest.mark.parametrize("source", ["routed", "llm_drop", "exported --merge"])
+def test_plain_transformers_loads_the_export_routed_without_skipgpt(exported, tmp_path, source):
+    """The folder's own code routes it (LLM-Drop's removed modules too; LoRA merged): same logits
+    as skipgpt's routed model on the fast path, same sparsity, same greedy generation."""
+    if source != "routed":
+        exported = _export_fixture(source.split()[0], tmp_path, merge=source.endswith("--merge"))
     ids = random_ids(2, 24, VOCAB, seed=3)
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -120,7 +134,7 @@ def test_plain_transformers_loads_the_export_routed_without_skipgpt(exported, tm
     assert seen["save_refused"]
     ref_logits, ref_sparsity, ref_generated = _skipgpt_reference(exported, ids)
     assert seen["threshold"] == load_model(str(exported))[0].routing_settings.threshold
-    assert 0.2 < ref_sparsity < 0.8  # the routers really skip
+    assert 0.05 < ref_sparsity < 0.8  # the routers really skip
     torch.testing.assert_close(got["logits"], ref_logits, rtol=0, atol=1e-5)
     assert seen["sparsity"] == pytest.approx(ref_sparsity, abs=1e-12)
     assert torch.equal(got["generated"], ref_generated)
@@ -157,8 +171,6 @@ def test_skipgpt_loads_the_export_and_it_can_move(exported, tmp_path):
     ids = random_ids(1, 16, VOCAB, seed=5)
     ref, _, _ = _skipgpt_reference(exported, ids)
     moved = tmp_path / "moved"
-    import shutil
-
     shutil.copytree(exported, moved)
     again, _, _ = _skipgpt_reference(moved, ids)
     assert torch.equal(again, ref)
@@ -172,3 +184,50 @@ def test_export_merge_without_adapter_is_refused_in_one_line(exported, tmp_path,
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "--merge needs a LoRA adapter" in lines[0], err
     assert not (tmp_path / "m").exists()
+
+
+def test_export_does_not_need_save_pretrained_and_drops_a_gguf_quantization_config(tmp_path, monkeypatch):
+    """A base loaded from GGUF cannot ``save_pretrained`` and its config says ``quant_method: gguf``;
+    the export writes the (dequantised) weights itself and a config that loads them as they are."""
+    from transformers import PreTrainedModel
+
+    import skipgpt.specs
+
+    def refuse(*args, **kwargs):
+        raise ValueError("The model is quantized with gguf and is not serializable")
+
+    def as_if_gguf(spec, *args, **kwargs):
+        model, tok = load_base(spec, *args, **kwargs)
+        model.config.quantization_config = {
+            "quant_method": "gguf",
+            "gguf_file": "x.gguf",
+            "dequantize": False,
+        }
+        return model, tok
+
+    load_base = skipgpt.specs.load_base_model
+    base, _ = load_base("random:llama")
+    get_skipgpt_model(base, SkipGPTConfig(router_init="paper"), "random:llama").save_pretrained(
+        tmp_path / "r"
+    )
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", refuse)
+    monkeypatch.setattr(skipgpt.specs, "load_base_model", as_if_gguf)
+    export_model(str(tmp_path / "r"), str(tmp_path / "out"))
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    monkeypatch.undo()
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = random_ids(1, 8, VOCAB)
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, load_base("random:llama")[0](ids).logits)
+
+
+def test_remote_code_refuses_an_unmerged_adapter_in_one_line(tmp_path):
+    from transformers import AutoConfig
+
+    from skipgpt.modeling_skipgpt import SkipGPTForCausalLM
+
+    out = _export_fixture("routed_lora", tmp_path, merge=False)
+    assert (out / "adapter").is_dir()
+    with pytest.raises(ValueError, match="export it with `skipgpt export --merge`"):
+        SkipGPTForCausalLM.from_pretrained(out, config=AutoConfig.from_pretrained(out))
+    assert "unmerged LoRA adapter" in (out / "README.md").read_text()

@@ -112,6 +112,9 @@ def write_hf_folder(
     for attr in ("auto_map", CONFIG_KEY):
         if hasattr(config, attr):
             delattr(config, attr)
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":  # the weights written are dequantised
+        delattr(config, "quantization_config")
     if routing is not None:
         config.auto_map = dict(AUTO_MAP)
         setattr(config, CONFIG_KEY, routing)
