@@ -457,9 +457,10 @@ def test_export_merge_of_stage2_loads_without_peft(tmp_path, capsys, monkeypatch
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["kind"] == "routed" and result["merged"] and not result["adapter"]
-    names = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert names == ["hf", "routers.safetensors", "skipgpt_config.json"]
-    weights = load_file(tmp_path / "m" / "hf" / "model.safetensors")
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "routers.safetensors", "skipgpt_config.json"} <= names
+    assert "adapter" not in names and "hf" not in names  # the folder itself is the HF folder
+    weights = load_file(tmp_path / "m" / "model.safetensors")
     assert not any("lora_" in k or "base_layer" in k for k in weights)
 
     _block_peft(monkeypatch)
@@ -489,7 +490,7 @@ def test_export_merge_of_dense_lora_is_a_plain_hf_folder(tmp_path, capsys, monke
     # without --merge: the HF weights + the adapter, and the same logits
     rc, _, err = _run(["export", "--model", tmp_path / "d", "--output", tmp_path / "e"], capsys)
     assert rc == 0, err
-    assert (tmp_path / "e" / "adapter").is_dir() and (tmp_path / "e" / "hf").is_dir()
+    assert (tmp_path / "e" / "adapter").is_dir() and (tmp_path / "e" / "model.safetensors").is_file()
     assert torch.equal(_logits_and_stats(load_model(str(tmp_path / "e"))[0], ids)[0], ref)
 
     _block_peft(monkeypatch)

@@ -5,7 +5,7 @@ A skipgpt output folder holds ``skipgpt_config.json`` (this record) beside what 
     skipgpt_config.json   format version, base model spec, router config, removed modules, metadata
     routers.safetensors   the routers (absent for dense + LoRA)
     adapter/              a peft LoRA adapter (stage 2, SkipGPT-Joint, dense + LoRA)
-    hf/                   an exported copy of the base model (``base_model_in_folder``)
+    hf/                   an exported copy of the base model (``base_model_in_folder``; 0.1.0's export)
     checkpoint/           the training checkpoint (``--resume``), ignored by loaders
 
 What a folder *is* (``FolderRecord.kind``) follows from the record by one ordered rule table
@@ -24,7 +24,11 @@ routed         ``train-router`` (stage 1): routers only
 =============  ===============================================================================
 
 ``export`` and ``calibrate`` write a copy of their source's kind; an exported folder is told
-by its layout (``base_model_in_folder``), not by its kind. The kind is not stored: it follows
+by its layout (``base_model_in_folder``), not by its kind. Two export layouts are read: 0.1.0's
+(``base_model_in_folder: "hf"``, the HF weights in a sub-folder) and the current one
+(``base_model_in_folder: "."``): the folder itself is a Hugging Face model folder
+(``config.json``, ``model.safetensors``, the remote code of ``skipgpt.export``) that also holds
+the record, the routers and the adapter (``exported_in_place``). The kind is not stored: it follows
 from the record and the folder (an ``adapter/`` beside the routers), so it cannot disagree with them.
 
 Formats: version 0 is skipgpt 0.1.0's (no ``format_version`` key; LLM-Drop's removed modules
@@ -111,6 +115,12 @@ class FolderRecord:
     def exported(self) -> bool:
         """Whether the folder holds its own base weights (``skipgpt export``)."""
         return self.base_model_in_folder is not None
+
+    @property
+    def exported_in_place(self) -> bool:
+        """Whether the folder itself is the Hugging Face model folder of its base weights
+        (``skipgpt export`` since format 1: ``base_model_in_folder`` is ``"."``)."""
+        return self.base_model_in_folder is not None and Path(self.base_model_in_folder) == Path(".")
 
     @property
     def base_spec(self) -> str:

@@ -172,7 +172,7 @@ def _resolve(spec: str | Path) -> tuple[str, str | Path]:
         return "random", arch
     path = Path(text).expanduser()
     if path.exists():
-        if is_skipgpt_dir(path):
+        if is_skipgpt_dir(path) and not (path / "config.json").is_file():  # an export is both: HF here
             return "skipgpt", path.resolve()
         if path.is_file() and path.suffix.lower() == ".gguf":
             return "gguf", path.resolve()

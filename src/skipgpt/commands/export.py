@@ -1,15 +1,20 @@
 """``skipgpt export``: a self-contained copy of a trained model, LoRA merged with ``--merge``.
 
-Layout of ``--output`` for a routed model::
+The output is a Hugging Face model folder and a skipgpt folder at once (``skipgpt.export``)::
 
-    skipgpt_config.json   base_model -> OUTPUT/hf (found relative to the folder: it can move)
+    config.json           the stock config (its model_type) + "auto_map" -> modeling_skipgpt.SkipGPTForCausalLM
+                          + "skipgpt" (router config with θ, removed modules)
+    model.safetensors     the stock model's weights (LoRA folded in with --merge), tokenizer files
+    modeling_skipgpt.py   + the skipgpt core modules it imports (the remote code), README.md (card)
     routers.safetensors   copied unchanged
-    hf/                   save_pretrained of the plain HF model (safetensors) + tokenizer;
-                          with --merge its weights have LoRA folded in
+    skipgpt_config.json   base_model_in_folder "." (the folder itself: it can move)
     adapter/              only without --merge (peft adapter, unchanged)
 
-A dense + LoRA folder exported with ``--merge`` becomes a plain HF model folder (no routers).
-With ``--merge`` the result loads without peft and gives the same logits.
+``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` loads it routed (skipgpt
+not installed), without remote code it is the dense stock model, ``skipgpt.load_model(out)``
+gives the ``SkipGPTModel``. Weights are written with safetensors, not ``save_pretrained``, so a
+base loaded from GGUF (the offline SmolLM2) exports too. A dense + LoRA folder exported with
+``--merge`` becomes a plain HF model folder (no routers); ``--merge`` without an adapter is refused.
 
 What is copied is checked first, so that a truncated or mismatched file is refused in one line
 instead of shipped: the config parses, the routers load into the model (names, shapes) and
@@ -23,7 +28,7 @@ from .common import add_json_arg, add_model_arg, emit
 
 __all__ = ["add_parser", "run", "export_model", "HF_DIR"]
 
-HF_DIR = "hf"
+HF_DIR = "hf"  # 0.1.0's export layout kept the HF weights in this sub-folder (still read)
 
 
 def add_parser(sub) -> None:
@@ -105,11 +110,13 @@ def _export(source: str, output: str, merge: bool) -> dict:
     from .. import checkpoint
     from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME
     from ..errors import SkipGPTError
+    from ..export import model_card, write_hf_folder
     from ..loading import load_model
     from ..model import SkipGPTModel
     from ..outputs import prepare_output_dir, recover_dir, staged_dir
     from ..specs import load_base_model
     from ..train.lora import merge_lora
+    from ..version import __version__
 
     src = Path(source)
     if not checkpoint.is_skipgpt_dir(src):
@@ -117,25 +124,53 @@ def _export(source: str, output: str, merge: bool) -> dict:
             f"{source} is not a skipgpt output folder (no {checkpoint.CONFIG_NAME}); export takes the output of "
             "train-router or finetune-lora"
         )
+    record = checkpoint.read(src)
+    has_adapter = record.adapter is not None
+    if merge and not has_adapter:
+        raise SkipGPTError(
+            f"--merge needs a LoRA adapter, and {source} (a {record.kind} folder) has none; export it without --merge"
+        )
     recover_dir(output)  # what a killed export left beside the folder (we hold its lock)
     out = prepare_output_dir(output, allow_existing_ours=False)
     if out.exists() and any(out.iterdir()):
         raise SkipGPTError(f"output folder {out} is not empty; give a new folder")
-    record = checkpoint.read(src)
     routed, config = record.routed, record.router_config
-    has_adapter = record.adapter is not None
-    merged = merge and has_adapter
-    if merged:
+    if merge:
         model, tokenizer = load_model(str(src))
         model = merge_lora(model)
         hf = model.unwrap() if isinstance(model, SkipGPTModel) else model
     else:  # the clean base weights; the adapter (if any) is copied as it is
         hf, tokenizer = load_base_model(record.base_spec)
 
+    new = record.replace(
+        base_model=str(out.resolve()),  # for humans; loaders use base_model_in_folder
+        base_model_in_folder=".",
+        metadata={
+            **record.metadata,
+            "export": {
+                "source": str(src.resolve()),
+                "merged": merge,
+                "original_base_model": record.base_model,
+            },
+        },
+    )
+    unmerged_adapter = has_adapter and not merge
+    routing = None
+    if routed:  # config.json's "skipgpt": what the remote code needs to route the stock model
+        routing = {
+            "skipgpt_version": __version__,
+            "kind": record.kind,
+            "base_model": record.base_model,
+            "router_config": config.to_dict(),
+            "removed_modules": [[i, m] for i, m in record.removed_modules],
+            "adapter": ADAPTER_DIR if unmerged_adapter else None,
+        }
+    card = model_card(
+        new.replace(adapter=ADAPTER_DIR if unmerged_adapter else None), merged=merge, adapter=unmerged_adapter
+    )
     with staged_dir(out) as stage:
-        if not routed and merged:  # dense + LoRA, merged: just a HF model folder
-            hf.save_pretrained(stage, safe_serialization=True)
-            tokenizer.save_pretrained(stage)
+        write_hf_folder(stage, hf, tokenizer, routing, card)
+        if not routed and merge:  # dense + LoRA, merged: just a HF model folder
             return {
                 "output": str(out),
                 "kind": "hf",
@@ -143,31 +178,17 @@ def _export(source: str, output: str, merge: bool) -> dict:
                 "adapter": False,
                 "base_model": str(out),
             }
-        hf.save_pretrained(stage / HF_DIR, safe_serialization=True)
-        tokenizer.save_pretrained(stage / HF_DIR)
         if routed:
             shutil.copy2(src / ROUTERS_NAME, stage / ROUTERS_NAME)
-        if has_adapter and not merged:
+        if unmerged_adapter:
             shutil.copytree(src / ADAPTER_DIR, stage / ADAPTER_DIR)
-        _check_copied(stage, src, hf, config, routed, adapter=has_adapter and not merged)
-        new = record.replace(
-            base_model=str(out.resolve() / HF_DIR),  # for humans; loaders use base_model_in_folder
-            base_model_in_folder=HF_DIR,
-            metadata={
-                **record.metadata,
-                "export": {
-                    "source": str(src.resolve()),
-                    "merged": merged,
-                    "original_base_model": record.base_model,
-                },
-            },
-        )
+        _check_copied(stage, src, hf, config, routed, adapter=unmerged_adapter)
         checkpoint.write(stage, new)
     return {
         "output": str(out),
         "kind": "routed" if routed else "dense+adapter",
-        "merged": merged,
-        "adapter": has_adapter and not merged,
+        "merged": merge,
+        "adapter": unmerged_adapter,
         "base_model": new.base_model,
     }
 
