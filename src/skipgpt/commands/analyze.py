@@ -13,6 +13,7 @@ from .common import (
     probability,
     seq_len_int,
     unit_interval,
+    warn_if_beyond_positions,
 )
 
 
@@ -73,6 +74,7 @@ def run(args) -> int:
                 f"{args.model} is a dense model; analyze needs a skipgpt output folder (or --random-routing RATE)"
             )
         model = get_skipgpt_model(model, SkipGPTConfig(), base_spec=args.model)
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_windows)
     sample = None
     if args.text is not None:

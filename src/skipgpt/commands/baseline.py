@@ -19,6 +19,7 @@ from .common import (
     positive_int,
     probability,
     seq_len_int,
+    warn_if_beyond_positions,
 )
 
 __all__ = ["add_parser", "add_static_args", "add_mod_router_args", "mod_router_config", "mod_tuning_args"]
@@ -136,6 +137,7 @@ def _base_and_blocks(args, units):
         raise SkipGPTError(f"{args.model} is a routed model; give its base model spec to build a baseline")
     base, tokenizer = load_base_model(args.model, **load_options(args))
     check_budget(base, args.sparsity, args.rounding, units)  # before reading any text
+    warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.calib_blocks)
     return base.eval(), tokenizer, blocks
 
@@ -230,6 +232,7 @@ def run_mod(args) -> int:
         raise SkipGPTError(f"{args.model} is a routed model; give its base model spec to train MoD-D routers")
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(args.model, **load_options(args))
+    warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     model, result = train_mod(
         base,

@@ -20,6 +20,7 @@ from .common import (
     probability,
     refuse_output_at_model,
     seq_len_int,
+    warn_if_beyond_positions,
 )
 
 __all__ = ["add_parser", "run"]
@@ -85,6 +86,7 @@ def run(args) -> int:
     source, output = Path(args.model), Path(args.output)
     prepare_output_dir(output, allow_existing_ours=False)
     model, tokenizer = load_model(str(source), **load_options(args))
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.calibrate_blocks)
     calibration = calibrate_and_measure(model, blocks, args.target_sparsity, args.budget)
     calibration.update(dataset=args.dataset, seq_len=args.seq_len, source=str(source))

@@ -20,6 +20,7 @@ import gc
 from pathlib import Path
 
 from .common import (
+    add_config_arg,
     add_device_args,
     add_hidden_alias,
     add_json_arg,
@@ -29,6 +30,7 @@ from .common import (
     positive_int,
     probability,
     seq_len_int,
+    warn_if_beyond_positions,
 )
 
 __all__ = ["add_parser", "run", "build_spec_from_args", "format_compare_table"]
@@ -125,6 +127,7 @@ def add_parser(sub) -> None:
     e.add_argument("--tasks", default=None, help="zero-shot tasks (needs skipgpt.eval.zeroshot)")
     e.add_argument("--limit", type=positive_int, default=None, help="zero-shot examples per task")
     add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -244,7 +247,9 @@ def run(args) -> int:
 
     base, tokenizer = load_base_model(args.model, **load_options(args))
     base.eval()
+    warn_if_beyond_positions(base, args.seq_len)
     train_blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    warn_if_beyond_positions(base, args.eval_seq_len, "--eval-seq-len")
     evals = {d: load_blocks(d, tokenizer, args.eval_seq_len, max_blocks=args.max_windows) for d in datasets}
     speed_ids = None
     if args.speed_tokens:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_device_args, add_json_arg, emit, load_options, positive_int, seq_len_int
+from .common import (
+    add_device_args,
+    add_json_arg,
+    emit,
+    load_options,
+    positive_int,
+    seq_len_int,
+    warn_if_beyond_positions,
+)
 from .train_router import add_loop_options, add_recipe_arg, add_router_args
 
 # What a demo writes into its output folder (``routers/`` is a skipgpt output folder).
@@ -93,7 +101,9 @@ def run(args) -> int:
     base, tokenizer = load_base_model(args.model, **load_options(args))
     config = router_config_from_args(args)
     model = get_skipgpt_model(base, config, base_spec=args.model)
+    warn_if_beyond_positions(base, args.seq_len)
     train = load_blocks("calib", tokenizer, args.seq_len)
+    warn_if_beyond_positions(base, args.eval_seq_len, "--eval-seq-len")
     evalsets = {
         name: load_blocks(name, tokenizer, args.eval_seq_len, max_blocks=args.eval_windows)
         for name in ("wiki-heldout", "ptb")

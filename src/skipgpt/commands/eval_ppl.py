@@ -12,6 +12,7 @@ from .common import (
     probability,
     seq_len_int,
     unit_interval,
+    warn_if_beyond_positions,
 )
 
 
@@ -55,6 +56,7 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, threshold=args.threshold, **load_options(args))
     if args.random_routing is not None and not hasattr(model, "routing"):
         model = get_skipgpt_model(model, SkipGPTConfig(), base_spec=args.model)
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_windows)
     if args.dense and hasattr(model, "dense"):
         ctx = model.dense()

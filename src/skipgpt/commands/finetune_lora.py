@@ -4,7 +4,16 @@ from a ``train-router`` folder, continued)."""
 
 from __future__ import annotations
 
-from .common import add_device_args, add_json_arg, add_model_arg, emit, load_options, refuse_output_at_model
+from .common import (
+    add_config_arg,
+    add_device_args,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    refuse_output_at_model,
+    warn_if_beyond_positions,
+)
 from .train_router import add_loop_args, add_router_args, loop_args_from_args
 
 __all__ = ["add_parser", "run", "lora_args_from_args"]
@@ -52,6 +61,7 @@ def add_parser(sub) -> None:
     loop = {k: getattr(LORA_LOOP, k) for k in ("lr", "lr_scheduler", "warmup_ratio")}
     add_loop_args(p, defaults=loop)
     add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -173,6 +183,7 @@ def run(args) -> int:
         model = SkipGPTModel.from_pretrained(args.model, base_model=base)
         kind = "stage 2 (LoRA, routers frozen)"
     check_targets(model, lora.targets)  # a wrong module name fails before the data is read
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     meta["blocks"] = int(blocks.shape[0])
     common = dict(resume=args.resume, overwrite=args.overwrite, metadata=meta)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .bench import threshold_list
 from .common import (
+    add_config_arg,
     add_device_args,
     add_hidden_alias,
     add_json_arg,
@@ -25,6 +26,7 @@ from .common import (
     positive_int,
     probability,
     refuse_ignored_options,
+    warn_if_beyond_positions,
 )
 
 __all__ = ["add_parser", "run"]
@@ -102,6 +104,7 @@ def add_parser(sub) -> None:
         "--overwrite", action="store_true", help="discard the progress (and routers trained here) of --output"
     )
     add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -217,6 +220,7 @@ def run(args) -> int:
         args.dataset, tokenizer, args.seq_len, max_blocks=args.calib_blocks if routers else None
     )
     calib = train_blocks[: args.calib_blocks]
+    warn_if_beyond_positions(base, args.eval_seq_len, "--eval-seq-len")
     evals = {d: load_blocks(d, tokenizer, args.eval_seq_len, max_blocks=args.max_windows) for d in datasets}
 
     def loader(folder):
