@@ -245,6 +245,22 @@ def test_routers_are_placed_with_their_layer():
     assert devices == [{"cpu"}, {"meta"}, {"cpu"}, {"cpu"}]
 
 
+def test_a_model_split_across_devices_moves_inputs_to_each_routed_layer():
+    """A base split by device_map (``hf_device_map`` names several devices): each routed layer gets
+    a pre-hook that takes its inputs to its layer's device; the logits do not change."""
+    base, _ = tiny()
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    whole = routed()[0]
+    base.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": 0}
+    from skipgpt import SkipGPTConfig, get_skipgpt_model
+
+    split = get_skipgpt_model(base, SkipGPTConfig())
+    assert all(layer._forward_pre_hooks for layer in split.routed_layers)
+    assert not any(layer._forward_pre_hooks for layer in whole.routed_layers)
+    with torch.no_grad():
+        torch.testing.assert_close(split(ids).logits, whole(ids).logits)
+
+
 # -- --config FILE -----------------------------------------------------------------------------
 def _parse_with_config(argv):
     parser = build_parser()

@@ -44,6 +44,17 @@ def _device_of(layer: nn.Module, model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _inputs_to(device: torch.device):
+    """A forward pre-hook (``with_kwargs``) that sends every tensor argument to ``device`` (what
+    accelerate's hook on a decoder layer does for a model split by ``device_map``)."""
+    from accelerate.utils import send_to_device
+
+    def hook(module, args, kwargs):
+        return send_to_device(args, device), send_to_device(kwargs, device)
+
+    return hook
+
+
 def get_skipgpt_model(model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None) -> SkipGPTModel:
     """Put an attention router and an MLP router on every decoder layer of ``model`` (in place).
 
@@ -76,6 +87,8 @@ class SkipGPTModel(nn.Module):
         # routing settings (θ lives in config.threshold), per-forward scratch, statistics
         self.state = RoutingState(len(layers), config)
         hidden = model.config.get_text_config(decoder=True).hidden_size  # multimodal: the LM's
+        # device_map="auto" over several devices: each routed layer takes its inputs to its device
+        split = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
         # Parameters per (layer, branch): the weights of a parameter-weighted budget.
         self.branch_params: dict[tuple[int, str], int] = {}
         for i, layer in enumerate(layers):
@@ -87,7 +100,10 @@ class SkipGPTModel(nn.Module):
                 routed = RoutedDecoderLayer(layer, i, self.adapter, config, hidden, self.state)
             # each router beside its layer (device_map="auto" splits layers across GPUs); routers
             # stay float32 whatever the base dtype
-            routed.routers.to(device=_device_of(layer, model))
+            device = _device_of(layer, model)
+            routed.routers.to(device=device)
+            if split:  # accelerate's hook on the base layer does not run: the routed layer calls its parts
+                routed.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
             layers[i] = routed
         self.train(model.training)
         self._hook = model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True)
