@@ -366,3 +366,33 @@ def test_report_to_does_not_block_resume():
 
     saved = {**LoopArgs().__dict__, "report_to": "none"}
     assert _differing_settings(saved, {**saved, "report_to": "tensorboard"}) == []
+
+
+@pytest.mark.filterwarnings("ignore:`log_with=tensorboard` was passed")  # the package is absent
+def test_report_to_logs_every_step_through_accelerate(tmp_path, monkeypatch):
+    """The loop's tracker plumbing, without the tracker's package: init_trackers once, log per
+    step with the step's metrics, end_training at the end (accelerate's calls recorded)."""
+    import accelerate
+
+    import skipgpt.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "_installed", lambda package: True)
+    monkeypatch.setattr(
+        accelerate.Accelerator,
+        "init_trackers",
+        lambda self, name, config=None: calls.append(("init", name, config)),
+    )
+    monkeypatch.setattr(
+        accelerate.Accelerator, "log", lambda self, values, step=None: calls.append(("log", step, values))
+    )
+    monkeypatch.setattr(accelerate.Accelerator, "end_training", lambda self: calls.append(("end",)))
+    from skipgpt.train.router_tuning import train_routers
+
+    model, _ = routed()
+    blocks = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    args = LoopArgs(max_steps=2, batch_size=2, report_to="tensorboard")
+    train_routers(model, blocks, tmp_path / "rt", args)
+    assert [c[0] for c in calls] == ["init", "log", "log", "end"]
+    assert calls[0][1] == "rt" and calls[0][2]["report_to"] == "tensorboard"
+    assert [c[1] for c in calls[1:3]] == [0, 1] and "lr" in calls[1][2]

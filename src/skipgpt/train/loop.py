@@ -53,6 +53,11 @@ LOGS_DIR = "logs"  # <output>/logs: the TensorBoard event files of --report-to t
 StepFn = Callable[[Callable, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
 
 
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (the tracker of ``--report-to``)."""
+    return importlib.util.find_spec(package) is not None
+
+
 @dataclass
 class LoopArgs:
     """Optimisation settings of either stage (defaults: stage 1's; ``recipes.LORA_LOOP`` stage 2's).
@@ -113,7 +118,7 @@ class LoopArgs:
         if self.report_to not in REPORT_TO:
             raise SkipGPTError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         package = TRACKER_PACKAGES.get(self.report_to)
-        if package is not None and importlib.util.find_spec(package) is None:
+        if package is not None and not _installed(package):
             raise SkipGPTError(
                 f"--report-to {self.report_to} needs the package '{package}', which is not installed; "
                 f"install it with: pip install {package} (or give --report-to none)"
