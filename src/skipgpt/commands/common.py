@@ -186,11 +186,10 @@ def resolve_device(name: str) -> str:
     here = available_devices()
     if name == "auto":
         return "auto" if torch.cuda.is_available() else ("mps" if "mps" in here else "cpu")
-    if name == "cuda":
-        name = "cuda:0"
-    if name not in here:
+    device = "cuda:0" if name == "cuda" else name
+    if device not in here:
         raise SkipGPTError(f"--device {name}: not available on this machine; available: {', '.join(here)}")
-    return name
+    return device
 
 
 def load_options(args) -> dict:
