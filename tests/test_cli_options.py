@@ -315,6 +315,12 @@ def test_config_file_bad_value_and_bad_yaml(tmp_path, capsys):
     path.write_text("mixed-precision: fp8\n")
     assert main(["train-router", "--model", "random:llama", "--config", str(path), "--output", "o"]) == 2
     assert "mixed-precision='fp8'; accepted: no, bf16, fp16" in capsys.readouterr().err
+    path.write_text("target-sparsity: 1.5\n")
+    assert main(["train-router", "--model", "random:llama", "--config", str(path), "--output", "o"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --config {path}: target-sparsity: 1.5 is outside (0, 1); give a fraction strictly between 0 and 1"
+    )
 
 
 # -- --seq-len beyond the model's positions ----------------------------------------------------

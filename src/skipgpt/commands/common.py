@@ -263,10 +263,11 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> set[s
         action = actions[key.replace("-", "_")]
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)  # lists are given comma-separated
-        if action.type is not None and isinstance(value, str):
-            value = action.type(value)
-        elif action.type is not None and not isinstance(value, bool):
-            value = action.type(str(value))
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise SkipGPTError(f"--config {path}: {key}: {e}") from None
         if action.choices is not None and value not in action.choices:
             raise SkipGPTError(
                 f"--config {path}: {key}={value!r}; accepted: {', '.join(map(str, action.choices))}"
