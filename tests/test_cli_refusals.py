@@ -74,7 +74,7 @@ def test_compare_refuses_a_mixed_budget_and_leaves_earlier_outputs_byte_identica
     before = snapshot(out)
     assert main(compare_argv(out, text, "0.5")) == 2
     line = one_error_line(capsys)
-    assert line == f"error: {out}/models/{method} was built for sparsity 0.25, not 0.5; give a new --out"
+    assert line == f"error: {out}/models/{method} was built for sparsity 0.25, not 0.5; give a new --output"
     assert snapshot(out) == before  # compare.json, compare.md and the model folder untouched, nothing added
 
 
@@ -93,7 +93,7 @@ def test_compare_refusal_as_a_process_exits_2_with_one_line(tmp_path, text):
     )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        f"error: {out}/models/shortgpt was built for sparsity 0.25, not 0.5; give a new --out"
+        f"error: {out}/models/shortgpt was built for sparsity 0.25, not 0.5; give a new --output"
     ]
     assert proc.stdout == ""
     assert snapshot(out) == before

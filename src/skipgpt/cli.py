@@ -46,13 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
+    from .commands.common import show_defaults
+
+    show_defaults(parser)
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    """The sub-command parser ``argv`` names (``argv[0]``), or None."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
+            return action.choices[argv[0]]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .commands.common import apply_config_file
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    command = _command_parser(parser, argv)
+    try:  # --config FILE: its values become the command's defaults, flags still win
+        from_config = (
+            apply_config_file(command, argv)
+            if command is not None and "--config" in command._option_string_actions
+            else set()
+        )
+    except SkipGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.argv = argv
+    args.from_config = from_config
     args.build_parser = build_parser  # commands.common.options_given re-parses argv (no upward import)
     try:
         return args.func(args) or 0

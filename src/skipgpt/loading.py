@@ -12,18 +12,24 @@ from .model import SkipGPTModel
 __all__ = ["load_model", "is_skipgpt_dir"]
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None, threshold: float | None = None):
+def load_model(
+    spec: str,
+    dtype: torch.dtype | None = None,
+    threshold: float | None = None,
+    device_map: str | dict | None = None,
+):
     """spec -> (model, tokenizer). A skipgpt folder gives a ``SkipGPTModel`` (routers loaded, and
     its LoRA adapter if it has one), a dense + LoRA folder the HF model with its adapter; any other
-    spec gives the plain HF model. All in eval mode."""
+    spec gives the plain HF model. All in eval mode. ``dtype`` is the base model's (routers stay
+    float32); ``device_map`` as ``load_base_model`` takes it (each router sits with its layer)."""
     from .specs import load_base_model
 
     dtype = dtype or torch.float32
     if not is_skipgpt_dir(spec):
-        model, tokenizer = load_base_model(spec, dtype=dtype)
+        model, tokenizer = load_base_model(spec, dtype=dtype, device_map=device_map)
         return model.eval(), tokenizer
     record = checkpoint.read(spec)
-    base, tokenizer = load_base_model(record.base_spec, dtype=dtype)
+    base, tokenizer = load_base_model(record.base_spec, dtype=dtype, device_map=device_map)
     if not record.routed:  # dense + LoRA (finetune-lora --dense): no routers
         attach_adapter(base, record.folder / checkpoint.ADAPTER_DIR)
         return base.eval(), tokenizer

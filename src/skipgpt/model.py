@@ -37,6 +37,24 @@ __all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_sp
 _ROUTING_SETTINGS = ("threshold", "enabled", "policy", "execution", "keep_decisions", "tau", "removed")
 
 
+def _device_of(layer: nn.Module, model: nn.Module) -> torch.device:
+    """The device of ``layer``'s parameters (the model's first parameter's when it has none)."""
+    for p in layer.parameters():
+        return p.device
+    return next(model.parameters()).device
+
+
+def _inputs_to(device: torch.device):
+    """A forward pre-hook (``with_kwargs``) that sends every tensor argument to ``device`` (what
+    accelerate's hook on a decoder layer does for a model split by ``device_map``)."""
+    from accelerate.utils import send_to_device
+
+    def hook(module, args, kwargs):
+        return send_to_device(args, device), send_to_device(kwargs, device)
+
+    return hook
+
+
 def get_skipgpt_model(model: nn.Module, config: SkipGPTConfig, base_spec: str | None = None) -> SkipGPTModel:
     """Put an attention router and an MLP router on every decoder layer of ``model`` (in place).
 
@@ -69,7 +87,8 @@ class SkipGPTModel(nn.Module):
         # routing settings (θ lives in config.threshold), per-forward scratch, statistics
         self.state = RoutingState(len(layers), config)
         hidden = model.config.get_text_config(decoder=True).hidden_size  # multimodal: the LM's
-        param = next(model.parameters())
+        # device_map="auto" over several devices: each routed layer takes its inputs to its device
+        split = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
         # Parameters per (layer, branch): the weights of a parameter-weighted budget.
         self.branch_params: dict[tuple[int, str], int] = {}
         for i, layer in enumerate(layers):
@@ -79,7 +98,12 @@ class SkipGPTModel(nn.Module):
             with torch.random.fork_rng():  # router init depends on the config only, not on global RNG
                 torch.manual_seed(config.seed * 7919 + i)
                 routed = RoutedDecoderLayer(layer, i, self.adapter, config, hidden, self.state)
-            routed.routers.to(device=param.device)  # routers stay float32 whatever the base dtype
+            # each router beside its layer (device_map="auto" splits layers across GPUs); routers
+            # stay float32 whatever the base dtype
+            device = _device_of(layer, model)
+            routed.routers.to(device=device)
+            if split:  # accelerate's hook on the base layer does not run: the routed layer calls its parts
+                routed.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
             layers[i] = routed
         self.train(model.training)
         self._hook = model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True)
@@ -90,6 +114,26 @@ class SkipGPTModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("hf_model"), name)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``half``/``bfloat16``/``cuda``... on the wrapper: the base model follows, the routers
+        move device but keep their dtype (float32, as ``load_model(dtype=...)`` builds them). To
+        change the routers' dtype, cast them directly: ``for r in model.router_modules(): r.to(dtype)``."""
+        params = [p for r in self.router_modules() for p in r.parameters()]
+        keep = {id(t) for t in params + [p.grad for p in params if p.grad is not None]}
+        keep |= {id(b) for r in self.router_modules() for b in r.buffers()}
+
+        def keep_router_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in keep and out.dtype != t.dtype:  # drop the cast (not cast back: exact)
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_router_dtype, recurse)
+
+    def router_modules(self) -> list[nn.Module]:
+        """The router module of every routed layer (``layer.routers``), in layer order."""
+        return [layer.routers for layer in self.routed_layers]
 
     def get_base_model(self) -> nn.Module:
         """The wrapped Hugging Face causal LM (its decoder layers routed)."""

@@ -215,43 +215,50 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _load_random(arch: str, dtype: torch.dtype, attn: str):
+def _load_random(arch: str, dtype: torch.dtype, attn: str, device_map: str | None = None):
     config = RANDOM_CONFIGS[arch]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # initialised in float32, so every dtype rounds the same weights
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
-    return model.to(dtype), byte_tokenizer()
+    device = "cuda" if device_map == "auto" else device_map  # a tiny model fits one device
+    return model.to(device=device, dtype=dtype), byte_tokenizer()
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
+def _load_gguf(path: Path, dtype: torch.dtype, attn: str, device_map: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn, device_map=device_map
         )
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         raise SkipGPTError(f"cannot load GGUF file {path}: {_one_line(exc)}") from exc
     return model, tok
 
 
-def _load_hf(name: str | Path, dtype: torch.dtype, attn: str, local_files_only: bool = False):
+def _load_hf(
+    name: str | Path,
+    dtype: torch.dtype,
+    attn: str,
+    local_files_only: bool = False,
+    device_map: str | None = None,
+):
     tok = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, attn_implementation=attn, local_files_only=local_files_only
+        name, dtype=dtype, attn_implementation=attn, local_files_only=local_files_only, device_map=device_map
     )
     return model, tok
 
 
-def _load_local(path: Path, dtype: torch.dtype, attn: str):
+def _load_local(path: Path, dtype: torch.dtype, attn: str, device_map: str | None = None):
     try:
-        return _load_hf(path, dtype, attn, local_files_only=True)
+        return _load_hf(path, dtype, attn, local_files_only=True, device_map=device_map)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise SkipGPTError(f"cannot load model folder {path}: {_one_line(exc)}") from exc
 
 
-def _load_hub(name: str, dtype: torch.dtype, attn: str):
+def _load_hub(name: str, dtype: torch.dtype, attn: str, device_map: str | None = None):
     try:  # the local Hugging Face cache first: no network, no retries
-        return _load_hf(name, dtype, attn, local_files_only=True)
+        return _load_hf(name, dtype, attn, local_files_only=True, device_map=device_map)
     except OSError:
         pass
     if not hub_reachable():
@@ -260,12 +267,12 @@ def _load_hub(name: str, dtype: torch.dtype, attn: str):
             f"and the Hugging Face Hub is unreachable; accepted: {model_spec_forms()}"
         )
     try:
-        return _load_hf(name, dtype, attn)
+        return _load_hf(name, dtype, attn, device_map=device_map)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise SkipGPTError(f"cannot load model '{name}' from the Hugging Face Hub: {_one_line(exc)}") from exc
 
 
-def _load_skipgpt(path: Path, dtype: torch.dtype, attn: str):
+def _load_skipgpt(path: Path, dtype: torch.dtype, attn: str, device_map: str | None = None):
     raise SkipGPTError(
         f"'{path}' is a skipgpt output folder; load it with skipgpt.load_model, not as a base model"
     )
@@ -294,15 +301,20 @@ def _set_pad(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
 
 
 def load_base_model(
-    spec: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+    spec: str | Path,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the plain Hugging Face causal LM and tokenizer named by ``spec`` (see the module docstring).
 
     ``attn_implementation=None`` lets transformers choose (sdpa wherever the family supports it).
+    ``device_map``: where the weights go, as ``from_pretrained`` takes it (``"cpu"``, ``"cuda:0"``,
+    ``"auto"`` to split a model larger than one GPU across all of them); None: the CPU.
     The model is in eval mode; the tokenizer always has a pad token (its eos when it had none).
     Raises ``SkipGPTError`` (one line) for a bad spec.
     """
     kind, target = _resolve(spec)
-    model, tok = _LOADERS[kind](target, dtype, attn_implementation or DEFAULT_ATTN)
+    model, tok = _LOADERS[kind](target, dtype, attn_implementation or DEFAULT_ATTN, device_map=device_map)
     _set_pad(model, tok)
     return model.eval(), tok

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int, unit_interval
+from .common import (
+    add_device_args,
+    add_hidden_alias,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    seq_len_int,
+    unit_interval,
+    warn_if_beyond_positions,
+)
 
 
 def add_parser(sub) -> None:
@@ -10,16 +22,17 @@ def add_parser(sub) -> None:
         "analyze",
         help="plots and a report of a routed model's skipping",
         description="Per-layer attention/MLP skip rates (bars + heatmap), execution rate against token "
-        "position, a token-level view of a sample text (PNG + HTML) and report.md, written into --out.",
+        "position, a token-level view of a sample text (PNG + HTML) and report.md, written into --output.",
     )
     add_model_arg(p)
     p.add_argument(
         "--dataset", default="wiki-heldout", help="ptb | wiki-heldout | calib | a local file | hub dataset"
     )
-    p.add_argument("--out", required=True, help="output folder (new, or an earlier analysis folder)")
+    p.add_argument("--output", required=True, help="output folder (new, or an earlier analysis folder)")
+    add_hidden_alias(p, "--output", "--out")
     p.add_argument("--seq-len", type=seq_len_int, default=512, help="window length (tokens)")
     p.add_argument("--max-windows", type=positive_int, default=16, help="analyse the first N windows")
-    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2, help="windows per forward")
     p.add_argument(
         "--text",
         default=None,
@@ -34,6 +47,7 @@ def add_parser(sub) -> None:
         help="analyse random routing at this skip rate instead of the routers (a baseline)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-routing")
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -52,14 +66,15 @@ def run(args) -> int:
     from ..loading import load_model
     from ..model import SkipGPTModel, get_skipgpt_model
 
-    check_analysis_dir(Path(args.out))  # fail before the model loads
-    model, tokenizer = load_model(args.model, threshold=args.threshold)
+    check_analysis_dir(Path(args.output))  # fail before the model loads
+    model, tokenizer = load_model(args.model, threshold=args.threshold, **load_options(args))
     if not isinstance(model, SkipGPTModel):
         if args.random_routing is None:
             raise SkipGPTError(
                 f"{args.model} is a dense model; analyze needs a skipgpt output folder (or --random-routing RATE)"
             )
         model = get_skipgpt_model(model, SkipGPTConfig(), base_spec=args.model)
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_windows)
     sample = None
     if args.text is not None:
@@ -79,18 +94,19 @@ def run(args) -> int:
         meta["routing"] = f"random routing at {args.random_routing} (seed {args.seed})"
     with ctx:
         summary = analyze_routing(
-            model, tokenizer, blocks, args.out, sample_ids=sample, batch_size=args.batch_size, meta=meta
+            model, tokenizer, blocks, args.output, sample_ids=sample, batch_size=args.batch_size, meta=meta
         )
     s = summary["sparsity"]
     trend = summary["position_trend"]
     result = {
-        "out": str(args.out),
-        "report": str(Path(args.out) / "report.md"),
+        "output": str(args.output),
+        "out": str(args.output),  # the key before 0.x's renames, kept for one release
+        "report": str(Path(args.output) / "report.md"),
         **{k: summary[k] for k in ("model", "dataset", "windows", "seq_len", "sparsity", "layer_skip_rates")},
         "position_trend": {m: {"first_quarter": a, "last_quarter": b} for m, (a, b) in trend.items()},
     }
     human = (
-        f"wrote {args.out}/report.md with 4 PNG plots and token_view.html "
+        f"wrote {args.output}/report.md with 4 PNG plots and token_view.html "
         f"({summary['windows']}×{summary['seq_len']} tokens of {args.dataset}); "
         f"skipped: module {s['module']:.3f} attn {s['attn']:.3f} mlp {s['mlp']:.3f} params {s['params']:.3f}"
     )

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
+from .common import (
+    add_device_args,
+    add_hidden_alias,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    seq_len_int,
+    warn_if_beyond_positions,
+)
 
 __all__ = ["add_parser", "add_static_args", "add_mod_router_args", "mod_router_config", "mod_tuning_args"]
 
@@ -19,13 +30,21 @@ def add_static_args(p: argparse.ArgumentParser) -> None:
     from ..baselines.scores import ROUNDINGS
 
     p.add_argument(
-        "--sparsity", type=probability, required=True, help="parameter sparsity to remove, in (0, 1)"
+        "--target-sparsity",
+        dest="sparsity",
+        type=probability,
+        required=True,
+        help="parameter sparsity to remove, in (0, 1)",
     )
+    add_hidden_alias(p, "--target-sparsity", "--sparsity")
     p.add_argument("--output", required=True, help="output folder (new, or an earlier one with --overwrite)")
     p.add_argument("--dataset", default="calib", help="calibration text: calib | a local file | hub dataset")
     p.add_argument("--seq-len", type=seq_len_int, default=256, help="calibration block length")
-    p.add_argument("--calib-blocks", type=positive_int, default=32, help="number of calibration blocks")
-    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument(
+        "--score-blocks", dest="calib_blocks", type=positive_int, default=32, help="number of scoring blocks"
+    )
+    add_hidden_alias(p, "--score-blocks", "--calib-blocks")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="calibration blocks per forward")
     p.add_argument(
         "--rounding",
         choices=ROUNDINGS,
@@ -41,7 +60,7 @@ MOD_LOSS_FIELDS = ("lm_weight", "distill_weight", "distill_temperature", "calibr
 
 
 def add_mod_router_args(p: argparse.ArgumentParser) -> None:
-    """Router options of MoD-D (the budget is --sparsity; no sparsity weight/tau: top-k fixes the rate)."""
+    """Router options of MoD-D (the budget is --target-sparsity; no sparsity weight/tau: top-k fixes the rate)."""
     from .train_router import add_router_args
 
     add_router_args(
@@ -76,6 +95,7 @@ def add_parser(sub) -> None:
     s = bsub.add_parser("shortgpt", help="ShortGPT: delete the layers of lowest Block Influence")
     add_model_arg(s)
     add_static_args(s)
+    add_device_args(s)
     add_json_arg(s)
     s.set_defaults(func=run_shortgpt)
 
@@ -85,16 +105,23 @@ def add_parser(sub) -> None:
     d.add_argument(
         "--droppable", default="attn,mlp", help="which modules may be dropped: attn,mlp (joint) | attn | mlp"
     )
+    add_device_args(d)
     add_json_arg(d)
     d.set_defaults(func=run_llm_drop)
 
     m = bsub.add_parser("mod", help="MoD-D: per-module top-k capacity routing, router-tuned")
     add_model_arg(m)
     m.add_argument(
-        "--sparsity", type=probability, required=True, help="skip rate of every module = parameter sparsity"
+        "--target-sparsity",
+        dest="sparsity",
+        type=probability,
+        required=True,
+        help="skip rate of every module = parameter sparsity",
     )
+    add_hidden_alias(m, "--target-sparsity", "--sparsity")
     add_mod_router_args(m)
     add_loop_args(m)
+    add_device_args(m)
     add_json_arg(m)
     m.set_defaults(func=run_mod)
 
@@ -108,8 +135,9 @@ def _base_and_blocks(args, units):
 
     if is_skipgpt_dir(args.model):
         raise SkipGPTError(f"{args.model} is a routed model; give its base model spec to build a baseline")
-    base, tokenizer = load_base_model(args.model)
+    base, tokenizer = load_base_model(args.model, **load_options(args))
     check_budget(base, args.sparsity, args.rounding, units)  # before reading any text
+    warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.calib_blocks)
     return base.eval(), tokenizer, blocks
 
@@ -203,7 +231,8 @@ def run_mod(args) -> int:
     if is_skipgpt_dir(args.model):
         raise SkipGPTError(f"{args.model} is a routed model; give its base model spec to train MoD-D routers")
     torch.manual_seed(args.seed)
-    base, tokenizer = load_base_model(args.model)
+    base, tokenizer = load_base_model(args.model, **load_options(args))
+    warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     model, result = train_mod(
         base,

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, unit_interval
+from .common import (
+    add_device_args,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    unit_interval,
+)
 
 
 def threshold_list(text: str) -> list[float]:
@@ -27,7 +36,7 @@ def add_parser(sub) -> None:
         default=None,
         help="force random routing at this skip rate (for a model without trained routers)",
     )
-    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per scenario")
     p.add_argument("--scenarios", default=None, help="comma-separated subset, e.g. prefill_1x1024,decode_b1")
     g = p.add_argument_group("compute dial (trained routers)")
     g.add_argument(
@@ -39,6 +48,7 @@ def add_parser(sub) -> None:
     g.add_argument("--sweep-dataset", default="wiki-heldout", help="perplexity text of --sweep")
     g.add_argument("--sweep-windows", type=positive_int, default=8, help="windows for --sweep PPL")
     g.add_argument("--sweep-seq-len", type=positive_int, default=1024, help="window length for --sweep PPL")
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -50,7 +60,7 @@ def run(args) -> int:
 
     if args.sweep is not None and (args.random_routing is not None or args.threshold is not None):
         raise SkipGPTError("--sweep sets θ itself: drop --threshold and --random-routing")
-    model, tokenizer = load_model(args.model, threshold=args.threshold)
+    model, tokenizer = load_model(args.model, threshold=args.threshold, **load_options(args))
     scenarios = args.scenarios.split(",") if args.scenarios else None
     if args.sweep is not None:
         return _sweep(args, model, tokenizer, scenarios)

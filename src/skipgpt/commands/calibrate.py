@@ -2,7 +2,7 @@
 
 Sets θ of a routed folder so that deterministic routing skips ``--target-sparsity`` of the
 decisions (``--budget modules``) or of the attention+MLP parameters (``--budget params``) on
-``--blocks`` blocks of ``--dataset``. The routers are not changed: the folder is copied to
+``--calibrate-blocks`` blocks of ``--dataset``. The routers are not changed: the folder is copied to
 ``--output`` (its LoRA adapter and exported weights with it, not its training checkpoint) with
 the new θ, and ``metadata.threshold_calibration`` records θ and the sparsity before and after.
 """
@@ -10,13 +10,17 @@ the new θ, and ``metadata.threshold_calibration`` records θ and the sparsity b
 from __future__ import annotations
 
 from .common import (
+    add_device_args,
+    add_hidden_alias,
     add_json_arg,
     add_model_arg,
     emit,
+    load_options,
     positive_int,
     probability,
     refuse_output_at_model,
     seq_len_int,
+    warn_if_beyond_positions,
 )
 
 __all__ = ["add_parser", "run"]
@@ -39,9 +43,11 @@ def add_parser(sub) -> None:
         help="what the target counts: routed decisions or parameters of skipped modules (default: the folder's)",
     )
     p.add_argument("--dataset", default="calib", help="calibration text (data spec, as train-router)")
-    p.add_argument("--seq-len", type=seq_len_int, default=256)
-    p.add_argument("--blocks", type=positive_int, default=16, help="blocks of --seq-len tokens")
+    p.add_argument("--seq-len", type=seq_len_int, default=256, help="calibration block length (tokens)")
+    p.add_argument("--calibrate-blocks", type=positive_int, default=16, help="blocks of --seq-len tokens")
+    add_hidden_alias(p, "--calibrate-blocks", "--blocks")
     p.add_argument("--output", required=True, help="new folder for the calibrated copy")
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -79,8 +85,9 @@ def run(args) -> int:
     refuse_output_at_model(args, "the source folder is left as it is")
     source, output = Path(args.model), Path(args.output)
     prepare_output_dir(output, allow_existing_ours=False)
-    model, tokenizer = load_model(str(source))
-    blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.blocks)
+    model, tokenizer = load_model(str(source), **load_options(args))
+    warn_if_beyond_positions(model, args.seq_len)
+    blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.calibrate_blocks)
     calibration = calibrate_and_measure(model, blocks, args.target_sparsity, args.budget)
     calibration.update(dataset=args.dataset, seq_len=args.seq_len, source=str(source))
     record = record.replace(

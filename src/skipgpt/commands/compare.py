@@ -19,7 +19,19 @@ import contextlib
 import gc
 from pathlib import Path
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int
+from .common import (
+    add_config_arg,
+    add_device_args,
+    add_hidden_alias,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    seq_len_int,
+    warn_if_beyond_positions,
+)
 
 __all__ = ["add_parser", "run", "build_spec_from_args", "format_compare_table"]
 
@@ -39,7 +51,7 @@ SETTINGS = (
     "rounding eval_seq_len max_windows eval_batch_size speed_tokens speed_batch speed_repeats tasks limit"
 ).split()
 SETTING_DESTS = {"alpha": "sparsity_weight"}  # compare.json keeps its key of the renamed option
-# the SkipGPTConfig flags of compare; the budget is --sparsity in parameters for every method
+# the SkipGPTConfig flags of compare; the budget is --target-sparsity in parameters for every method
 ROUTER_FIELDS = ("sparsity_weight", "tau_start", "tau_end", "router_hidden", "router_init", "execute_bias")
 BUDGET = "parameter sparsity: parameters of skipped attention/MLP modules (per token) / attention+MLP parameters of all decoder layers"
 
@@ -51,15 +63,27 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("compare", help="SkipGPT-RT vs ShortGPT, LLM-Drop, MoD-D at one parameter budget")
     add_model_arg(p)
-    p.add_argument("--sparsity", type=probability, default=0.25, help="parameter sparsity of every method")
-    p.add_argument("--out", required=True, help="output folder: models/, compare.json, compare.md")
+    p.add_argument(
+        "--target-sparsity",
+        dest="sparsity",
+        type=probability,
+        default=0.25,
+        help="parameter sparsity of every method",
+    )
+    add_hidden_alias(p, "--target-sparsity", "--sparsity")
+    p.add_argument("--output", required=True, help="output folder: models/, compare.json, compare.md")
+    add_hidden_alias(p, "--output", "--out")
     p.add_argument(
         "--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (dense always)"
     )
     t = p.add_argument_group("training / calibration (the same for SkipGPT-RT and MoD-D)")
-    t.add_argument("--dataset", default="calib")
-    t.add_argument("--seq-len", type=seq_len_int, default=256)
-    t.add_argument("--max-blocks", type=positive_int, default=None)
+    t.add_argument(
+        "--dataset", default="calib", help="training and calibration text: calib | a local file | hub dataset"
+    )
+    t.add_argument("--seq-len", type=seq_len_int, default=256, help="training block length (tokens)")
+    t.add_argument(
+        "--max-blocks", type=positive_int, default=None, help="use at most this many blocks of --dataset"
+    )
     add_loop_options(t, [f for f in LOOP_FIELDS if f != "gradient_checkpointing"])
     add_router_args(
         p,
@@ -70,20 +94,40 @@ def add_parser(sub) -> None:
             "calibrate_blocks": "θ calibration blocks (0 = none)",
         },
     )
-    t.add_argument("--calib-blocks", type=positive_int, default=32, help="ShortGPT/LLM-Drop scoring blocks")
-    t.add_argument("--rounding", choices=ROUNDINGS, default="nearest")
+    t.add_argument(
+        "--score-blocks",
+        dest="calib_blocks",
+        type=positive_int,
+        default=32,
+        help="ShortGPT/LLM-Drop scoring blocks",
+    )
+    add_hidden_alias(p, "--score-blocks", "--calib-blocks")
+    t.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default="nearest",
+        help="static baselines remove whole units: the share nearest the target, the largest not above it, or the smallest not below it",
+    )
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-datasets", default="wiki-heldout,ptb")
-    e.add_argument("--eval-seq-len", type=positive_int, default=1024)
+    e.add_argument(
+        "--eval-datasets",
+        default="wiki-heldout,ptb",
+        help="comma-separated PPL sets; the first one is summarised",
+    )
+    e.add_argument(
+        "--eval-seq-len", type=positive_int, default=1024, help="evaluation window length (tokens)"
+    )
     e.add_argument(
         "--max-windows", type=positive_int, default=None, help="evaluate the first N windows per dataset"
     )
-    e.add_argument("--eval-batch-size", type=positive_int, default=2)
+    e.add_argument("--eval-batch-size", type=positive_int, default=2, help="evaluation windows per forward")
     e.add_argument("--speed-tokens", type=int, default=1024, help="prefill length timed (0 = no timing)")
-    e.add_argument("--speed-batch", type=positive_int, default=1)
-    e.add_argument("--speed-repeats", type=positive_int, default=5)
+    e.add_argument("--speed-batch", type=positive_int, default=1, help="sequences per timed prefill")
+    e.add_argument("--speed-repeats", type=positive_int, default=5, help="timed prefills per method")
     e.add_argument("--tasks", default=None, help="zero-shot tasks (needs skipgpt.eval.zeroshot)")
     e.add_argument("--limit", type=positive_int, default=None, help="zero-shot examples per task")
+    add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -156,7 +200,7 @@ def _check_out(out: Path) -> None:
         or (any(out.iterdir()) and not ((out / "models").is_dir() or (out / "compare.json").exists()))
     ):
         raise SkipGPTError(
-            f"--out {out} exists and is not a compare folder; give a new folder or an earlier --out"
+            f"--out {out} exists and is not a compare folder; give a new folder or an earlier --output"
         )
 
 
@@ -173,7 +217,7 @@ def run(args) -> int:
     from ..model import SkipGPTModel
     from ..specs import load_base_model
 
-    out = Path(args.out)
+    out = Path(args.output)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -198,12 +242,14 @@ def run(args) -> int:
         target = record_target(m, out / "models" / m)
         if target is not None and abs(float(target) - args.sparsity) > 1e-9:
             raise SkipGPTError(
-                f"{out}/models/{m} was built for sparsity {target}, not {args.sparsity}; give a new --out"
+                f"{out}/models/{m} was built for sparsity {target}, not {args.sparsity}; give a new --output"
             )
 
-    base, tokenizer = load_base_model(args.model)
+    base, tokenizer = load_base_model(args.model, **load_options(args))
     base.eval()
+    warn_if_beyond_positions(base, args.seq_len)
     train_blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    warn_if_beyond_positions(base, args.eval_seq_len, "--eval-seq-len")
     evals = {d: load_blocks(d, tokenizer, args.eval_seq_len, max_blocks=args.max_windows) for d in datasets}
     speed_ids = None
     if args.speed_tokens:
@@ -275,7 +321,8 @@ def run(args) -> int:
     result["complete"] = True
     _write(out, result)
     summary = {k: result[k] for k in ("model", "target_sparsity", "budget", "machine")} | {
-        "out": str(out),
+        "output": str(out),
+        "out": str(out),  # the key before the renames, kept for one release
         "rows": [
             {k: r[k] for k in ("method", "label", "sparsity", "ppl") if k in r}
             | ({"speedup": r["speed"]["speedup"]} if r.get("speed") else {})

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_json_arg, emit, positive_int, seq_len_int
+from .common import (
+    add_device_args,
+    add_json_arg,
+    emit,
+    load_options,
+    positive_int,
+    seq_len_int,
+    warn_if_beyond_positions,
+)
 from .train_router import add_loop_options, add_recipe_arg, add_router_args
 
 # What a demo writes into its output folder (``routers/`` is a skipgpt output folder).
@@ -28,14 +36,21 @@ DEMO_LOOP_FIELDS = (
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="router tuning on SmolLM2-135M + PPL table (offline)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model spec: smollm2-135m, random:<arch>, a .gguf file, a HF folder or hub id",
+    )
     p.add_argument("--output", default="runs/demo", help="output folder")
-    p.add_argument("--seq-len", type=seq_len_int, default=256)
-    p.add_argument("--eval-seq-len", type=positive_int, default=1024)
+    p.add_argument("--seq-len", type=seq_len_int, default=256, help="training block length (tokens)")
+    p.add_argument(
+        "--eval-seq-len", type=positive_int, default=1024, help="evaluation window length (tokens)"
+    )
     p.add_argument("--eval-windows", type=positive_int, default=16, help="windows per PPL dataset")
     add_recipe_arg(p)
     add_loop_options(p, DEMO_LOOP_FIELDS, defaults={"max_steps": 150, "batch_size": 4})
     add_router_args(p)
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run, target_sparsity=0.25)
 
@@ -83,10 +98,12 @@ def run(args) -> int:
     apply_recipe(args)
     out = prepare_demo_dir(args.output)  # before any slow work; a rerun replaces the results
     t0 = time.time()
-    base, tokenizer = load_base_model(args.model)
+    base, tokenizer = load_base_model(args.model, **load_options(args))
     config = router_config_from_args(args)
     model = get_skipgpt_model(base, config, base_spec=args.model)
+    warn_if_beyond_positions(base, args.seq_len)
     train = load_blocks("calib", tokenizer, args.seq_len)
+    warn_if_beyond_positions(base, args.eval_seq_len, "--eval-seq-len")
     evalsets = {
         name: load_blocks(name, tokenizer, args.eval_seq_len, max_blocks=args.eval_windows)
         for name in ("wiki-heldout", "ptb")

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, seq_len_int, unit_interval
+from .common import (
+    add_device_args,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    seq_len_int,
+    unit_interval,
+    warn_if_beyond_positions,
+)
 
 
 def add_parser(sub) -> None:
@@ -12,7 +23,7 @@ def add_parser(sub) -> None:
         "--dataset", default="wiki-heldout", help="ptb | wiki-heldout | calib | a local file | hub dataset"
     )
     p.add_argument("--seq-len", type=seq_len_int, default=1024, help="window length (tokens)")
-    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2, help="windows per forward")
     p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
     p.add_argument(
         "--threshold", type=unit_interval, default=None, help="routed model: execute iff p(execute) >= θ"
@@ -27,6 +38,7 @@ def add_parser(sub) -> None:
         help="replace the routers by random routing at this skip rate (a baseline)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-routing")
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -41,9 +53,10 @@ def run(args) -> int:
     from ..loading import load_model
     from ..model import get_skipgpt_model
 
-    model, tokenizer = load_model(args.model, threshold=args.threshold)
+    model, tokenizer = load_model(args.model, threshold=args.threshold, **load_options(args))
     if args.random_routing is not None and not hasattr(model, "routing"):
         model = get_skipgpt_model(model, SkipGPTConfig(), base_spec=args.model)
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_windows)
     if args.dense and hasattr(model, "dense"):
         ctx = model.dense()

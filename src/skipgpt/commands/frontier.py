@@ -5,7 +5,7 @@ line; without it one set is trained into ``OUT/models/skipgpt`` as ``skipgpt com
 it, with ``--budget params``); ShortGPT removes 1..N layers and LLM-Drop drops modules to the
 same parameter shares, both scored on the same calibration text. Every point gets realised
 sparsity, PPL on the same windows and its speedup against the dense model timed alternately in
-the same run (``skipgpt.experiments.frontier``). Writes ``frontier.{json,md,png}`` into ``--out`` and
+the same run (``skipgpt.experiments.frontier``). Writes ``frontier.{json,md,png}`` into ``--output`` and
 keeps finished points in ``frontier.progress.json``: a rerun with the same settings resumes.
 """
 
@@ -15,7 +15,19 @@ import argparse
 from pathlib import Path
 
 from .bench import threshold_list
-from .common import add_json_arg, add_model_arg, emit, positive_int, probability, refuse_ignored_options
+from .common import (
+    add_config_arg,
+    add_device_args,
+    add_hidden_alias,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    probability,
+    refuse_ignored_options,
+    warn_if_beyond_positions,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -31,7 +43,8 @@ def add_parser(sub) -> None:
         help="quality against measured speed: SkipGPT (θ sweep), ShortGPT, LLM-Drop and dense on one frontier",
     )
     add_model_arg(p)
-    p.add_argument("--out", required=True, help="output folder: frontier.{json,md,png}, progress, models/")
+    p.add_argument("--output", required=True, help="output folder: frontier.{json,md,png}, progress, models/")
+    add_hidden_alias(p, "--output", "--out")
     p.add_argument(
         "--routers",
         action="append",
@@ -43,26 +56,43 @@ def add_parser(sub) -> None:
         "--max-layers", type=positive_int, default=None, help="ShortGPT removes 1..N layers (default: ~40%%)"
     )
     t = p.add_argument_group("calibration text, and the routers frontier trains itself (no --routers)")
-    t.add_argument("--dataset", default="calib")
-    t.add_argument("--seq-len", type=positive_int, default=256)
-    t.add_argument("--calib-blocks", type=positive_int, default=32, help="ShortGPT/LLM-Drop scoring blocks")
+    t.add_argument(
+        "--dataset", default="calib", help="calibration and training text: calib | a local file | hub dataset"
+    )
+    t.add_argument(
+        "--seq-len", type=positive_int, default=256, help="calibration/training block length (tokens)"
+    )
+    t.add_argument(
+        "--score-blocks",
+        dest="calib_blocks",
+        type=positive_int,
+        default=32,
+        help="ShortGPT/LLM-Drop scoring blocks",
+    )
+    add_hidden_alias(p, "--score-blocks", "--calib-blocks")
     t.add_argument("--target-sparsity", type=probability, default=0.25, help="parameter sparsity trained for")
-    t.add_argument("--max-steps", type=positive_int, default=150)
-    t.add_argument("--batch-size", type=positive_int, default=4)
+    t.add_argument("--max-steps", type=positive_int, default=150, help="router training steps")
+    t.add_argument("--batch-size", type=positive_int, default=4, help="training blocks per step")
     t.add_argument("--calibrate-blocks", type=int, default=16, help="θ calibration blocks (0 = none)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="random seed of training")
     e = p.add_argument_group("evaluation")
     e.add_argument(
         "--eval-datasets", default="wiki-heldout,ptb", help="PPL sets; the first one is summarised"
     )
-    e.add_argument("--eval-seq-len", type=positive_int, default=1024)
+    e.add_argument(
+        "--eval-seq-len", type=positive_int, default=1024, help="evaluation window length (tokens)"
+    )
     e.add_argument("--max-windows", type=positive_int, default=16, help="the first K windows of each set")
-    e.add_argument("--eval-batch-size", type=positive_int, default=2)
+    e.add_argument("--eval-batch-size", type=positive_int, default=2, help="evaluation windows per forward")
     e.add_argument("--scenarios", default=",".join(SCENARIOS), help="timed scenarios, as skipgpt bench")
-    e.add_argument("--repeats", type=positive_int, default=3)
-    e.add_argument("--warmup", type=int, default=1)
-    e.add_argument("--decode-steps", type=positive_int, default=32)
-    e.add_argument("--decode-context", type=positive_int, default=384)
+    e.add_argument("--repeats", type=positive_int, default=3, help="timed runs per point and scenario")
+    e.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    e.add_argument(
+        "--decode-steps", type=positive_int, default=32, help="tokens decoded in the decode scenario"
+    )
+    e.add_argument(
+        "--decode-context", type=positive_int, default=384, help="prompt length before decoding (tokens)"
+    )
     e.add_argument(
         "--statistic",
         choices=list(STATISTICS),
@@ -71,8 +101,10 @@ def add_parser(sub) -> None:
         "the runs are kept, so a finished run may be re-read either way",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="discard the progress (and routers trained here) of --out"
+        "--overwrite", action="store_true", help="discard the progress (and routers trained here) of --output"
     )
+    add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -86,7 +118,7 @@ def _check_out(out: Path) -> None:
         or (any(out.iterdir()) and not ((out / PROGRESS_NAME).exists() or (out / "models").is_dir()))
     ):
         raise SkipGPTError(
-            f"--out {out} exists and is not a frontier folder; give a new folder or an earlier --out"
+            f"--out {out} exists and is not a frontier folder; give a new folder or an earlier --output"
         )
 
 
@@ -135,7 +167,7 @@ def run(args) -> int:
     from ..specs import load_base_model
     from . import compare
 
-    out = Path(args.out)
+    out = Path(args.output)
     if is_skipgpt_dir(args.model):
         raise SkipGPTError(
             f"{args.model} is a routed model; frontier needs the base model spec (--routers DIR)"
@@ -149,7 +181,7 @@ def run(args) -> int:
     if args.warmup < 0:
         raise SkipGPTError(f"--warmup must be >= 0, got {args.warmup}")
     _check_out(out)
-    base, tokenizer = load_base_model(args.model)
+    base, tokenizer = load_base_model(args.model, **load_options(args))
     base.eval()
     layers = base.config.get_text_config(decoder=True).num_hidden_layers
     routers = [str(Path(f)) for f in args.routers or []]
@@ -188,6 +220,7 @@ def run(args) -> int:
         args.dataset, tokenizer, args.seq_len, max_blocks=args.calib_blocks if routers else None
     )
     calib = train_blocks[: args.calib_blocks]
+    warn_if_beyond_positions(base, args.eval_seq_len, "--eval-seq-len")
     evals = {d: load_blocks(d, tokenizer, args.eval_seq_len, max_blocks=args.max_windows) for d in datasets}
 
     def loader(folder):
@@ -221,7 +254,10 @@ def run(args) -> int:
         overwrite=args.overwrite,
         statistic=args.statistic,
     )
-    summary = {k: result[k] for k in ("points", "summary", "machine", "settings")} | {"out": str(out)}
+    summary = {k: result[k] for k in ("points", "summary", "machine", "settings")} | {
+        "output": str(out),
+        "out": str(out),
+    }
     for p in summary["points"]:
         p.pop("times_s", None)
     emit(args, summary, format_frontier_markdown(result) + f"\n\nwritten to {out}/frontier.md, .json, .png")

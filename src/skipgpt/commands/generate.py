@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..errors import SkipGPTError
 from .common import (
+    add_device_args,
     add_json_arg,
     add_model_arg,
     emit,
+    load_options,
     positive_float,
     positive_int,
     top_p_fraction,
@@ -18,15 +20,20 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text")
     add_model_arg(p)
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate per prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--do-sample", action="store_true")
+    p.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="sample (with --temperature, --top-p) instead of greedy decoding",
+    )
     p.add_argument("--temperature", type=positive_float, default=0.7, help="with --do-sample: > 0")
     p.add_argument("--top-p", type=top_p_fraction, default=0.9, help="with --do-sample: in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of --do-sample")
     p.add_argument(
         "--threshold", type=unit_interval, default=None, help="routed model: execute iff p(execute) >= θ"
     )
+    add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -39,7 +46,7 @@ def run(args) -> int:
     empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
     if empty:
         raise SkipGPTError(f"--prompt number {empty[0] + 1} is empty; give some text to continue")
-    model, tokenizer = load_model(args.model, threshold=args.threshold)
+    model, tokenizer = load_model(args.model, threshold=args.threshold, **load_options(args))
     prompts = args.prompt
     if args.chat:
         prompts = [

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_arg, add_model_arg, emit, positive_int, seq_len_int
+from .common import (
+    add_config_arg,
+    add_device_args,
+    add_json_arg,
+    add_model_arg,
+    emit,
+    load_options,
+    positive_int,
+    seq_len_int,
+    warn_if_beyond_positions,
+)
 
 # Which fields of the library's dataclasses are flags here; their defaults are the fields'
 # defaults, i.e. the default recipe (``skipgpt.train.recipes``).
@@ -75,11 +85,11 @@ def add_loop_args(p: argparse.ArgumentParser, defaults=None) -> None:
         default="calib",
         help="calib | wiki-heldout | ptb | a .txt/.jsonl/.parquet file or folder | hub dataset",
     )
-    g.add_argument("--seq-len", type=seq_len_int, default=256)
+    g.add_argument("--seq-len", type=seq_len_int, default=256, help="training block length (tokens)")
     g.add_argument(
         "--max-blocks", type=positive_int, default=None, help="use at most this many blocks of the dataset"
     )
-    add_loop_options(g, defaults=defaults)
+    add_loop_options(g, [*LOOP_FIELDS, "report_to"], defaults=defaults)
     g.add_argument(
         "--output", required=True, help="output folder (new, or an earlier skipgpt output with --resume)"
     )
@@ -93,6 +103,8 @@ def add_parser(sub) -> None:
     add_recipe_arg(p)
     add_router_args(p)
     add_loop_args(p)
+    add_device_args(p)
+    add_config_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -171,7 +183,8 @@ def run(args) -> int:
             f"{args.model} is already a routed model; give its base model spec to train new routers"
         )
     torch.manual_seed(args.seed)
-    base, tokenizer = load_base_model(args.model)
+    base, tokenizer = load_base_model(args.model, **load_options(args))
+    warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     model = get_skipgpt_model(base, config, base_spec=args.model)
     result = train_routers(

@@ -507,7 +507,7 @@ def load_progress(out: str | Path, settings: dict, overwrite: bool = False) -> d
             old = record.get("settings") or {}
             differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise SkipGPTError(
-                f"{path} was made with other settings (differ: {', '.join(differ)}); give a new --out or "
+                f"{path} was made with other settings (differ: {', '.join(differ)}); give a new --output or "
                 "pass --overwrite"
             )
         return record

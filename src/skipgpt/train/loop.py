@@ -9,6 +9,7 @@ uninterrupted run would have computed from k on.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -28,6 +29,9 @@ __all__ = [
     "train_loop",
     "CHECKPOINT_DIR",
     "MIXED_PRECISION",
+    "REPORT_TO",
+    "TRACKER_PACKAGES",
+    "LOGS_DIR",
     "batch_indices",
     "make_accelerator",
     "save_on_main_process",
@@ -40,9 +44,18 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoint"
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# --report-to: accelerate tracker name -> the package it needs (not a dependency of skipgpt)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+REPORT_TO = ("none", *TRACKER_PACKAGES)
+LOGS_DIR = "logs"  # <output>/logs: the TensorBoard event files of --report-to tensorboard
 # step_fn(forward, input_ids (B, T), step) -> (loss, metrics); call `forward` (the accelerate-prepared
 # model, e.g. DDP-wrapped) for the differentiable forward so that gradients are synchronised.
 StepFn = Callable[[Callable, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (the tracker of ``--report-to``)."""
+    return importlib.util.find_spec(package) is not None
 
 
 @dataclass
@@ -80,6 +93,14 @@ class LoopArgs:
         default=False,
         metadata={"help": "recompute decoder layers in backward: less activation memory for long sequences"},
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": f"log every step's metrics through accelerate's trackers: tensorboard (into <output>/{LOGS_DIR}), "
+            "wandb, or none",
+            "choices": REPORT_TO,
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
@@ -93,6 +114,14 @@ class LoopArgs:
         if self.mixed_precision not in MIXED_PRECISION:
             raise SkipGPTError(
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if self.report_to not in REPORT_TO:
+            raise SkipGPTError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        package = TRACKER_PACKAGES.get(self.report_to)
+        if package is not None and not _installed(package):
+            raise SkipGPTError(
+                f"--report-to {self.report_to} needs the package '{package}', which is not installed; "
+                f"install it with: pip install {package} (or give --report-to none)"
             )
 
 
@@ -171,8 +200,11 @@ def batch_indices(
     return out
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """An ``Accelerator`` with this autocast setting (the launcher's process group is kept).
+def make_accelerator(
+    mixed_precision: str = "no", report_to: str = "none", project_dir: str | Path | None = None
+):
+    """An ``Accelerator`` with this autocast setting (the launcher's process group is kept) and,
+    unless ``report_to`` is ``"none"``, that tracker (logging under ``project_dir``).
 
     accelerate keeps one global state per process; a second run in the same process (tests,
     notebooks) with another precision would be refused, so only that part is reset.
@@ -187,7 +219,12 @@ def make_accelerator(mixed_precision: str = "no"):
     # so under mpirun). On a single process it changes nothing.
     cpu_only = not torch.accelerator.is_available()
     try:
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_only)
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            cpu=cpu_only,
+            log_with=None if report_to == "none" else report_to,
+            project_dir=project_dir,
+        )
     except ValueError as e:  # e.g. bf16 on a GPU without bf16
         raise SkipGPTError(f"--mixed-precision {mixed_precision}: {str(e).splitlines()[0]}") from None
     if mixed_precision == "fp16" and not accelerator.native_amp:
@@ -382,7 +419,7 @@ def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], op
 
 
 # settings that do not change what a resumed run computes
-_RESUME_INDIFFERENT = ("save_every",)
+_RESUME_INDIFFERENT = ("save_every", "report_to")
 
 
 def _differing_settings(saved: dict | None, now: dict) -> list[str]:
@@ -423,7 +460,13 @@ def train_loop(
     with lock_until_saved(output_dir):
         from transformers import get_scheduler
 
-        accelerator = make_accelerator(args.mixed_precision)
+        logs = Path(output_dir) / LOGS_DIR
+        accelerator = make_accelerator(args.mixed_precision, args.report_to, logs)
+        if args.report_to != "none":  # one run per output folder; hyper-parameters as scalars/strings
+            config = {
+                k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()
+            }
+            accelerator.init_trackers(Path(output_dir).resolve().name or "skipgpt", config=config)
         world, rank = accelerator.num_processes, accelerator.process_index
         params = list(named_params.values())
         groups: dict[float, list[torch.nn.Parameter]] = {}
@@ -500,6 +543,8 @@ def train_loop(
                 sums = dict(zip(keys, reduced.tolist(), strict=True))
             sums["lr"] = scheduler.get_last_lr()[0]
             history.append({"step": step, **sums})
+            if args.report_to != "none":
+                accelerator.log(sums, step=step)
             bar.update(1)
             bar.set_postfix(
                 {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in sums.items() if k != "lr"}
@@ -526,5 +571,7 @@ def train_loop(
             if on_step is not None:
                 on_step(step, sums)
         bar.close()
+        if args.report_to != "none":
+            accelerator.end_training()
         set_gradient_checkpointing(model, False)
         return history
