@@ -13,12 +13,16 @@ __all__ = ["load_model", "is_skipgpt_dir"]
 
 
 def load_model(spec: str, dtype: torch.dtype | None = None, threshold: float | None = None):
-    """spec -> (model, tokenizer). A skipgpt folder gives a ``SkipGPTModel`` (routers loaded, and
-    its LoRA adapter if it has one), a dense + LoRA folder the HF model with its adapter; any other
-    spec gives the plain HF model. All in eval mode."""
+    """spec -> (model, tokenizer). A skipgpt folder, or a skipgpt repo on the Hub (a repo with
+    ``skipgpt_config.json``, downloaded), gives a ``SkipGPTModel`` (routers loaded, and its LoRA
+    adapter if it has one), a dense + LoRA folder the HF model with its adapter; any other spec
+    (a Hub id of a plain model included) gives the plain HF model. All in eval mode."""
+    from . import hub
     from .specs import load_base_model
 
     dtype = dtype or torch.float32
+    if not is_skipgpt_dir(spec) and hub.is_skipgpt_repo(str(spec)):
+        spec = str(hub.download(str(spec)))
     if not is_skipgpt_dir(spec):
         model, tokenizer = load_base_model(spec, dtype=dtype)
         return model.eval(), tokenizer
