@@ -341,3 +341,11 @@ def test_text_generation_pipeline_takes_the_routed_model(monkeypatch):
     ids = tok("hello", return_tensors="pt").input_ids
     want = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"] == tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_the_cli_takes_a_skipgpt_repo_id_as_a_model_spec(trained, hub, text, capsys):
+    SkipGPTModel.from_pretrained(trained).push_to_hub("me/cli-routers")
+    argv = ["eval", "ppl", "--model", "me/cli-routers", "--dataset", str(text), "--seq-len", "16"]
+    assert main([*argv, "--max-windows", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "me/cli-routers" and result["sparsity"]["module"] > 0
