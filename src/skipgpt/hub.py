@@ -162,8 +162,25 @@ def _sparsity_lines(record: FolderRecord) -> list[str]:
         if key in record.metadata:
             lines.append(f"- {key}: {record.metadata[key]}")
     if not any(k in record.metadata for k in ("ppl", "perplexity", "eval")):
-        lines.append("- perplexity: not recorded (`skipgpt eval-ppl --model <this repo>`)")
+        lines.append("- perplexity: not recorded (`skipgpt eval ppl --model <this repo> --dataset ...`)")
     return lines
+
+
+def _recipe_lines(metadata: dict[str, Any]) -> list[str]:
+    """What training recorded of its recipe: stage, loss weights, curriculum, steps, lr, data."""
+    tuning, loop = metadata.get("router_tuning") or {}, metadata.get("loop") or {}
+    lines = [f"- stage: {metadata['stage']}"] if metadata.get("stage") else []
+    keys = ("lm_weight", "distill_weight", "distill_temperature", "curriculum")
+    if tuning:
+        lines.append("- loss: " + ", ".join(f"{k} {tuning[k]}" for k in keys if k in tuning))
+    if loop:
+        keys = ("max_steps", "batch_size", "lr", "lr_scheduler", "seed")
+        lines.append("- loop: " + ", ".join(f"{k} {loop[k]}" for k in keys if k in loop))
+    if metadata.get("dataset"):
+        lines.append(
+            f"- data: {metadata['dataset']} ({metadata.get('blocks')} blocks of {metadata.get('seq_len')})"
+        )
+    return lines or ["- not recorded"]
 
 
 def model_card(record: FolderRecord, repo_id: str | None = None):
@@ -216,6 +233,8 @@ or `skipgpt generate --model {load} --prompt "..."`.
 {config_lines}
 
 ## How it was made
+
+{chr(10).join(_recipe_lines(record.metadata))}
 
 ```
 {_command(record.metadata)}
