@@ -200,7 +200,8 @@ def test_an_unreachable_or_offline_hub_is_one_line_naming_the_id(monkeypatch, tm
     with pytest.raises(SkipGPTError) as exc:
         SkipGPTModel.from_pretrained("skipgpt-test/not-cached-anywhere", revision="v1")
     assert one_line(exc) == (
-        "cannot download skipgpt repo 'skipgpt-test/not-cached-anywhere' (revision v1): not in the local "
+        "no local folder 'skipgpt-test/not-cached-anywhere', and cannot download skipgpt repo "
+        "'skipgpt-test/not-cached-anywhere' (revision v1): not in the local "
         "Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE)"
     )
     monkeypatch.delenv("HF_HUB_OFFLINE")

@@ -412,7 +412,10 @@ class SkipGPTModel(nn.Module):
 
         path = Path(path_or_hub_id).expanduser()
         if not path.exists() and hub.is_hub_id(path_or_hub_id):
-            path = hub.download(str(path_or_hub_id), revision=revision)
+            try:
+                path = hub.download(str(path_or_hub_id), revision=revision)
+            except SkipGPTError as e:
+                raise SkipGPTError(f"no local folder {str(path_or_hub_id)!r}, and {e}") from None
         elif revision is not None:
             raise SkipGPTError(f"revision is for Hub repo ids; {path_or_hub_id} is a local folder")
         record = checkpoint.read(path)
