@@ -113,7 +113,7 @@ def test_train_router_end_to_end_then_its_refusals(tmp_path, text, capsys):
     from skipgpt.model import SkipGPTModel
 
     out = tmp_path / "routed"
-    assert main(train_argv(out, text, "--json")) == 0
+    assert main(train_argv(out, text, "--json", "--keep-checkpoint")) == 0  # kept to test --resume
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["output"] == str(out) and summary["steps"] == 2

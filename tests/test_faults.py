@@ -79,9 +79,10 @@ def text(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, text) -> Path:
-    """An uninterrupted run: what every interrupted one must end with, bit for bit."""
+    """An uninterrupted run: what every interrupted one must end with, bit for bit. It keeps its
+    checkpoint (a finished output drops it by default) for the tests that tear it."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    proc = train(out, text)
+    proc = train(out, text, "--keep-checkpoint")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 

@@ -33,14 +33,19 @@ from the record and the folder (an ``adapter/`` beside the routers), so it canno
 
 Formats: version 0 is skipgpt 0.1.0's (no ``format_version`` key; LLM-Drop's removed modules
 inside ``metadata``); version 1 adds ``format_version`` and puts ``removed_modules`` (and the
-reserved ``substitutes``) at the top level. ``read`` migrates older versions step by step
-(``MIGRATIONS``) and refuses a newer one in one line.
+reserved ``substitutes``) at the top level; version 2 records a local base model by its path
+*relative to the folder* (``base_model_relative: true``), so that a moved folder, or one read from
+another working directory, still finds it (a Hub id or ``random:<arch>`` is recorded as it is).
+``read`` migrates older versions step by step (``MIGRATIONS``; a version-1 path is kept as
+written: absolute, or relative to the working directory as before) and refuses a newer one in
+one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +73,7 @@ __all__ = [
     "resolve_base_spec",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROUTERS_NAME = "routers.safetensors"
 ADAPTER_DIR = "adapter"
 SHORTGPT_RECORD_NAME = "shortgpt.json"
@@ -81,8 +86,8 @@ FOLDER_KINDS: tuple[str, ...] = get_args(FolderKind)
 class FolderRecord:
     """What ``skipgpt_config.json`` says about its folder (``read`` fills ``folder`` and ``adapter``).
 
-    ``base_model`` is the recorded spec; ``base_spec`` the one to load (an exported folder's own
-    ``hf/``). ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` is
+    ``base_model`` is the recorded spec (a local path made absolute by ``read``: on disk it is
+    relative to the folder); ``base_spec`` the one to load (an exported folder's own ``hf/``). ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` is
     reserved (None today), ``metadata`` what training recorded (data, losses, history, ...).
     ``format_version`` is the version the folder was written in (``read`` migrates older ones;
     ``write`` always writes ``FORMAT_VERSION``).
@@ -138,13 +143,17 @@ class FolderRecord:
     def replace(self, **changes: Any) -> FolderRecord:
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> dict[str, Any]:
-        """The record as ``skipgpt_config.json`` holds it (current format; unset optional keys left out)."""
+    def to_json(self, folder: str | Path | None = None) -> dict[str, Any]:
+        """The record as ``folder/skipgpt_config.json`` holds it (current format; unset optional
+        keys left out). A base model that is a local path is written relative to ``folder``."""
         out: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "skipgpt_version": __version__,
             "base_model": self.base_model,
         }
+        relative = _relative_base(self.base_model, folder)
+        if relative is not None:
+            out |= {"base_model": relative, "base_model_relative": True}
         optional = {
             "base_model_in_folder": self.base_model_in_folder,
             "model_type": self.model_type,
@@ -188,6 +197,26 @@ def is_output_dir(path: str | Path) -> bool:
     return is_skipgpt_dir(path) or (Path(path) / SHORTGPT_RECORD_NAME).is_file()
 
 
+# -- a local base model, relative to its folder ---------------------------------------------------
+def _relative_base(base: str | None, folder: str | Path | None) -> str | None:
+    """``base`` as a POSIX path relative to ``folder`` when it names an existing local file or
+    folder (not a Hub id, ``random:<arch>`` or a built-in name that happens to be a file), else None."""
+    if not base or folder is None or ":" in base.split("/")[0] and not Path(base).is_absolute():
+        return None
+    path = Path(base).expanduser()
+    if not path.exists():
+        return None
+    return Path(os.path.relpath(path.resolve(), Path(folder).resolve())).as_posix()
+
+
+def _absolute_base(raw: dict[str, Any], folder: Path) -> str | None:
+    """The recorded base model with a folder-relative path made absolute (what a loader takes)."""
+    base = raw.get("base_model")
+    if not base or not raw.get("base_model_relative"):
+        return base
+    return os.path.normpath(folder.absolute() / base)
+
+
 # -- migrations: version v -> v + 1, on the raw JSON object ------------------------------------
 def _v0_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
     """skipgpt 0.1.0: LLM-Drop's removed modules lived in ``metadata``; no ``format_version``."""
@@ -198,7 +227,13 @@ def _v0_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 may record a local base relative to the folder; a version-1 path (absolute, or
+    relative to the working directory) is kept as it was written and read as before."""
+    return {**raw, "format_version": 2, "base_model_relative": False}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 
 
 def _migrate(path: Path, raw: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -251,7 +286,7 @@ def read(folder: str | Path) -> FolderRecord:
     if substitutes is not None and not isinstance(substitutes, dict):
         raise SkipGPTError(f"{path}: 'substitutes' must be an object or null, got {substitutes!r}")
     return FolderRecord(
-        base_model=raw.get("base_model"),
+        base_model=_absolute_base(raw, folder),
         router_config=SkipGPTConfig.from_dict(config) if config is not None else None,
         model_type=raw.get("model_type"),
         hidden_size=raw.get("hidden_size"),
@@ -298,7 +333,7 @@ def write(folder: str | Path, record: FolderRecord) -> Path:
             "a ShortGPT folder is a plain HF model; save it with baselines.shortgpt.save_pruned"
         )
     path = Path(folder) / CONFIG_NAME
-    path.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    path.write_text(json.dumps(record.to_json(folder), indent=2) + "\n")
     return path
 
 
@@ -309,4 +344,4 @@ def resolve_base_spec(record: dict[str, Any] | FolderRecord, folder: str | Path)
     if isinstance(record, FolderRecord):
         return record.replace(folder=Path(folder)).base_spec
     inside = record.get("base_model_in_folder")
-    return str(Path(folder).resolve() / inside) if inside else record["base_model"]
+    return str(Path(folder).resolve() / inside) if inside else _absolute_base(record, Path(folder))

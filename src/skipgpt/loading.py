@@ -18,13 +18,18 @@ def load_model(
     threshold: float | None = None,
     device_map: str | dict | None = None,
 ):
-    """spec -> (model, tokenizer). A skipgpt folder gives a ``SkipGPTModel`` (routers loaded, and
-    its LoRA adapter if it has one), a dense + LoRA folder the HF model with its adapter; any other
-    spec gives the plain HF model. All in eval mode. ``dtype`` is the base model's (routers stay
-    float32); ``device_map`` as ``load_base_model`` takes it (each router sits with its layer)."""
+    """spec -> (model, tokenizer). A skipgpt folder, or a skipgpt repo on the Hub (a repo with
+    ``skipgpt_config.json``, downloaded), gives a ``SkipGPTModel`` (routers loaded, and its LoRA
+    adapter if it has one), a dense + LoRA folder the HF model with its adapter; any other spec
+    (a Hub id of a plain model included) gives the plain HF model. All in eval mode. ``dtype`` is
+    the base model's (routers stay float32); ``device_map`` as ``load_base_model`` takes it (each
+    router sits with its layer)."""
+    from . import hub
     from .specs import load_base_model
 
     dtype = dtype or torch.float32
+    if not is_skipgpt_dir(spec) and hub.is_skipgpt_repo(str(spec)):
+        spec = str(hub.download(str(spec)))
     if not is_skipgpt_dir(spec):
         model, tokenizer = load_base_model(spec, dtype=dtype, device_map=device_map)
         return model.eval(), tokenizer

@@ -5,12 +5,20 @@
 ``generate``) to the HF model, as peft's ``PeftModel`` does. Only the routers are new
 parameters; they all carry ``routers`` in their name and are all that ``save_pretrained``
 writes (``routers.safetensors``), beside ``skipgpt_config.json`` that records how to rebuild
-the base model.
+the base model. ``from_pretrained`` takes such a folder or a Hub repo id, ``push_to_hub`` uploads
+one with a model card (``skipgpt.hub``).
+
+No silent corruption: while it is wrapped, the HF model's own ``save_pretrained`` and
+``push_to_hub`` refuse in one line (they would write ``base_layer.*`` / ``routers.*`` keys that
+plain transformers loads as missing, i.e. random weights); ``unwrap()`` lifts the guard.
+Its ``state_dict()`` is left as torch makes it (routed keys): right for ``load_state_dict`` into
+a wrapped model of the same config, and never written as an HF checkpoint by skipgpt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +33,19 @@ from .checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord, resolve_base_sp
 from .config import MODULES, SkipGPTConfig
 from .errors import SkipGPTError
 from .layer import RoutedDecoderLayer
-from .lora_adapter import attach_adapter
+from .lora_adapter import attach_adapter, get_peft
 from .outputs import staged_dir
 from .removal import apply_removal
 from .routing import EXECUTIONS, OverridePolicy, RoutingPolicy, RoutingState
 from .version import __version__
 
 __all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_spec"]
+
+# the HF model's methods that would write an incomplete checkpoint while it is wrapped
+_GUARDED = ("save_pretrained", "push_to_hub")
+# transformers options of save_pretrained that SkipGPTModel.save_pretrained does not take: they
+# are about full model weights, which a skipgpt folder does not hold
+_HF_SAVE_OPTIONS = ("state_dict", "max_shard_size", "variant", "save_function", "is_main_process")
 
 # what SkipGPTModel.routing() may change (RoutingSettings fields; ``override`` becomes a policy)
 _ROUTING_SETTINGS = ("threshold", "enabled", "policy", "execution", "keep_decisions", "tau", "removed")
@@ -107,6 +121,7 @@ class SkipGPTModel(nn.Module):
             layers[i] = routed
         self.train(model.training)
         self._hook = model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True)
+        _install_guards(model)
 
     # -- plumbing ----------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -275,16 +290,44 @@ class SkipGPTModel(nn.Module):
         return out
 
     # -- save / load -------------------------------------------------------------------------
-    def save_pretrained(self, output_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        output_dir: str | Path,
+        metadata: dict[str, Any] | None = None,
+        *,
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **hub_kwargs: Any,
+    ) -> Path:
         """Write ``skipgpt_config.json`` and ``routers.safetensors`` into ``output_dir`` as one unit.
 
         The new folder is written complete beside the old one and swapped in (``outputs.staged_dir``):
         a kill leaves the old model or the new one, never new routers beside an old config. What
         else the old folder held is kept (the training checkpoint), except a LoRA ``adapter/``,
         which belonged to the old routers.
+
+        ``safe_serialization`` must stay True (routers are always safetensors); ``push_to_hub``
+        then uploads the folder to ``repo_id`` (default: the folder's name) with a model card,
+        ``hub_kwargs`` as ``push_to_hub`` takes them. transformers' options about full weights
+        (``max_shard_size``, ``state_dict``, ...) are refused in one line: use ``skipgpt export``.
         """
         from .outputs import fault_point, prepare_output_dir
 
+        if not safe_serialization:
+            raise SkipGPTError("skipgpt saves routers as safetensors only; drop safe_serialization=False")
+        hf_only = sorted(set(hub_kwargs) & set(_HF_SAVE_OPTIONS))
+        if hf_only:
+            raise SkipGPTError(
+                f"save_pretrained writes the routers only; {', '.join(hf_only)}: transformers option(s) "
+                "for full weights; call model.unwrap() then save_pretrained, or skipgpt export"
+            )
+        unknown = sorted(set(hub_kwargs) - set(_PUSH_OPTIONS))
+        if unknown:
+            raise SkipGPTError(
+                f"save_pretrained got unknown option(s) {', '.join(unknown)}; accepted: metadata, "
+                f"safe_serialization, push_to_hub, repo_id, {', '.join(_PUSH_OPTIONS)}"
+            )
         output_dir = prepare_output_dir(output_dir)
         record = self.folder_record(metadata)
         tensors = {
@@ -294,7 +337,60 @@ class SkipGPTModel(nn.Module):
             save_file(tensors, str(stage / ROUTERS_NAME), metadata={"format": "pt", "skipgpt": __version__})
             fault_point("final:files")
             checkpoint.write(stage, record)
+        if push_to_hub:
+            self.push_to_hub(repo_id or Path(output_dir).name, metadata=metadata, **hub_kwargs)
         return output_dir
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        base_model: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ) -> str:
+        """Upload this model's routers (and LoRA adapter, if any) to the Hub repo ``repo_id``, with
+        a model card; returns the commit URL (``skipgpt.hub.push_folder``).
+
+        A freshly written folder is uploaded (never a training checkpoint). ``metadata`` defaults
+        to what ``from_pretrained`` read. The base model is recorded as it was loaded; a local path
+        cannot be loaded by others, so it is refused unless ``base_model`` names its Hub id.
+        """
+        from . import hub
+
+        base = base_model or self.base_spec
+        if not base or Path(base).expanduser().exists():
+            raise SkipGPTError(
+                f"the base model is the local path {base!r}, which the Hub repo could not load; "
+                "pass base_model='org/name' (its Hub id)"
+            )
+        if metadata is None:
+            metadata = self.__dict__.get("metadata") or {}
+        with tempfile.TemporaryDirectory(prefix="skipgpt-push-") as tmp:
+            folder = Path(tmp) / "routers"
+            folder.mkdir()
+            record = self.folder_record(metadata).replace(base_model=base, folder=folder)
+            tensors = {
+                k: v.detach().to("cpu", torch.float32).contiguous()
+                for k, v in self.router_state_dict().items()
+            }
+            save_file(tensors, str(folder / ROUTERS_NAME), metadata={"format": "pt", "skipgpt": __version__})
+            checkpoint.write(folder, record)
+            peft_model = get_peft(self)
+            if peft_model is not None:
+                peft_model.save_pretrained(str(folder / ADAPTER_DIR))
+            hub.write_model_card(folder, checkpoint.read(folder), repo_id)
+            return hub.push_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                revision=revision,
+            )
 
     def folder_record(self, metadata: dict[str, Any] | None = None) -> FolderRecord:
         """The ``skipgpt_config.json`` record of this model (``skipgpt.checkpoint``)."""
@@ -339,11 +435,32 @@ class SkipGPTModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, base_model: nn.Module | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        path_or_hub_id: str | Path,
+        base_model: nn.Module | None = None,
+        *,
+        revision: str | None = None,
+        device_map: str | dict | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> SkipGPTModel:
         """Rebuild the base model from its recorded spec (unless given), load the routers, then
-        what the folder adds (``skipgpt.checkpoint``): its LoRA adapter, LLM-Drop's removed modules."""
-        path = Path(path)
+        what the folder adds (``skipgpt.checkpoint``): its LoRA adapter, LLM-Drop's removed modules.
+
+        ``path_or_hub_id``: a skipgpt folder, or the id of a skipgpt repo on the Hub (downloaded
+        at ``revision`` with ``huggingface_hub.snapshot_download``; the local cache when offline).
+        ``dtype`` (default float32) and ``device_map`` (transformers') apply to the base model;
+        routers stay float32, each on its layer's device.
+        """
+        from . import hub
+
+        path = Path(path_or_hub_id).expanduser()
+        if not path.exists() and hub.is_hub_id(path_or_hub_id):
+            try:
+                path = hub.download(str(path_or_hub_id), revision=revision)
+            except SkipGPTError as e:
+                raise SkipGPTError(f"no local folder {str(path_or_hub_id)!r}, and {e}") from None
+        elif revision is not None:
+            raise SkipGPTError(f"revision is for Hub repo ids; {path_or_hub_id} is a local folder")
         record = checkpoint.read(path)
         if not record.routed:
             raise SkipGPTError(
@@ -353,7 +470,7 @@ class SkipGPTModel(nn.Module):
         if base_model is None:
             from .specs import load_base_model
 
-            base_model, _ = load_base_model(spec, dtype=dtype)
+            base_model, _ = load_base_model(spec, dtype=dtype or torch.float32, device_map=device_map)
         model = cls(base_model, record.router_config, base_spec=spec)
         model.load_routers(path / ROUTERS_NAME)
         model.metadata = record.metadata
@@ -369,4 +486,51 @@ class SkipGPTModel(nn.Module):
         for i, layer in enumerate(layers):
             layers[i] = layer.base_layer
         self._hook.remove()
+        _remove_guards(self.hf_model)
         return self.hf_model
+
+
+# push_to_hub's options that save_pretrained(push_to_hub=True) passes on
+_PUSH_OPTIONS = ("base_model", "private", "token", "commit_message", "revision")
+
+
+class _Refusal:
+    """Stands in for the wrapped HF model's ``save_pretrained`` / ``push_to_hub`` (picklable)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        raise SkipGPTError(
+            f"{self.name} of a routed HF model would write base_layer.*/routers.* keys that transformers "
+            f"loads as missing (random weights); call model.{self.name}(...) on the SkipGPTModel for the "
+            "routers, or model.unwrap() first, or skipgpt export"
+        )
+
+
+def _install_guards(hf_model: nn.Module) -> None:
+    """Shadow the HF model's checkpoint writers with one-line refusals while it is wrapped."""
+    for name in _GUARDED:
+        hf_model.__dict__[name] = _Refusal(name)
+
+
+def _remove_guards(hf_model: nn.Module) -> None:
+    for name in _GUARDED:
+        if isinstance(hf_model.__dict__.get(name), _Refusal):
+            del hf_model.__dict__[name]
+
+
+def _register_with_pipelines() -> None:
+    """Let ``transformers.pipeline("text-generation", model=routed)`` take a ``SkipGPTModel``
+    without its "model class not supported" error (the check is by class name; peft's classes
+    are listed the same way). Generation goes through ``SkipGPTModel.generate``, i.e. routed."""
+    try:
+        from transformers.pipelines.base import SUPPORTED_PEFT_TASKS
+    except ImportError:  # another transformers layout: the pipeline only logs, it still works
+        return
+    names = SUPPORTED_PEFT_TASKS.setdefault("text-generation", [])
+    if SkipGPTModel.__name__ not in names:
+        names.append(SkipGPTModel.__name__)
+
+
+_register_with_pipelines()

@@ -10,7 +10,9 @@ Accepted forms (``model_spec_forms``):
 * a Hugging Face Hub id (``org/name``), when the Hub or the local cache has it.
 
 Skipgpt output folders (``skipgpt_config.json`` inside) are recognised by ``is_skipgpt_dir`` (from
-``skipgpt.checkpoint``, which owns the folder format) but loaded by ``skipgpt.load_model``, not here.
+``skipgpt.checkpoint``, which owns the folder format) but loaded by ``skipgpt.load_model``, not here;
+so are skipgpt repos on the Hub (``skipgpt.hub.is_skipgpt_repo``: a repo with ``skipgpt_config.json``).
+A Hub id of a plain model loads here as before.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def describe_spec(spec: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loaders: target, dtype, attn_implementation -> (model, tokenizer).
+# Loaders: target, dtype, attn_implementation, device_map -> (model, tokenizer).
 
 
 def _one_line(exc: BaseException) -> str:
@@ -215,16 +217,24 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _load_random(arch: str, dtype: torch.dtype, attn: str, device_map: str | None = None):
+def _device_of(device_map) -> str | torch.device | None:
+    """The one device a ``device_map`` names ('cpu', 'cuda:1', a device), 'auto': the accelerator
+    if there is one; None for a per-module map (a dict)."""
+    if device_map == "auto":
+        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    return None if isinstance(device_map, dict) else device_map
+
+
+def _load_random(arch: str, dtype: torch.dtype, attn: str, device_map=None):
     config = RANDOM_CONFIGS[arch]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # initialised in float32, so every dtype rounds the same weights
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
-    device = "cuda" if device_map == "auto" else device_map  # a tiny model fits one device
-    return model.to(device=device, dtype=dtype), byte_tokenizer()
+    device = _device_of(device_map)
+    return model.to(dtype=dtype, device=device), byte_tokenizer()
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, attn: str, device_map: str | None = None):
+def _load_gguf(path: Path, dtype: torch.dtype, attn: str, device_map=None):
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -236,11 +246,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str, device_map: str | None
 
 
 def _load_hf(
-    name: str | Path,
-    dtype: torch.dtype,
-    attn: str,
-    local_files_only: bool = False,
-    device_map: str | None = None,
+    name: str | Path, dtype: torch.dtype, attn: str, local_files_only: bool = False, device_map=None
 ):
     tok = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(
@@ -249,14 +255,14 @@ def _load_hf(
     return model, tok
 
 
-def _load_local(path: Path, dtype: torch.dtype, attn: str, device_map: str | None = None):
+def _load_local(path: Path, dtype: torch.dtype, attn: str, device_map=None):
     try:
         return _load_hf(path, dtype, attn, local_files_only=True, device_map=device_map)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise SkipGPTError(f"cannot load model folder {path}: {_one_line(exc)}") from exc
 
 
-def _load_hub(name: str, dtype: torch.dtype, attn: str, device_map: str | None = None):
+def _load_hub(name: str, dtype: torch.dtype, attn: str, device_map=None):
     try:  # the local Hugging Face cache first: no network, no retries
         return _load_hf(name, dtype, attn, local_files_only=True, device_map=device_map)
     except OSError:
@@ -272,7 +278,7 @@ def _load_hub(name: str, dtype: torch.dtype, attn: str, device_map: str | None =
         raise SkipGPTError(f"cannot load model '{name}' from the Hugging Face Hub: {_one_line(exc)}") from exc
 
 
-def _load_skipgpt(path: Path, dtype: torch.dtype, attn: str, device_map: str | None = None):
+def _load_skipgpt(path: Path, dtype: torch.dtype, attn: str, device_map=None):
     raise SkipGPTError(
         f"'{path}' is a skipgpt output folder; load it with skipgpt.load_model, not as a base model"
     )
@@ -304,13 +310,12 @@ def load_base_model(
     spec: str | Path,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
-    device_map: str | dict | None = None,
+    device_map: str | dict | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the plain Hugging Face causal LM and tokenizer named by ``spec`` (see the module docstring).
 
     ``attn_implementation=None`` lets transformers choose (sdpa wherever the family supports it).
-    ``device_map``: where the weights go, as ``from_pretrained`` takes it (``"cpu"``, ``"cuda:0"``,
-    ``"auto"`` to split a model larger than one GPU across all of them); None: the CPU.
+    ``device_map`` is transformers' (``'cpu'``, ``'cuda:0'``, ``'auto'``, a dict); None: the CPU.
     The model is in eval mode; the tokenizer always has a pad token (its eos when it had none).
     Raises ``SkipGPTError`` (one line) for a bad spec.
     """

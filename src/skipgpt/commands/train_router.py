@@ -33,7 +33,7 @@ LOSS_FIELDS = (
 )
 LOOP_FIELDS = (
     "max_steps batch_size grad_accum lr lr_scheduler warmup_ratio seed save_every mixed_precision "
-    "gradient_checkpointing"
+    "gradient_checkpointing keep_checkpoint"
 ).split()
 MIXED_PRECISION_HELP = (
     "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32 "
@@ -162,6 +162,8 @@ def tuning_args_from_args(args, **changes):
 
 
 def run(args) -> int:
+    import shlex
+
     import torch
 
     from ..checkpoint import is_skipgpt_dir
@@ -195,7 +197,12 @@ def run(args) -> int:
         tuning,
         resume=args.resume,
         overwrite=args.overwrite,
-        metadata={"dataset": args.dataset, "seq_len": args.seq_len, "blocks": int(blocks.shape[0])},
+        metadata={
+            "dataset": args.dataset,
+            "seq_len": args.seq_len,
+            "blocks": int(blocks.shape[0]),
+            "command": shlex.join(["skipgpt", *(getattr(args, "argv", None) or ["train-router"])]),
+        },
     )
     # Realised sparsity of the final routers (deterministic routing) on a few training blocks.
     from ..eval.perplexity import evaluate_perplexity

@@ -4,6 +4,11 @@ Everything a step depends on is a function of the step number: which blocks form
 (an epoch-seeded permutation), the RNG seed of its Gumbel noise, the temperature and the
 learning rate. So a run resumed from a checkpoint at step k computes exactly the steps an
 uninterrupted run would have computed from k on.
+
+A finished output holds no optimizer state: once the final model is in place
+(``finish_output``), ``checkpoint/`` (trainable weights, optimizer, scheduler, trainer state) is
+removed, unless ``LoopArgs.keep_checkpoint`` (``--keep-checkpoint``) asks to keep it for a later
+``--resume`` with more steps. A finished folder without it refuses ``--resume`` in one line.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +41,8 @@ __all__ = [
     "batch_indices",
     "make_accelerator",
     "save_on_main_process",
+    "finish_output",
+    "discard_checkpoint",
     "claim_output_dir",
     "verify_checkpoint",
     "has_checkpoint",
@@ -99,6 +107,13 @@ class LoopArgs:
             "help": f"log every step's metrics through accelerate's trackers: tensorboard (into <output>/{LOGS_DIR}), "
             "wandb, or none",
             "choices": REPORT_TO,
+        },
+    )
+    keep_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "keep checkpoint/ (optimizer, scheduler, trainer state) in the finished output, "
+            "to --resume it later with more steps"
         },
     )
 
@@ -177,6 +192,16 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> P
                     f"{output_dir} holds an interrupted run (a checkpoint, no final model); pass --resume "
                     "to continue it or --overwrite to start again"
                 )
+        elif (
+            resume
+            and not overwrite
+            and (output_dir / CONFIG_NAME).exists()
+            and not has_checkpoint(output_dir)
+        ):
+            raise SkipGPTError(
+                f"{output_dir} holds a finished model without its training checkpoint (removed when it "
+                "finished; train with --keep-checkpoint to resume later); pass --overwrite to train again"
+            )
     finally:
         if not held:  # train_loop holds it while the run writes (model loading is no write)
             release_output(output_dir)
@@ -257,6 +282,43 @@ def save_on_main_process(save, *args, **kwargs) -> None:
     if state.is_main_process:
         save(*args, **kwargs)
     state.wait_for_everyone()
+
+
+def discard_checkpoint(output_dir: str | Path) -> bool:
+    """Remove ``output_dir/checkpoint`` (optimizer, scheduler, trainer state) from a finished
+    output; returns whether there was one. It is first renamed to a hidden temp name, so a kill
+    leaves the whole checkpoint or a stale entry that the next writer's ``recover_dir`` deletes."""
+    import shutil
+    import tempfile
+
+    from ..outputs import holds_output, release_output
+
+    ckpt = Path(output_dir) / CHECKPOINT_DIR
+    if not ckpt.is_dir():
+        return False
+    held = holds_output(output_dir)
+    try:
+        lock_output(output_dir)  # the final swap released it; another run may have taken it since
+    except SkipGPTError:
+        return False  # that run owns the folder now: leave its checkpoint alone
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=".checkpoint.discard-", suffix=".tmp", dir=output_dir))
+        os.replace(ckpt, trash / CHECKPOINT_DIR)
+        fault_point("discard:checkpoint")
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if not held:
+            release_output(output_dir)
+    return True
+
+
+def finish_output(output_dir: str | Path, *, keep_checkpoint: bool = False) -> None:
+    """Called once the final model is in place (``save_on_main_process``): remove the training
+    checkpoint of ``output_dir`` (main process) unless ``keep_checkpoint``."""
+    from accelerate import PartialState
+
+    if not keep_checkpoint and PartialState().is_main_process:
+        discard_checkpoint(output_dir)
 
 
 def _rank_divergence(accelerator, prepared, params: list[torch.nn.Parameter]) -> float:
@@ -419,7 +481,7 @@ def _load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], op
 
 
 # settings that do not change what a resumed run computes
-_RESUME_INDIFFERENT = ("save_every", "report_to")
+_RESUME_INDIFFERENT = ("save_every", "report_to", "keep_checkpoint")
 
 
 def _differing_settings(saved: dict | None, now: dict) -> list[str]:

@@ -41,7 +41,7 @@ from ..errors import SkipGPTError
 from ..lora_adapter import attach_adapter, forget_peft, get_peft, remember_peft
 from ..model import SkipGPTModel
 from ..outputs import prepare_output_dir, staged_dir
-from .loop import CHECKPOINT_DIR, LoopArgs, claim_output_dir, save_on_main_process, train_loop
+from .loop import CHECKPOINT_DIR, LoopArgs, claim_output_dir, finish_output, save_on_main_process, train_loop
 from .losses import check_loss_weights
 from .objectives import lm_and_distillation, module_rates
 from .router_tuning import RouterTuningArgs, calibrate_and_measure, make_step_fn
@@ -364,6 +364,7 @@ def finetune_lora(
         meta.update(stage="dense_lora")
     meta.update(lora=asdict(args), loop=asdict(loop), history=history)
     save_on_main_process(save_with_adapter, model, output_dir, meta, base_spec=base_spec)
+    finish_output(output_dir, keep_checkpoint=loop.keep_checkpoint)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,
@@ -458,6 +459,7 @@ def train_joint(
     if continue_routers:
         meta.update(_stage1_metadata(model))
     save_on_main_process(save_with_adapter, model, output_dir, meta)
+    finish_output(output_dir, keep_checkpoint=loop.keep_checkpoint)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel
-from .loop import LoopArgs, claim_output_dir, save_on_main_process, train_loop
+from .loop import LoopArgs, claim_output_dir, finish_output, save_on_main_process, train_loop
 from .losses import check_loss_weights, curriculum_target, sparsity_penalty, temperature_at
 from .objectives import lm_and_distillation, module_rates
 
@@ -187,6 +187,7 @@ def train_routers(
     }
     meta["history"] = history
     save_on_main_process(model.save_pretrained, output_dir, metadata=meta)
+    finish_output(output_dir, keep_checkpoint=loop.keep_checkpoint)
     return {
         "output": str(output_dir),
         "steps": loop.max_steps,
