@@ -78,8 +78,10 @@ class FolderRecord:
     """What ``skipgpt_config.json`` says about its folder (``read`` fills ``folder`` and ``adapter``).
 
     ``base_model`` is the recorded spec; ``base_spec`` the one to load (an exported folder's own
-    ``hf/``). ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` is
-    reserved (None today), ``metadata`` what training recorded (data, losses, history, ...).
+    ``hf/``). ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` says
+    what the routers file also carries for skipped modules (``SkipGPTModel.substitutes_record``:
+    modules, rank, activation, init, tensor prefix; None: plain skipping; the router config's
+    ``*_skip_to`` fields are what rebuilds them), ``metadata`` what training recorded (data, losses, history, ...).
     ``format_version`` is the version the folder was written in (``read`` migrates older ones;
     ``write`` always writes ``FORMAT_VERSION``).
     """

@@ -10,6 +10,9 @@ forward is the decoder block plus a decision per branch::
 The executor (``execution.py``) decides how ``g *`` is carried out: the reference multiplies
 every token's output by the gate (training needs it: gradients reach the router through g);
 the skipping path runs only the executing tokens (``fast.py``), at inference.
+
+A module configured with ``skip_to="adapter"`` has a low-rank ``Substitute`` (``substitutes.py``)
+that its skipping tokens run instead of nothing: ``x + g * module(x) + (1 - g) * substitute(x)``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .config import SkipGPTConfig
 from .execution import Executor, choose_executor
 from .router import FusedRouters, Router
 from .routing import REMOVED, Gate, RoutingState
+from .substitutes import Substitute
 
 __all__ = ["RoutedDecoderLayer", "RoutingState"]
 
@@ -53,6 +57,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
         self.routers = nn.ModuleDict(
             {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
+        )
+        # what skipping tokens run instead of nothing (empty: plain skipping)
+        rank = config.rank_for(hidden_size)
+        self.substitutes = nn.ModuleDict(
+            {m: Substitute(hidden_size, rank, config.substitute_activation) for m in config.substituted}
         )
         # the attention router reads the block input; so does the MLP router unless configured
         # otherwise, and then both can run as one (inference only, see FusedRouters)
@@ -157,6 +166,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         h = self.part("mlp")(self.norm("mlp_pre_norm", x))
         return self.norm("mlp_post_norm", h)
+
+    def substitute_branch(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) block state -> (..., d): ``module``'s substitute on its normed input (the
+        module's pre-norm, as the module reads it); what a skipping token adds to the residual."""
+        return self.substitutes[module](self.norm(f"{module}_pre_norm", x))
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         """hidden_states: (B, T, d) block input -> (B, T, d) block output.

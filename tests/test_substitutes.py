@@ -1,0 +1,266 @@
+"""Skip to a substitute: low-rank stand-ins for skipped modules (``skipgpt.substitutes``).
+
+The fast path against the masked reference with substitutes (prefill, decode, batched, padded,
+all-skip, none-skip, the device path), zero init = plain skipping, what trains, save -> load,
+the closed-form fit, and the honest accounting (budget, costs, sparsity stats).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fast import ATOL, VOCAB, batch, decode_logits, run, tiny_config
+from transformers import AutoModelForCausalLM
+
+from skipgpt import SkipGPTConfig, SkipGPTModel, get_skipgpt_model
+from skipgpt.costs import CostModel, ForwardRecord, routing_cost
+from skipgpt.errors import SkipGPTError
+from skipgpt.fast import sync_policy
+from skipgpt.substitutes import Substitute, fit_substitutes, reduced_rank_fit
+
+ADAPTERS = {"attn_skip_to": "adapter", "mlp_skip_to": "adapter"}
+
+
+def base(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+
+
+def substituted(arch: str = "llama", randomise: bool = True, **config):
+    """A tiny routed model whose skipped modules run substitutes (random ones unless told)."""
+    model = get_skipgpt_model(base(arch), SkipGPTConfig(**{**ADAPTERS, **config}), base_spec="tiny-llama")
+    if randomise:
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for layer in model.routed_layers:
+                for p in layer.substitutes.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+# -- the config ------------------------------------------------------------------------------------
+def test_config_defaults_and_refusals():
+    c = SkipGPTConfig()
+    assert c.substituted == () and c.rank_for(576) == 36
+    assert SkipGPTConfig(mlp_skip_to="adapter", substitute_rank=8).substituted == ("mlp",)
+    assert SkipGPTConfig(modules=("attn",), mlp_skip_to="adapter").substituted == ()  # mlp not routed
+    with pytest.raises(SkipGPTError, match="mlp_skip_to must be one of"):
+        SkipGPTConfig(mlp_skip_to="mlp")
+    with pytest.raises(SkipGPTError, match="substitute_rank"):
+        SkipGPTConfig(substitute_rank=0)
+    with pytest.raises(SkipGPTError, match="needs substitute_activation 'identity'"):
+        SkipGPTConfig(substitute_init="closed-form", substitute_activation="silu")
+    assert SkipGPTConfig.from_dict(SkipGPTConfig(**ADAPTERS).to_dict()) == SkipGPTConfig(**ADAPTERS)
+
+
+def test_default_model_has_no_substitutes():
+    model = get_skipgpt_model(base(), SkipGPTConfig())
+    assert all(len(layer.substitutes) == 0 for layer in model.routed_layers)
+    assert not any(k.startswith("substitutes.") for k in model.router_state_dict())
+    assert model.folder_record().substitutes is None
+
+
+# -- zero init = plain skipping ----------------------------------------------------------------------
+@pytest.mark.parametrize("execution", ["masked", "fast"])
+def test_zero_init_equals_plain_skipping(execution):
+    plain = get_skipgpt_model(base(), SkipGPTConfig())
+    subs = substituted(randomise=False, substitute_rank=8)
+    ids, mask = batch("left")
+    a = run(plain, execution, 0.5, lambda: plain(input_ids=ids, attention_mask=mask).logits)
+    b = run(subs, execution, 0.5, lambda: subs(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(a, b)
+
+
+def test_substitute_changes_skipped_tokens_only():
+    """Nothing skips: substitutes never run; everything skips: they change the output."""
+    model = substituted()
+    ids, _ = batch(None)
+    with torch.no_grad(), model.dense():
+        dense = model(input_ids=ids).logits
+    for execution in ("masked", "fast"):
+        none = run(model, execution, 0.0, lambda: model(input_ids=ids).logits)
+        torch.testing.assert_close(none, dense, atol=ATOL, rtol=0)
+    plain = get_skipgpt_model(base(), SkipGPTConfig())
+    skipped_plain = run(plain, "fast", 1.0, lambda: plain(input_ids=ids).logits)
+    skipped_sub = run(model, "fast", 1.0, lambda: model(input_ids=ids).logits)
+    assert (skipped_plain - skipped_sub).abs().max() > 1e-3
+
+
+# -- fast == masked reference with substitutes ---------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("p_skip", [0.0, 0.5, 1.0])
+def test_prefill_fast_equals_masked(arch, padding, p_skip):
+    model = substituted(arch)
+    ids, mask = batch(padding)
+    am = None if padding is None else mask
+    ref = run(model, "masked", p_skip, lambda: model(input_ids=ids, attention_mask=am).logits)
+    out = run(model, "fast", p_skip, lambda: model(input_ids=ids, attention_mask=am).logits)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("p_skip", [0.0, 0.5, 1.0])
+def test_decode_fast_equals_masked(arch, padding, B, p_skip):
+    """Prefill then decode with a cache; skipping tokens' K/V are written as without substitutes."""
+    model = substituted(arch)
+    ids, mask = batch(padding if B > 1 else None, B=B, T=9)
+    steps = 7
+    ref, ref_keys = run(model, "masked", p_skip, lambda: decode_logits(model, ids, mask, steps))
+    out, out_keys = run(model, "fast", p_skip, lambda: decode_logits(model, ids, mask, steps))
+    real = torch.cat([mask, torch.ones(B, steps, dtype=mask.dtype)], 1).bool()
+    torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
+    for a, b in zip(out_keys, ref_keys, strict=True):
+        torch.testing.assert_close(a[:, :, -steps:], b[:, :, -steps:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_device_path_equals_masked(B):
+    """The GPU's path (decisions read once per layer into HostPlans, skip plans included), on a CPU."""
+    model = substituted()
+    ids, mask = batch("left" if B > 1 else None, B=B, T=9)
+    ref, _ = run(model, "masked", 0.5, lambda: decode_logits(model, ids, mask, 5))
+    with sync_policy("device"):
+        out, _ = run(model, "fast", 0.5, lambda: decode_logits(model, ids, mask, 5))
+    real = torch.cat([mask, torch.ones(B, 5, dtype=mask.dtype)], 1).bool()
+    torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
+
+
+def test_learned_routers_fast_equals_masked():
+    """The routers themselves decide (fused routers, host bools at batch-1 decode)."""
+    model = substituted(mlp_skip_to="adapter", attn_skip_to="identity")
+    for layer in model.routed_layers:
+        for router in layer.routers.values():
+            torch.nn.init.normal_(router.net[-1].weight, std=1.0)
+            torch.nn.init.zeros_(router.net[-1].bias)
+    ids, mask = batch(None, B=1, T=9)
+    with torch.no_grad(), model.routing(execution="masked"):
+        ref, _ = decode_logits(model, ids, mask, 5)
+    with torch.no_grad(), model.routing(execution="fast"):
+        out, _ = decode_logits(model, ids, mask, 5)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+# -- training --------------------------------------------------------------------------------------
+def test_only_routers_and_substitutes_train():
+    model = substituted(randomise=False)
+    model.mark_only_routers_trainable()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".routers." in n or ".substitutes." in n for n in trainable)
+    assert any(".substitutes." in n for n in trainable)
+    model.train()
+    model.set_temperature(1.0)
+    ids, _ = batch(None)
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, labels=ids).loss + model.realised_sparsity()
+    loss.backward()
+    subs = [p for layer in model.routed_layers for p in layer.substitutes.parameters()]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in subs)  # the up side, from zero
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+# -- save / load -----------------------------------------------------------------------------------
+def test_save_load_identical_logits(tmp_path):
+    model = substituted(substitute_rank=8)
+    model.save_pretrained(tmp_path / "out")
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "out" / "routers.safetensors"))
+    assert any(k.startswith("substitutes.layers.0.mlp.") for k in keys)
+    loaded = SkipGPTModel.from_pretrained(tmp_path / "out", base_model=base())
+    from skipgpt import checkpoint
+
+    record = checkpoint.read(tmp_path / "out")
+    assert record.substitutes["rank"] == 8 and record.substitutes["modules"] == ["attn", "mlp"]
+    ids, mask = batch("left")
+    for execution in ("masked", "fast"):
+        a = run(model, execution, 0.5, lambda: model(input_ids=ids, attention_mask=mask).logits)
+        b = run(loaded, execution, 0.5, lambda: loaded(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(a, b)
+
+
+def test_loading_routers_without_substitutes_is_refused(tmp_path):
+    get_skipgpt_model(base(), SkipGPTConfig(), base_spec="tiny-llama").save_pretrained(tmp_path / "plain")
+    model = substituted()
+    with pytest.raises(SkipGPTError, match="missing, e.g. substitutes.layers"):
+        model.load_routers(tmp_path / "plain" / "routers.safetensors")
+
+
+# -- closed-form fit -------------------------------------------------------------------------------
+def test_reduced_rank_fit_recovers_a_low_rank_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=g)
+    true = torch.randn(16, 3, generator=g) @ torch.randn(3, 12, generator=g)
+    y = x @ true + 0.5
+    down, up, bias = reduced_rank_fit(x, y, rank=3)
+    assert down.shape == (3, 16) and up.shape == (12, 3)
+    torch.testing.assert_close(x @ down.T @ up.T + bias, y, atol=1e-2, rtol=1e-3)  # up to the ridge
+
+
+def test_closed_form_reduces_output_error():
+    model = substituted(randomise=False, substitute_rank=8)
+    blocks = torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    report = fit_substitutes(model, blocks, max_tokens=64)
+    assert report["tokens"] == 64
+    assert all(0 <= e < 1.0 for e in report["relative_error"].values())
+    # on those tokens, with every MLP skipped, the substitutes bring the logits closer to dense
+    ids = blocks[:2]
+    with torch.no_grad(), model.dense():
+        dense = model(input_ids=ids).logits
+    plain = get_skipgpt_model(base(), SkipGPTConfig())
+
+    def all_mlps_skip(m):
+        return lambda: m(input_ids=ids).logits
+
+    skip_all = {"override": lambda i, module, h: torch.full(h.shape[:2], module == "attn")}
+    with torch.no_grad(), model.routing(**skip_all):
+        fitted = model(input_ids=ids).logits
+    with torch.no_grad(), plain.routing(**skip_all):
+        removed = plain(input_ids=ids).logits
+    assert (fitted - dense).pow(2).mean() < (removed - dense).pow(2).mean()
+
+
+def test_fit_needs_substitutes():
+    with pytest.raises(SkipGPTError, match="no substitutes to fit"):
+        fit_substitutes(get_skipgpt_model(base(), SkipGPTConfig()), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_substitute_shapes_and_zero_output():
+    sub = Substitute(64, 4)
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    out = sub(x)
+    assert out.shape == x.shape and out.dtype == torch.float64 and not out.any()
+
+
+# -- honest accounting -----------------------------------------------------------------------------
+def test_params_budget_counts_substitutes_as_executed():
+    plain = get_skipgpt_model(base(), SkipGPTConfig(budget="params"))
+    subs = substituted(budget="params", substitute_rank=8)
+    ids, _ = batch(None)
+    for m in (plain, subs):
+        run(m, "masked", 1.0, lambda m=m: m(input_ids=ids).logits)
+    total = sum(plain.branch_params.values())
+    sub_total = sum(subs.substitute_params.values())
+    assert sub_total == 3 * 2 * (64 * 8 + 8 * 64 + 64)
+    assert plain.realised_sparsity().item() == pytest.approx(1.0)
+    assert subs.realised_sparsity().item() == pytest.approx((total - sub_total) / total)
+    stats = subs.sparsity_stats()
+    assert stats["params"] == pytest.approx(1.0)
+    assert stats["params_net"] == pytest.approx((total - sub_total) / total)
+    assert plain.sparsity_stats()["params_net"] == plain.sparsity_stats()["params"]
+
+
+def test_cost_model_charges_substitutes():
+    cfg = tiny_config("llama")
+    plain = CostModel.from_config(cfg)
+    subs = CostModel.from_config(cfg, substitute_ranks={"mlp": 8})
+    assert subs.substitute("mlp") == 2 * (2 * 64 * 8 + 64) and subs.substitute("attn") == 0
+    skip_all = {(i, m): torch.zeros(1, 10, dtype=torch.bool) for i in range(3) for m in ("attn", "mlp")}
+    a = routing_cost(plain, [ForwardRecord(batch=1, length=10, execute=skip_all)])
+    b = routing_cost(subs, [ForwardRecord(batch=1, length=10, execute=skip_all)])
+    assert b["substitute_flops"] == 30 * subs.substitute("mlp") and a["substitute_flops"] == 0
+    assert b["skipped_flops"] == pytest.approx(a["skipped_flops"] - b["substitute_flops"])
+    assert b["ideal_speedup"] < a["ideal_speedup"]
+    assert CostModel.for_model(substituted(substitute_rank=8)).substitute("attn") == subs.substitute("mlp")
