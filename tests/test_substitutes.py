@@ -264,3 +264,40 @@ def test_cost_model_charges_substitutes():
     assert b["skipped_flops"] == pytest.approx(a["skipped_flops"] - b["substitute_flops"])
     assert b["ideal_speedup"] < a["ideal_speedup"]
     assert CostModel.for_model(substituted(substitute_rank=8)).substitute("attn") == subs.substitute("mlp")
+
+
+# -- stage 1 -----------------------------------------------------------------------------------------
+def test_stage1_trains_closed_form_substitutes_and_saves_them(tmp_path):
+    from skipgpt.train.loop import LoopArgs
+    from skipgpt.train.router_tuning import RouterTuningArgs, train_routers
+
+    model = substituted(
+        randomise=False, mlp_skip_to="adapter", attn_skip_to="identity", substitute_init="closed-form"
+    )
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.hf_model.named_parameters()
+        if ".substitutes." not in n and ".routers." not in n
+    }
+    blocks = torch.randint(1, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    loop = LoopArgs(max_steps=2, batch_size=2, lr=1e-2, save_every=2)
+    result = train_routers(
+        model, blocks, tmp_path / "out", loop, RouterTuningArgs(calibrate_blocks=0), progress=False
+    )
+    fit = checkpoint_metadata(tmp_path / "out")["substitutes_fit"]
+    assert fit["tokens"] == 128 and set(fit["relative_error"]) == {"0.mlp", "1.mlp", "2.mlp"}
+    assert result["steps"] == 2
+    for n, p in model.hf_model.named_parameters():  # the base stayed frozen
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    loaded = SkipGPTModel.from_pretrained(tmp_path / "out", base_model=base())
+    ids, mask = batch("left")
+    a = run(model.eval(), "fast", 0.5, lambda: model(input_ids=ids, attention_mask=mask).logits)
+    b = run(loaded, "fast", 0.5, lambda: loaded(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(a, b)
+
+
+def checkpoint_metadata(folder):
+    from skipgpt import checkpoint
+
+    return checkpoint.read(folder).metadata

@@ -92,10 +92,13 @@ class CostModel:
     def for_model(cls, model) -> CostModel:
         """The cost model of a ``SkipGPTModel``: its base's dimensions, its routers' width, its
         substitutes' ranks."""
-        config = model.skipgpt_config
-        hidden = model.config.get_text_config(decoder=True).hidden_size
-        ranks = {m: config.rank_for(hidden) for m in config.substituted}
-        return cls.from_config(model.config, router_hidden=config.router_hidden, substitute_ranks=ranks)
+        from .substitutes import substitute_ranks
+
+        return cls.from_config(
+            model.config,
+            router_hidden=model.skipgpt_config.router_hidden,
+            substitute_ranks=substitute_ranks(model),
+        )
 
     # -- per token, per layer (FLOPs) -------------------------------------------------------------
     @property

@@ -42,6 +42,7 @@ __all__ = [
     "capture_branches",
     "fit_substitutes",
     "SUBSTITUTE_PREFIX",
+    "substitute_ranks",
 ]
 
 SUBSTITUTE_PREFIX = "substitutes."  # the keys of substitute tensors in routers.safetensors
@@ -81,6 +82,11 @@ class Substitute(nn.Module):
         self.down.weight.copy_(down)
         self.up.weight.copy_(up)
         self.up.bias.copy_(bias)
+
+
+def substitute_ranks(model) -> dict[str, int]:
+    """module -> rank of the substitutes of a ``SkipGPTModel`` (empty: plain skipping)."""
+    return {m: sub.rank for layer in model.routed_layers for m, sub in layer.substitutes.items()}
 
 
 def reduced_rank_fit(
