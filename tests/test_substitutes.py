@@ -199,6 +199,25 @@ def test_reduced_rank_fit_recovers_a_low_rank_map():
     torch.testing.assert_close(x @ down.T @ up.T + bias, y, atol=1e-2, rtol=1e-3)  # up to the ridge
 
 
+def test_moments_fit_streams_and_reports_its_error():
+    """Fitting from moments added in pieces = fitting all tokens at once; the error it reports is
+    the error of the map it returns."""
+    from skipgpt.substitutes import RegressionMoments
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(500, 10, generator=g), torch.randn(500, 6, generator=g)
+    whole, parts = RegressionMoments(), RegressionMoments()
+    whole.add(x, y)
+    for s in range(0, 500, 128):
+        parts.add(x[s : s + 128], y[s : s + 128])
+    (down, up, bias), error = parts.fit(2)
+    for a, b in zip((down, up, bias), whole.fit(2)[0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    fitted = x @ down.T @ up.T + bias
+    direct = float((y - fitted).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert error == pytest.approx(direct, rel=1e-3) and 0 < error < 1
+
+
 def test_closed_form_reduces_output_error():
     model = substituted(randomise=False, substitute_rank=8)
     blocks = torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -225,6 +244,17 @@ def test_closed_form_reduces_output_error():
 def test_fit_needs_substitutes():
     with pytest.raises(SkipGPTError, match="no substitutes to fit"):
         fit_substitutes(get_skipgpt_model(base(), SkipGPTConfig()), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_fit_only_some_pairs():
+    model = substituted(randomise=False, mlp_skip_to="adapter", attn_skip_to="identity")
+    blocks = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = fit_substitutes(model, blocks, pairs=[(1, "mlp")])
+    assert set(report["relative_error"]) == {"1.mlp"}
+    assert model.routed_layers[1].substitutes["mlp"].up.weight.any()
+    assert not model.routed_layers[0].substitutes["mlp"].up.weight.any()
+    with pytest.raises(SkipGPTError, match="no substitute at"):
+        fit_substitutes(model, blocks, pairs=[(1, "attn")])
 
 
 def test_substitute_shapes_and_zero_output():

@@ -18,7 +18,8 @@ Two initialisations (``SkipGPTConfig.substitute_init``):
 * ``closed-form`` (``fit_substitutes``): a reduced-rank least-squares fit of the branch output
   from its normed input on calibration tokens (run dense): ordinary least squares of the
   centred data, then the projection of its fitted values on their top-r principal directions
-  (reduced-rank regression), solved in float64 on the CPU with ``torch.linalg``.
+  (reduced-rank regression), solved in float64 on the CPU with ``torch.linalg`` from running
+  moments (``RegressionMoments``: d² numbers per module, never the tokens themselves).
 
 Substitute parameters live in ``RoutedDecoderLayer.substitutes`` (float32, like the routers);
 ``SkipGPTModel.router_state_dict`` names them ``substitutes.layers.{i}.{module}.{param}``, so
@@ -30,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import SkipGPTError
@@ -38,8 +38,9 @@ from .errors import SkipGPTError
 __all__ = [
     "Substitute",
     "ACTIVATIONS",
+    "RegressionMoments",
     "reduced_rank_fit",
-    "capture_branches",
+    "branch_moments",
     "fit_substitutes",
     "SUBSTITUTE_PREFIX",
     "substitute_ranks",
@@ -89,59 +90,94 @@ def substitute_ranks(model) -> dict[str, int]:
     return {m: sub.rank for layer in model.routed_layers for m, sub in layer.substitutes.items()}
 
 
+class RegressionMoments:
+    """Running sums of a regression of y (N, d_out) on x (N, d_in), in float64 on the CPU: what a
+    least-squares fit needs, without keeping the tokens (d² numbers per module, not N·d)."""
+
+    def __init__(self):
+        self.n = 0
+        self.sx = self.sy = self.xx = self.xy = self.yy = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x (..., d_in), y (..., d_out): more tokens."""
+        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float64)
+        y = y.detach().reshape(-1, y.shape[-1]).to("cpu", torch.float64)
+        if self.sx is None:
+            self.sx, self.sy = x.new_zeros(x.shape[1]), y.new_zeros(y.shape[1])
+            self.xx, self.xy = x.new_zeros(x.shape[1], x.shape[1]), x.new_zeros(x.shape[1], y.shape[1])
+            self.yy = y.new_zeros(())
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.xx += x.T @ x
+        self.xy += x.T @ y
+        self.yy += (y * y).sum()
+
+    def fit(self, rank: int, ridge: float = 1e-4) -> tuple[tuple[torch.Tensor, ...], float]:
+        """The rank-``rank`` linear map that best predicts y from x in least squares:
+        ((down (r, d_in), up (d_out, r), bias (d_out)), relative error).
+
+        Reduced-rank regression: B = OLS coefficient of the centred data (a ``ridge`` relative
+        to the mean input variance keeps it well posed), V_r = top-r eigenvectors of the fitted
+        values' covariance Bᵀ Cxx B; the map is x ↦ (x - mean x) B V_r V_rᵀ + mean y. The
+        relative error is ||y - fit||² / ||y - mean y||² on the tokens seen (1: no better than
+        the mean)."""
+        if self.n == 0:
+            raise SkipGPTError("no tokens to fit a substitute on")
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxx = self.xx - self.n * torch.outer(mx, mx)
+        cxy = self.xy - self.n * torch.outer(mx, my)
+        eye = torch.eye(cxx.shape[0], dtype=cxx.dtype)
+        coef = torch.linalg.solve(cxx + ridge * cxx.diagonal().mean().clamp(min=1e-12) * eye, cxy)
+        rank = min(rank, *coef.shape)
+        fitted = coef.T @ cxx @ coef  # covariance of the fitted values (d_out, d_out)
+        _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
+        v = vecs[:, -rank:].flip(-1)  # (d_out, r), largest first
+        w = coef @ v  # (d_in, r)
+        total = float(self.yy - self.n * my @ my)
+        explained = float(2 * (cxy @ v * w).sum() - (w.T @ cxx @ w).trace())
+        error = (total - explained) / total if total > 0 else 0.0
+        return (w.T.float(), v.float(), (my - mx @ w @ v.T).float()), error
+
+
 def reduced_rank_fit(
     inputs: torch.Tensor, outputs: torch.Tensor, rank: int, ridge: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rank-``rank`` linear map that best predicts ``outputs`` (N, d_out) from ``inputs``
-    (N, d_in) in least squares: returns (down (r, d_in), up (d_out, r), bias (d_out)).
-
-    Reduced-rank regression: B = OLS coefficient of the centred data (a ``ridge`` relative to
-    the mean input variance keeps it well posed), V_r = top-r right singular vectors of the
-    fitted values X B; the answer is X (B V_r) V_rᵀ + bias. Computed in float64 on the CPU.
-    """
-    x = inputs.detach().to("cpu", torch.float64)
-    y = outputs.detach().to("cpu", torch.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise SkipGPTError(f"reduced_rank_fit needs (N, d) inputs and outputs, got {x.shape} and {y.shape}")
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = x - mx, y - my
-    gram = xc.T @ xc
-    gram += ridge * gram.diagonal().mean().clamp(min=1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
-    coef = torch.linalg.solve(gram, xc.T @ yc)  # (d_in, d_out)
-    rank = min(rank, *coef.shape)
-    _, _, vh = torch.linalg.svd(xc @ coef, full_matrices=False)
-    v = vh[:rank].T  # (d_out, r)
-    down = (coef @ v).T  # (r, d_in)
-    bias = my - (mx @ coef @ v) @ v.T
-    return down.float(), v.float(), bias.float()
+    """The rank-``rank`` least-squares map from ``inputs`` (N, d_in) to ``outputs`` (N, d_out):
+    (down (r, d_in), up (d_out, r), bias (d_out)); see ``RegressionMoments.fit``."""
+    if inputs.ndim != 2 or outputs.ndim != 2 or inputs.shape[0] != outputs.shape[0]:
+        raise SkipGPTError(
+            f"reduced_rank_fit needs (N, d) inputs and outputs, got {tuple(inputs.shape)} and {tuple(outputs.shape)}"
+        )
+    moments = RegressionMoments()
+    moments.add(inputs, outputs)
+    return moments.fit(rank, ridge)[0]
 
 
 @torch.no_grad()
-def capture_branches(model, blocks: torch.Tensor, modules: Iterable[str], batch_size: int = 4) -> dict:
-    """Run ``model`` (a ``SkipGPTModel``) dense on ``blocks`` (N, T) and return, per (layer,
-    module), the normed inputs and branch outputs of every token: ``{(i, m): (x (N·T, d),
-    y (N·T, d))}`` on the CPU in float32."""
-    modules = tuple(modules)
-    inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
-    outputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+def branch_moments(
+    model, blocks: torch.Tensor, pairs: Iterable[tuple[int, str]], batch_size: int = 4
+) -> dict[tuple[int, str], RegressionMoments]:
+    """Run ``model`` (a ``SkipGPTModel``) dense on ``blocks`` (N, T) and gather, for each (layer,
+    module) of ``pairs``, the regression moments of its branch output (after the branch's
+    post-norm, if any) on its normed input (what the module reads)."""
+    pairs = sorted(set(pairs))
+    moments = {k: RegressionMoments() for k in pairs}
+    layers = model.routed_layers
     hooks = []
 
     def hook(layer, module: str):
-        post = "attn_post_norm" if module == "attn" else "mlp_post_norm"
+        post = f"{module}_post_norm"
 
         def fn(mod, args, kwargs, out):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             y = out[0] if isinstance(out, tuple) else out
-            y = layer.norm(post, y)
-            key = (layer.layer_idx, module)
-            inputs.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).float().cpu())
-            outputs.setdefault(key, []).append(y.reshape(-1, y.shape[-1]).float().cpu())
+            moments[(layer.layer_idx, module)].add(x, layer.norm(post, y))
 
         return fn
 
-    for layer in model.routed_layers:
-        for m in modules:
-            hooks.append(layer.part(m).register_forward_hook(hook(layer, m), with_kwargs=True))
+    for i, m in pairs:
+        hooks.append(layers[i].part(m).register_forward_hook(hook(layers[i], m), with_kwargs=True))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -153,29 +189,37 @@ def capture_branches(model, blocks: torch.Tensor, modules: Iterable[str], batch_
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: (torch.cat(inputs[k]), torch.cat(outputs[k])) for k in inputs}
+    return moments
 
 
 @torch.no_grad()
-def fit_substitutes(model, blocks: torch.Tensor, max_tokens: int = 8192, batch_size: int = 4) -> dict:
-    """Closed-form init of every substitute of ``model`` (a ``SkipGPTModel``): the reduced-rank
-    least-squares fit of its module's branch output on at most ``max_tokens`` tokens of
-    ``blocks`` (N, T), run dense. Returns ``{"tokens", "relative_error": {"{i}.{m}": e}}``, e =
-    ||y - fit(x)||² / ||y - mean(y)||² on those tokens (1.0 would be no better than its bias)."""
-    layers = [layer for layer in model.routed_layers if len(layer.substitutes)]
-    if not layers:
+def fit_substitutes(
+    model,
+    blocks: torch.Tensor,
+    max_tokens: int = 8192,
+    batch_size: int = 4,
+    pairs: Iterable[tuple[int, str]] | None = None,
+) -> dict:
+    """Closed-form init of the substitutes of ``model`` (a ``SkipGPTModel``; all, or those of
+    ``pairs`` (layer, module)): the reduced-rank least-squares fit of the module's branch output
+    on at most ``max_tokens`` tokens of ``blocks`` (N, T), run dense. Returns ``{"tokens",
+    "relative_error": {"{i}.{m}": e}}`` (``RegressionMoments.fit``)."""
+    have = {(layer.layer_idx, m) for layer in model.routed_layers for m in layer.substitutes}
+    if not have:
         raise SkipGPTError(
             "the model has no substitutes to fit (set attn_skip_to or mlp_skip_to to 'adapter')"
         )
+    pairs = have if pairs is None else {(int(i), str(m)) for i, m in pairs}
+    if not pairs <= have:
+        raise SkipGPTError(
+            f"no substitute at {sorted(pairs - have)[:3]}; this model has them at {sorted(have)[:3]}..."
+        )
     n_blocks = max(1, min(blocks.shape[0], -(-max_tokens // blocks.shape[1])))
-    modules = sorted({m for layer in layers for m in layer.substitutes})
-    captured = capture_branches(model, blocks[:n_blocks], modules, batch_size=batch_size)
+    moments = branch_moments(model, blocks[:n_blocks], pairs, batch_size=batch_size)
+    layers = model.routed_layers
     errors = {}
-    for layer in layers:
-        for m, sub in layer.substitutes.items():
-            x, y = captured[(layer.layer_idx, m)]
-            down, up, bias = reduced_rank_fit(x, y, sub.rank)
-            sub.set_linear(down, up, bias)
-            fitted = F.linear(F.linear(x, down), up, bias)
-            errors[f"{layer.layer_idx}.{m}"] = float((y - fitted).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    for (i, m), mom in moments.items():
+        sub = layers[i].substitutes[m]
+        (down, up, bias), errors[f"{i}.{m}"] = mom.fit(sub.rank)
+        sub.set_linear(down, up, bias)
     return {"tokens": int(n_blocks * blocks.shape[1]), "relative_error": errors}
