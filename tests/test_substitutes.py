@@ -331,3 +331,53 @@ def checkpoint_metadata(folder):
     from skipgpt import checkpoint
 
     return checkpoint.read(folder).metadata
+
+
+# -- the static baseline ---------------------------------------------------------------------------
+def test_static_substitute_baseline(tmp_path):
+    from skipgpt.baselines.substitute import save_static_substitute, static_substitute_prune
+
+    blocks = torch.randint(1, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    model, record = static_substitute_prune(
+        base(), blocks, 0.2, rank=4, base_spec="tiny-llama", progress=False
+    )
+    replaced = record["replaced_mlps"]
+    assert len(replaced) == 1 and record["rank"] == 4  # an MLP is ~0.2 of the tiny model's params
+    assert record["sparsity"]["params_net"] < record["sparsity"]["params"]
+    ids, mask = batch("left")
+    with torch.no_grad():
+        model.reset_stats()
+        fast = model(input_ids=ids, attention_mask=mask).logits
+        stats = model.sparsity_stats()
+        assert stats["per_layer"]["mlp"] == [1.0 if i in replaced else 0.0 for i in range(3)]
+        assert stats["params_net"] == pytest.approx(record["sparsity"]["params_net"])
+        with model.routing(execution="masked"):
+            masked = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(fast[mask.bool()], masked[mask.bool()], atol=ATOL, rtol=0)
+    save_static_substitute(model, tmp_path / "out", record)
+    from skipgpt import checkpoint
+
+    assert checkpoint.read(tmp_path / "out").kind == "routed"
+    loaded = SkipGPTModel.from_pretrained(tmp_path / "out", base_model=base())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, fast)
+
+
+def test_cli_baseline_substitute_then_eval(tmp_path, capsys):
+    import json
+
+    from skipgpt.cli import main
+
+    out = tmp_path / "sub"
+    argv = ["baseline", "substitute", "--model", "random:llama", "--sparsity", "0.2", "--output", str(out)]
+    assert main(argv + ["--seq-len", "16", "--calib-blocks", "2", "--rank", "4", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built["method"] == "static-substitute" and built["rank"] == 4 and built["replaced_mlps"]
+    assert built["sparsity"]["params_net"] < built["sparsity"]["params"]
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert (
+        main(["eval", "ppl", "--model", str(out), "--dataset", str(text), "--seq-len", "32", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ppl"] > 0
