@@ -381,3 +381,22 @@ def test_cli_baseline_substitute_then_eval(tmp_path, capsys):
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ppl"] > 0
+
+
+def test_compare_runs_the_static_substitute_method(tmp_path, capsys):
+    import json
+
+    from skipgpt.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(3000)))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "random:llama", "--sparsity", "0.25", "--out", str(out), "--json"]
+    argv += ["--methods", "substitute", "--dataset", str(text), "--eval-datasets", str(text)]
+    argv += ["--seq-len", "16", "--max-blocks", "4", "--calib-blocks", "2"]
+    argv += ["--eval-seq-len", "32", "--max-windows", "1", "--speed-tokens", "0"]
+    assert main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["dense", "substitute"]
+    row = result["rows"][1]
+    assert row["build"]["replaced_mlps"] and row["sparsity"]["mlp"] > 0 and row["ppl"][str(text)] > 0
