@@ -400,3 +400,33 @@ def test_compare_runs_the_static_substitute_method(tmp_path, capsys):
     assert [r["method"] for r in result["rows"]] == ["dense", "substitute"]
     row = result["rows"][1]
     assert row["build"]["replaced_mlps"] and row["sparsity"]["mlp"] > 0 and row["ppl"][str(text)] > 0
+
+
+def test_calibrate_and_export_carry_substitutes(tmp_path, capsys):
+    """A folder with substitutes through ``skipgpt calibrate`` and ``skipgpt export``: the copies
+    hold the same substitutes and give the same logits (at the same θ)."""
+    from skipgpt.cli import main
+    from skipgpt.loading import load_model
+    from skipgpt.specs import load_base_model
+
+    hf, _ = load_base_model("random:llama")
+    model = get_skipgpt_model(hf, SkipGPTConfig(**ADAPTERS, substitute_rank=4), base_spec="random:llama")
+    with torch.no_grad():
+        for p in model.routed_layers[0].substitutes.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["calibrate", "--model", str(tmp_path / "src"), "--target-sparsity", "0.3", "--dataset", str(text)]
+    assert main(argv + ["--seq-len", "16", "--blocks", "2", "--output", str(tmp_path / "cal")]) == 0
+    assert main(["export", "--model", str(tmp_path / "cal"), "--output", str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    cal, _ = load_model(str(tmp_path / "cal"))
+    exp, _ = load_model(str(tmp_path / "exp"))
+    want = model.router_state_dict()
+    for m in (cal, exp):
+        got = m.router_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if k.startswith("substitutes."))
+    with torch.no_grad():
+        assert torch.equal(cal(input_ids=ids).logits, exp(input_ids=ids).logits)
