@@ -430,3 +430,11 @@ def test_calibrate_and_export_carry_substitutes(tmp_path, capsys):
         assert all(torch.equal(got[k], want[k]) for k in want if k.startswith("substitutes."))
     with torch.no_grad():
         assert torch.equal(cal(input_ids=ids).logits, exp(input_ids=ids).logits)
+
+
+def test_vllm_prepare_refuses_substitutes(tmp_path):
+    from skipgpt.serving.prepare import prepare_serving_folder
+
+    substituted().save_pretrained(tmp_path / "src")
+    with pytest.raises(SkipGPTError, match="has substitutes for skipped attn/mlp"):
+        prepare_serving_folder(tmp_path / "src")
