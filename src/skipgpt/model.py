@@ -30,7 +30,7 @@ from .lora_adapter import attach_adapter
 from .outputs import staged_dir
 from .removal import apply_removal
 from .routing import EXECUTIONS, OverridePolicy, RoutingPolicy, RoutingState
-from .substitutes import SUBSTITUTE_PREFIX
+from .substitutes import SUBSTITUTE_PREFIX, substitute_ranks
 from .version import __version__
 
 __all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_spec"]
@@ -295,10 +295,10 @@ class SkipGPTModel(nn.Module):
         if not self.substitute_params:
             return None
         c = self.skipgpt_config
-        rank = next(layer for layer in self.routed_layers if len(layer.substitutes)).substitutes
+        ranks = substitute_ranks(self)
         return {
             "modules": list(c.substituted),
-            "rank": next(iter(rank.values())).rank,
+            "rank": max(ranks.values()),
             "activation": c.substitute_activation,
             "init": c.substitute_init,
             "file": ROUTERS_NAME,
