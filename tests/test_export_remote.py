@@ -77,6 +77,22 @@ def exported(tmp_path_factory) -> Path:
     return root / "out"
 
 
+def _export_substituted(root: Path) -> Path:
+    """A random:llama routed folder whose skipped MLPs run closed-form-shaped substitutes
+    (random, non-zero: zero ones would equal plain skipping), exported."""
+    base, _ = load_base_model("random:llama")
+    config = SkipGPTConfig(router_init="paper", router_hidden=0, threshold=0.5, mlp_skip_to="adapter")
+    model = get_skipgpt_model(base, config, "random:llama")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for layer in model.routed_layers:
+            for p in layer.substitutes.parameters():
+                p.normal_(0, 0.05)
+    model.save_pretrained(root / "substituted")
+    export_model(str(root / "substituted"), str(root / "substituted-out"))
+    return root / "substituted-out"
+
+
 def _export_fixture(name: str, root: Path, merge: bool) -> Path:
     """Export a copy of the 0.1.0 fixture folder ``name`` (``tests/fixtures/folders``)."""
     shutil.copytree(FIXTURE_FOLDERS / name, root / name)
@@ -95,11 +111,13 @@ def _skipgpt_reference(folder: Path, ids: torch.Tensor):
     return logits, sparsity, generated
 
 
-@pytest.mark.parametrize("source", ["routed", "llm_drop", "exported --merge"])
+@pytest.mark.parametrize("source", ["routed", "llm_drop", "exported --merge", "substitutes"])
 def test_plain_transformers_loads_the_export_routed_without_skipgpt(exported, tmp_path, source):
     """The folder's own code routes it (LLM-Drop's removed modules too; LoRA merged): same logits
     as skipgpt's routed model on the fast path, same sparsity, same greedy generation."""
-    if source != "routed":
+    if source == "substitutes":
+        exported = _export_substituted(tmp_path)
+    elif source != "routed":
         exported = _export_fixture(source.split()[0], tmp_path, merge=source.endswith("--merge"))
     ids = random_ids(2, 24, VOCAB, seed=3)
     torch.save(ids, tmp_path / "ids.pt")

@@ -87,8 +87,12 @@ class FolderRecord:
     """What ``skipgpt_config.json`` says about its folder (``read`` fills ``folder`` and ``adapter``).
 
     ``base_model`` is the recorded spec (a local path made absolute by ``read``: on disk it is
-    relative to the folder); ``base_spec`` the one to load (an exported folder's own ``hf/``). ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` is
-    reserved (None today), ``metadata`` what training recorded (data, losses, history, ...).
+    relative to the folder); ``base_spec`` the one to load (an exported folder's own weights).
+    ``removed_modules`` are LLM-Drop's (layer, 'attn'|'mlp') pairs, ``substitutes`` says what the
+    routers file also carries for skipped modules (``SkipGPTModel.substitutes_record``: modules,
+    rank, activation, init, tensor prefix; None: plain skipping; the router config's
+    ``*_skip_to`` fields are what rebuilds them), ``metadata`` what training recorded (data,
+    losses, history, ...).
     ``format_version`` is the version the folder was written in (``read`` migrates older ones;
     ``write`` always writes ``FORMAT_VERSION``).
     """

@@ -19,6 +19,9 @@ __all__ = [
     "BUDGETS",
     "MLP_ROUTER_INPUTS",
     "RENAMED_KEYS",
+    "SKIP_TARGETS",
+    "SUBSTITUTE_INITS",
+    "SUBSTITUTE_ACTIVATIONS",
 ]
 
 CONFIG_NAME = "skipgpt_config.json"
@@ -26,6 +29,9 @@ MODULES = ("attn", "mlp")
 ROUTER_INITS = ("dense", "paper")
 BUDGETS = ("modules", "params")
 MLP_ROUTER_INPUTS = ("block_input", "post_attention")
+SKIP_TARGETS = ("identity", "adapter")  # what a skipped (token, module) runs instead
+SUBSTITUTE_INITS = ("zero", "closed-form")
+SUBSTITUTE_ACTIVATIONS = ("identity", "silu")
 # keys of a saved router config that were renamed: old -> new (``from_dict`` migrates them)
 RENAMED_KEYS = {"alpha": "sparsity_weight"}
 
@@ -106,6 +112,40 @@ class SkipGPTConfig:
         },
     )
 
+    attn_skip_to: str = field(
+        default="identity",
+        metadata={
+            "help": "what a token that skips attention runs: nothing (identity) or a low-rank substitute (adapter)",
+            "choices": SKIP_TARGETS,
+        },
+    )
+    mlp_skip_to: str = field(
+        default="identity",
+        metadata={
+            "help": "what a token that skips the MLP runs: nothing (identity) or a low-rank substitute (adapter)",
+            "choices": SKIP_TARGETS,
+        },
+    )
+    substitute_rank: int | None = field(
+        default=None,
+        metadata={"help": "rank of a substitute (None: hidden_size // 16)"},
+    )
+    substitute_init: str = field(
+        default="zero",
+        metadata={
+            "help": "substitute init: zero (output side zero: starts as plain skipping) or closed-form "
+            "(reduced-rank least-squares fit of the module on calibration tokens)",
+            "choices": SUBSTITUTE_INITS,
+        },
+    )
+    substitute_activation: str = field(
+        default="identity",
+        metadata={
+            "help": "activation between a substitute's down and up projections (closed-form needs identity)",
+            "choices": SUBSTITUTE_ACTIVATIONS,
+        },
+    )
+
     def __post_init__(self) -> None:
         self.target_sparsity = _probability("target_sparsity", self.target_sparsity, open_interval=True)
         self.threshold = _probability("threshold", self.threshold, open_interval=False)
@@ -140,9 +180,40 @@ class SkipGPTConfig:
             ("router_init", ROUTER_INITS),
             ("budget", BUDGETS),
             ("mlp_router_input", MLP_ROUTER_INPUTS),
+            ("attn_skip_to", SKIP_TARGETS),
+            ("mlp_skip_to", SKIP_TARGETS),
+            ("substitute_init", SUBSTITUTE_INITS),
+            ("substitute_activation", SUBSTITUTE_ACTIVATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise SkipGPTError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+        if self.substitute_rank is not None and (
+            not isinstance(self.substitute_rank, int)
+            or isinstance(self.substitute_rank, bool)
+            or self.substitute_rank < 1
+        ):
+            raise SkipGPTError(
+                f"substitute_rank must be None or an integer >= 1, got {self.substitute_rank!r}"
+            )
+        if self.substitute_init == "closed-form" and self.substitute_activation != "identity":
+            raise SkipGPTError(
+                "substitute_init 'closed-form' fits a linear map: it needs substitute_activation "
+                f"'identity', got {self.substitute_activation!r}"
+            )
+
+    def skip_to(self, module: str) -> str:
+        """What a skipped (token, ``module``) runs: 'identity' (nothing) or 'adapter'."""
+        return getattr(self, f"{module}_skip_to")
+
+    @property
+    def substituted(self) -> tuple[str, ...]:
+        """The routed modules whose skipping tokens run a substitute."""
+        return tuple(m for m in self.modules if self.skip_to(m) == "adapter")
+
+    def rank_for(self, hidden_size: int) -> int:
+        """The substitutes' rank for a model of width ``hidden_size``."""
+        return self.substitute_rank or max(1, hidden_size // 16)
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

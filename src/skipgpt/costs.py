@@ -15,6 +15,10 @@ the MLP. Routers cost ``2·(d·r + 2r)`` per (token, module) (``2·2d`` for a li
 that is overhead of the method and is *not* part of the ideal speedup:
 
     ideal speedup = dense cost / (dense cost - cost of the work actually skipped).
+
+A module that skips to a substitute (``substitutes.py``, rank r) charges each skipping token
+``2·(2·d·r + d)`` (down, up, bias): the work skipped is the module's cost less its substitute's
+(``routing_cost``: ``skipped_flops`` is net of ``substitute_flops``).
 """
 
 from __future__ import annotations
@@ -41,13 +45,21 @@ class CostModel:
     mlp_matrices: int = 3
     windows: tuple[int | None, ...] = field(default=())  # sliding window per layer (None = full)
     router_hidden: int = 0
+    substitute_ranks: tuple[tuple[str, int], ...] = ()  # (module, rank) of modules with substitutes
 
     @classmethod
-    def from_config(cls, config, router_hidden: int | None = None, mlp_matrices: int = 3) -> CostModel:
+    def from_config(
+        cls,
+        config,
+        router_hidden: int | None = None,
+        mlp_matrices: int = 3,
+        substitute_ranks: dict[str, int] | None = None,
+    ) -> CostModel:
         """``config``: a HF ``PretrainedConfig`` (the text config of a multimodal one is used).
 
         ``mlp_matrices``: 3 for gated MLPs (gate, up, down: every family skipgpt supports), 2 for
         plain ones. ``router_hidden``: the routers' hidden width (None = d // 4, 0 = linear).
+        ``substitute_ranks``: module -> rank of the substitute its skipping tokens run.
         """
         if hasattr(config, "get_text_config"):
             config = config.get_text_config(decoder=True)
@@ -73,6 +85,19 @@ class CostModel:
             mlp_matrices=mlp_matrices,
             windows=windows,
             router_hidden=d // 4 if router_hidden is None else router_hidden,
+            substitute_ranks=tuple(sorted((substitute_ranks or {}).items())),
+        )
+
+    @classmethod
+    def for_model(cls, model) -> CostModel:
+        """The cost model of a ``SkipGPTModel``: its base's dimensions, its routers' width, its
+        substitutes' ranks."""
+        from .substitutes import substitute_ranks
+
+        return cls.from_config(
+            model.config,
+            router_hidden=model.skipgpt_config.router_hidden,
+            substitute_ranks=substitute_ranks(model),
         )
 
     # -- per token, per layer (FLOPs) -------------------------------------------------------------
@@ -97,6 +122,11 @@ class CostModel:
         r = self.router_hidden
         return 2 * (self.hidden * r + 2 * r) if r else 2 * 2 * self.hidden
 
+    def substitute(self, module: str) -> int:
+        """FLOPs per skipping token of ``module``'s substitute (0: plain skipping)."""
+        r = dict(self.substitute_ranks).get(module, 0)
+        return 2 * (2 * self.hidden * r + self.hidden) if r else 0
+
     def context(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
         """Keys attended at ``layer`` by tokens at 0-based ``positions``."""
         c = positions + 1
@@ -114,7 +144,12 @@ class CostModel:
             f"{', sliding windows' if any(self.windows) else ''}), MLP {self.mlp / 1e6:.3f} MFLOP; lm_head "
             f"{self.lm_head / 1e6:.3f} MFLOP per token with logits; norms/rotary/softmax ignored. "
             "A skipped attention saves q+o and its attention over the context; a skipped MLP saves the "
-            "MLP. ideal speedup = dense / (dense - skipped). Router overhead "
+            "MLP"
+            + "".join(
+                f"; a skipped {m} runs its rank-{r} substitute ({self.substitute(m) / 1e6:.3f} MFLOP, charged)"
+                for m, r in self.substitute_ranks
+            )
+            + ". ideal speedup = dense / (dense - skipped). Router overhead "
             f"{self.router / 1e6:.3f} MFLOP per (token, module) is not in the ideal."
         )
 
@@ -137,8 +172,9 @@ class ForwardRecord:
 
 
 def routing_cost(cost: CostModel, forwards: Iterable[ForwardRecord]) -> dict[str, float]:
-    """Dense FLOPs, skipped FLOPs, router FLOPs and the ideal speedup over some forwards."""
-    dense = skipped = router = 0.0
+    """Dense FLOPs, skipped FLOPs (net of the substitutes that skipping tokens run), substitute
+    FLOPs, router FLOPs and the ideal speedup over some forwards."""
+    dense = skipped = router = substitute = 0.0
     for f in forwards:
         real = (
             f.token_mask.bool()
@@ -155,18 +191,22 @@ def routing_cost(cost: CostModel, forwards: Iterable[ForwardRecord]) -> dict[str
             ex_attn = f.execute.get((layer, "attn"))
             if ex_attn is not None:
                 skip = real & ~ex_attn.bool().cpu()
-                skipped += int(skip.sum()) * cost.q_o + float(attn_ctx[skip].sum())
+                n_skip = int(skip.sum())
+                skipped += n_skip * (cost.q_o - cost.substitute("attn")) + float(attn_ctx[skip].sum())
+                substitute += n_skip * cost.substitute("attn")
                 router += n_real * cost.router
             ex_mlp = f.execute.get((layer, "mlp"))
             if ex_mlp is not None:
-                skip = real & ~ex_mlp.bool().cpu()
-                skipped += int(skip.sum()) * cost.mlp
+                n_skip = int((real & ~ex_mlp.bool().cpu()).sum())
+                skipped += n_skip * (cost.mlp - cost.substitute("mlp"))
+                substitute += n_skip * cost.substitute("mlp")
                 router += n_real * cost.router
     ideal = dense / (dense - skipped) if dense > skipped else float("inf")
     return {
         "dense_flops": dense,
         "skipped_flops": skipped,
         "router_flops": router,
+        "substitute_flops": substitute,
         "skipped_fraction": skipped / dense if dense else 0.0,
         "ideal_speedup": ideal,
     }

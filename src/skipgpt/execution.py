@@ -10,6 +10,11 @@ Two executors, picked once per forward by ``choose_executor``:
   still writes its K/V). On a device whose host reads stop its queue it first reads a layer's
   decisions to the host in one copy (``prepare`` -> ``fast.HostPlan``).
 
+A module with a substitute (``layer.substitutes``, ``skip_to="adapter"``) adds it for the
+tokens that skip: the reference adds ``(1 - g) * substitute(x)`` for every token (gradients reach
+the router and the substitute); the skipping executor runs it on the real skipping tokens only
+(``fast.fast_substitute_residual``). A None gate (always executes) or REMOVED runs no substitute.
+
 Both read a gate the same way (``routing.Gate``): None runs the module on every token, REMOVED
 runs nothing (not even the K/V projections), a (B, T) gate or a single token's Python bool runs
 the module where it is true.
@@ -19,7 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from .fast import HostPlan, fast_attn_residual, fast_mlp_residual, plan_decisions, reads_are_free
+from .fast import (
+    HostPlan,
+    fast_attn_residual,
+    fast_mlp_residual,
+    fast_substitute_residual,
+    plan_decisions,
+    reads_are_free,
+)
 from .routing import REMOVED, Gate
 
 __all__ = ["Executor", "ReferenceExecutor", "SkippingExecutor", "choose_executor", "as_mask"]
@@ -46,7 +58,8 @@ class Executor:
             return x
         if gate is None:
             return x + layer.attn_branch(x, **kwargs)
-        return self._attn(layer, x, gate, **kwargs)
+        out = self._attn(layer, x, gate, **kwargs)
+        return self._substitute(layer, "attn", x, gate, out) if "attn" in layer.substitutes else out
 
     def mlp_residual(self, layer, x: torch.Tensor, gate: Gate | HostPlan) -> torch.Tensor:
         """x (B, T, d) -> x + gated MLP branch."""
@@ -54,12 +67,17 @@ class Executor:
             return x
         if gate is None:
             return x + layer.mlp_branch(x)
-        return self._mlp(layer, x, gate)
+        out = self._mlp(layer, x, gate)
+        return self._substitute(layer, "mlp", x, gate, out) if "mlp" in layer.substitutes else out
 
     def _attn(self, layer, x, gate, **kwargs):
         raise NotImplementedError
 
     def _mlp(self, layer, x, gate):
+        raise NotImplementedError
+
+    def _substitute(self, layer, module, x, gate, out):
+        """out + ``module``'s substitute on the skipping tokens of x (B, T, d)."""
         raise NotImplementedError
 
 
@@ -71,6 +89,11 @@ class ReferenceExecutor(Executor):
 
     def _mlp(self, layer, x, gate):
         return x + _times(gate, layer.mlp_branch(x))
+
+    def _substitute(self, layer, module, x, gate, out):
+        sub = layer.substitute_branch(module, x)
+        skip = ~gate if gate.dtype == torch.bool else 1 - gate
+        return out + _times(skip, sub)
 
 
 class SkippingExecutor(Executor):
@@ -93,6 +116,10 @@ class SkippingExecutor(Executor):
 
     def _mlp(self, layer, x, gate):
         return fast_mlp_residual(layer, x, gate if isinstance(gate, HostPlan) else as_mask(gate))
+
+    def _substitute(self, layer, module, x, gate, out):
+        gate = gate if isinstance(gate, HostPlan) else as_mask(gate)
+        return fast_substitute_residual(layer, module, x, gate, out)
 
 
 REFERENCE = ReferenceExecutor()

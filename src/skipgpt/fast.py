@@ -55,6 +55,11 @@ plus one per forward for a prefill's causal-mask check; none from statistics. A 
 only be skipped by not launching it, so one read per layer is what skipping needs; the
 sync-free alternative is the masked execution (every module on every token, times the gate).
 
+A module with a substitute (``substitutes.py``) runs it on its real skipping tokens only
+(``fast_substitute_residual``: gather, run, scatter, after the module's own kernel); an
+attention substitute replaces the skipping token's attention output only: its K/V are written
+as without one.
+
 Padding tokens (``RoutedDecoderLayer.token_mask``) never execute here: no real token reads their
 outputs, so their logits are garbage, as they already are in the dense model.
 
@@ -83,6 +88,7 @@ __all__ = [
     "register_attention",
     "fast_attn_residual",
     "fast_mlp_residual",
+    "fast_substitute_residual",
     "fast_attention_supported",
     "HostPlan",
     "plan_decisions",
@@ -188,7 +194,8 @@ class HostPlan:
 
     ``mask`` (B, T) bool on the device, padding removed; ``host`` the same on the CPU (read
     once per layer for both modules); ``n`` executing tokens; ``per_row`` (B) executing tokens
-    per sequence; ``rows`` (T == 1) the executing sequences.
+    per sequence; ``rows`` (T == 1) the executing sequences. ``skip``: for a module with a
+    substitute, the same of its real *skipping* tokens (read in the same host copy).
     """
 
     mask: torch.Tensor
@@ -196,6 +203,7 @@ class HostPlan:
     n: int
     per_row: list[int]
     rows: list[int] | None = None
+    skip: HostPlan | None = None
     _idx: torch.Tensor | None = field(default=None, repr=False)
 
     def indices(self) -> torch.Tensor:
@@ -214,16 +222,23 @@ class HostPlan:
 def plan_decisions(layer, masks: dict[str, torch.Tensor]) -> dict[str, HostPlan]:
     """(B, T) execute masks of some modules of one layer -> their ``HostPlan``, with ONE host read.
 
-    Padding tokens are removed first (``_effective_execute``).
+    Padding tokens are removed first (``_effective_execute``). A module with a substitute also
+    gets the plan of its real skipping tokens (``HostPlan.skip``), from the same read.
     """
     masks = {m: _effective_execute(layer, e) for m, e in masks.items()}
-    host = torch.stack(list(masks.values()), -1).cpu()  # (B, T, R): the layer's one read
+    skips = {m: _real_skipping(layer, e) for m, e in masks.items() if m in layer.substitutes}
+    stacked = list(masks.values()) + list(skips.values())
+    host = torch.stack(stacked, -1).cpu()  # (B, T, R): the layer's one read
     per_row = host.sum(1).tolist()  # (B, R), from the host copy
-    plans = {}
-    for r, (m, mask) in enumerate(masks.items()):
+
+    def plan(r: int, mask: torch.Tensor) -> HostPlan:
         counts = [row[r] for row in per_row]
         rows = [b for b, c in enumerate(counts) if c] if mask.shape[1] == 1 else None
-        plans[m] = HostPlan(mask, host[..., r], sum(counts), counts, rows)
+        return HostPlan(mask, host[..., r], sum(counts), counts, rows)
+
+    plans = {m: plan(r, mask) for r, (m, mask) in enumerate(masks.items())}
+    for r, (m, mask) in enumerate(skips.items(), start=len(masks)):
+        plans[m].skip = plan(r, mask)
     return plans
 
 
@@ -245,6 +260,15 @@ def _effective_execute(layer, execute: torch.Tensor) -> torch.Tensor:
     if mask is not None and mask.shape == execute.shape:
         return execute & mask.to(execute.device)
     return execute
+
+
+def _real_skipping(layer, execute: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the real (non-padding) tokens that do not execute."""
+    skip = ~execute
+    mask = layer.token_mask
+    if mask is not None and mask.shape == execute.shape:
+        return skip & mask.to(execute.device)
+    return skip
 
 
 _causal_cache: list[tuple[weakref.ref, int, bool]] = []  # the last few masks seen
@@ -303,6 +327,37 @@ def fast_mlp_residual(layer, hidden_states: torch.Tensor, execute: torch.Tensor 
     idx = plan.indices() if idx is None else idx
     out = layer.mlp_branch(flat.index_select(0, idx).unsqueeze(0)).squeeze(0)
     return flat.index_add(0, idx, out.to(flat.dtype)).view_as(hidden_states)
+
+
+# -- substitutes -----------------------------------------------------------------------------------
+def fast_substitute_residual(
+    layer,
+    module: str,
+    hidden_states: torch.Tensor,
+    execute: torch.Tensor | bool | HostPlan,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``out`` (B, T, d) + ``module``'s substitute of hidden_states (B, T, d) on the real tokens
+    that do not execute it (gather, run, scatter); padding tokens run nothing.
+
+    ``execute`` as the module's kernel got it: a single token's Python bool, a (B, T) bool mask,
+    or a ``HostPlan`` whose ``skip`` plan holds the skipping tokens (device path, no host read)."""
+    if isinstance(execute, bool) or (isinstance(execute, torch.Tensor) and execute.numel() == 1):
+        return out if bool(execute) else out + layer.substitute_branch(module, hidden_states)
+    if isinstance(execute, HostPlan):
+        skip = execute.skip
+        idx, n = None, skip.n
+    else:
+        idx = _real_skipping(layer, execute).reshape(-1).nonzero().squeeze(-1)
+        n = idx.numel()
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if n == 0:
+        return out
+    if n == flat.shape[0]:
+        return out + layer.substitute_branch(module, hidden_states)
+    idx = skip.indices() if idx is None else idx
+    sub = layer.substitute_branch(module, flat.index_select(0, idx))
+    return out.reshape(flat.shape).index_add(0, idx, sub.to(out.dtype)).view_as(out)
 
 
 # -- attention -------------------------------------------------------------------------------------

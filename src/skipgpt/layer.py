@@ -10,6 +10,9 @@ forward is the decoder block plus a decision per branch::
 The executor (``execution.py``) decides how ``g *`` is carried out: the reference multiplies
 every token's output by the gate (training needs it: gradients reach the router through g);
 the skipping path runs only the executing tokens (``fast.py``), at inference.
+
+A module configured with ``skip_to="adapter"`` has a low-rank ``Substitute`` (``substitutes.py``)
+that its skipping tokens run instead of nothing: ``x + g * module(x) + (1 - g) * substitute(x)``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from .config import SkipGPTConfig
 from .execution import Executor, choose_executor
 from .router import FusedRouters, Router
 from .routing import REMOVED, Gate, RoutingState
+from .substitutes import SUBSTITUTE_PREFIX, Substitute
 
-__all__ = ["RoutedDecoderLayer", "RoutingState"]
+__all__ = ["RoutedDecoderLayer", "RoutingState", "added_parameters"]
 
 
 class RoutedDecoderLayer(GradientCheckpointingLayer):
@@ -53,6 +57,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
         self.routers = nn.ModuleDict(
             {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
+        )
+        # what skipping tokens run instead of nothing (empty: plain skipping)
+        rank = config.rank_for(hidden_size)
+        self.substitutes = nn.ModuleDict(
+            {m: Substitute(hidden_size, rank, config.substitute_activation) for m in config.substituted}
         )
         # the attention router reads the block input; so does the MLP router unless configured
         # otherwise, and then both can run as one (inference only, see FusedRouters)
@@ -158,6 +167,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         h = self.part("mlp")(self.norm("mlp_pre_norm", x))
         return self.norm("mlp_post_norm", h)
 
+    def substitute_branch(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) block state -> (..., d): ``module``'s substitute on its normed input (the
+        module's pre-norm, as the module reads it); what a skipping token adds to the residual."""
+        return self.substitutes[module](self.norm(f"{module}_pre_norm", x))
+
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         """hidden_states: (B, T, d) block input -> (B, T, d) block output.
 
@@ -176,3 +190,21 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             router_input = hidden_states if self.mlp_reads_block_input else x
             gates = self.decide(router_input, ("mlp",), run)
         return run.mlp_residual(self, x, gates["mlp"])
+
+
+def added_parameters(layers) -> dict[str, nn.Parameter]:
+    """Every parameter routing adds to ``layers`` (routed layers), by the name it is saved under in
+    ``routers.safetensors``: ``layers.{i}.{module}.{param}`` for the routers,
+    ``substitutes.layers.{i}.{module}.{param}`` for the substitutes (none unless a module skips to
+    an adapter). ``SkipGPTModel`` and an export's remote code both read and write these names."""
+    routers = {
+        f"layers.{layer.layer_idx}.{name}": p
+        for layer in layers
+        for name, p in layer.routers.named_parameters()
+    }
+    substitutes = {
+        f"{SUBSTITUTE_PREFIX}layers.{layer.layer_idx}.{name}": p
+        for layer in layers
+        for name, p in layer.substitutes.named_parameters()
+    }
+    return {**routers, **substitutes}

@@ -3,9 +3,10 @@
 ``get_skipgpt_model(model, config)`` replaces every decoder layer, in place, by a
 ``RoutedDecoderLayer`` around it and returns a ``SkipGPTModel`` that forwards calls (and
 ``generate``) to the HF model, as peft's ``PeftModel`` does. Only the routers are new
-parameters; they all carry ``routers`` in their name and are all that ``save_pretrained``
-writes (``routers.safetensors``), beside ``skipgpt_config.json`` that records how to rebuild
-the base model. ``from_pretrained`` takes such a folder or a Hub repo id, ``push_to_hub`` uploads
+parameters, with ``skip_to="adapter"`` also the substitutes; they carry ``routers`` /
+``substitutes`` in their name and are all that ``save_pretrained`` writes
+(``routers.safetensors``, substitutes under the ``substitutes.`` prefix), beside
+``skipgpt_config.json`` that records how to rebuild the base model. ``from_pretrained`` takes such a folder or a Hub repo id, ``push_to_hub`` uploads
 one with a model card (``skipgpt.hub``).
 
 No silent corruption: while it is wrapped, the HF model's own ``save_pretrained`` and
@@ -32,11 +33,12 @@ from .adapters import get_adapter
 from .checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord, resolve_base_spec
 from .config import MODULES, SkipGPTConfig
 from .errors import SkipGPTError
-from .layer import RoutedDecoderLayer
+from .layer import RoutedDecoderLayer, added_parameters
 from .lora_adapter import attach_adapter, get_peft
 from .outputs import staged_dir
 from .removal import apply_removal
 from .routing import EXECUTIONS, OverridePolicy, RoutingPolicy, RoutingState
+from .substitutes import SUBSTITUTE_PREFIX, substitute_ranks
 from .version import __version__
 
 __all__ = ["SkipGPTModel", "get_skipgpt_model", "ROUTERS_NAME", "resolve_base_spec"]
@@ -116,9 +118,16 @@ class SkipGPTModel(nn.Module):
             # stay float32 whatever the base dtype
             device = _device_of(layer, model)
             routed.routers.to(device=device)
+            routed.substitutes.to(device=device)  # so do substitutes
             if split:  # accelerate's hook on the base layer does not run: the routed layer calls its parts
                 routed.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
             layers[i] = routed
+        # Parameters a skipping token still runs: its module's substitute (none: plain skipping)
+        self.substitute_params: dict[tuple[int, str], int] = {
+            (i, m): sum(p.numel() for p in sub.parameters())
+            for i, layer in enumerate(layers)
+            for m, sub in layer.substitutes.items()
+        }
         self.train(model.training)
         self._hook = model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True)
         _install_guards(model)
@@ -132,11 +141,12 @@ class SkipGPTModel(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """``to``/``half``/``bfloat16``/``cuda``... on the wrapper: the base model follows, the routers
-        move device but keep their dtype (float32, as ``load_model(dtype=...)`` builds them). To
+        (and substitutes) move device but keep their dtype (float32, as ``load_model(dtype=...)`` builds them). To
         change the routers' dtype, cast them directly: ``for r in model.router_modules(): r.to(dtype)``."""
-        params = [p for r in self.router_modules() for p in r.parameters()]
+        own = [*self.router_modules(), *(layer.substitutes for layer in self.routed_layers)]  # float32 both
+        params = [p for r in own for p in r.parameters()]
         keep = {id(t) for t in params + [p.grad for p in params if p.grad is not None]}
-        keep |= {id(b) for r in self.router_modules() for b in r.buffers()}
+        keep |= {id(b) for r in own for b in r.buffers()}
 
         def keep_router_dtype(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
@@ -175,17 +185,16 @@ class SkipGPTModel(nn.Module):
 
     # -- what trains and what is saved -------------------------------------------------------
     def router_state_dict(self) -> dict[str, torch.Tensor]:
-        """``layers.{i}.{module}.{param}`` -> tensor, for every router."""
-        return {
-            f"layers.{layer.layer_idx}.{name}": p
-            for layer in self.routed_layers
-            for name, p in layer.routers.named_parameters()
-        }
+        """Every parameter skipgpt adds, by the name it is saved under: ``layers.{i}.{module}.{param}``
+        for the routers, ``substitutes.layers.{i}.{module}.{param}`` for the substitutes (none
+        unless a module skips to an adapter)."""
+        return added_parameters(self.routed_layers)
 
     def router_parameters(self) -> list[nn.Parameter]:
         return list(self.router_state_dict().values())
 
     def mark_only_routers_trainable(self) -> None:
+        """Freeze the base model; the routers and the substitutes train."""
         for p in self.hf_model.parameters():
             p.requires_grad_(False)
         for p in self.router_parameters():
@@ -243,9 +252,10 @@ class SkipGPTModel(nn.Module):
     # -- sparsity ----------------------------------------------------------------------------
     def budget_weights(self, budget: str) -> dict[tuple[int, str], float]:
         """(layer, module) -> its weight in a sparsity budget: 1 per routed module (``'modules'``)
-        or its parameter count (``'params'``, attention and MLP of every layer)."""
+        or the parameters a skip of it saves (``'params'``, attention and MLP of every layer: its
+        parameter count less its substitute's, which a skipping token still runs)."""
         if budget == "params":
-            return {k: float(v) for k, v in self.branch_params.items()}
+            return {k: float(v - self.substitute_params.get(k, 0)) for k, v in self.branch_params.items()}
         return {k: 1.0 for k in self.branch_params if k[1] in self.skipgpt_config.modules}
 
     def realised_sparsity(self, budget: str | None = None) -> torch.Tensor:
@@ -255,11 +265,13 @@ class SkipGPTModel(nn.Module):
         ``'params'``: each module counts by its parameters, over all attention and MLP
         parameters of the decoder layers.
         """
-        weights = self.budget_weights(budget or self.skipgpt_config.budget)
+        budget = budget or self.skipgpt_config.budget
+        weights = self.budget_weights(budget)
         rates = self.state.scratch.skip_rates
         if not rates:
             raise SkipGPTError("no routing decisions recorded; run a forward with routing enabled first")
-        total = sum(weights.values())
+        # 'params': out of all attention + MLP parameters (a substitute's count as executed)
+        total = sum(self.branch_params.values()) if budget == "params" else sum(weights.values())
         return torch.as_tensor(sum(w * rates[k] for k, w in weights.items() if k in rates) / total)
 
     def reset_stats(self) -> None:
@@ -269,7 +281,9 @@ class SkipGPTModel(nn.Module):
         """Skip rates accumulated since ``reset_stats()`` (padding excluded).
 
         Returns ``module`` (all routed decisions), ``attn``, ``mlp``, ``params`` (parameter
-        weighted over all attention+MLP parameters) and ``per_layer`` rates.
+        weighted over all attention+MLP parameters), ``params_net`` (the same less the
+        parameters of the substitutes that skipping tokens run; = ``params`` without
+        substitutes) and ``per_layer`` rates.
         """
         skipped, counted = self.state.stats.skipped, self.state.stats.counted
         rate = {k: skipped[k] / counted[k] for k in counted if counted[k] > 0}
@@ -279,12 +293,14 @@ class SkipGPTModel(nn.Module):
             num, den = sum(skipped[k] for k in keys), sum(counted[k] for k in keys)
             return num / den if den else 0.0
 
-        params = self.budget_weights("params")
+        params = {k: float(v) for k, v in self.branch_params.items()}
+        net = self.budget_weights("params")
         out = {
             "module": mean([k for k in params if k[1] in self.skipgpt_config.modules]),
             "attn": mean([k for k in params if k[1] == "attn"]),
             "mlp": mean([k for k in params if k[1] == "mlp"]),
             "params": sum(w * rate.get(k, 0.0) for k, w in params.items()) / sum(params.values()),
+            "params_net": sum(w * rate.get(k, 0.0) for k, w in net.items()) / sum(params.values()),
             "per_layer": {m: [rate.get((i, m), 0.0) for i in range(self.state.num_layers)] for m in MODULES},
         }
         return out
@@ -401,8 +417,24 @@ class SkipGPTModel(nn.Module):
             hidden_size=self.hf_model.config.get_text_config(decoder=True).hidden_size,
             num_layers=self.state.num_layers,
             removed_modules=tuple(sorted(self.state.removed)),
+            substitutes=self.substitutes_record(),
             metadata=metadata or {},
         )
+
+    def substitutes_record(self) -> dict[str, Any] | None:
+        """What ``FolderRecord.substitutes`` says of this model's substitutes (None: it has none)."""
+        if not self.substitute_params:
+            return None
+        c = self.skipgpt_config
+        ranks = substitute_ranks(self)
+        return {
+            "modules": list(c.substituted),
+            "rank": max(ranks.values()),
+            "activation": c.substitute_activation,
+            "init": c.substitute_init,
+            "file": ROUTERS_NAME,
+            "prefix": SUBSTITUTE_PREFIX,
+        }
 
     def load_routers(self, path: str | Path) -> None:
         """Load ``routers.safetensors``; refuse a file made for another model, naming the shapes."""

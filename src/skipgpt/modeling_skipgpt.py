@@ -31,7 +31,7 @@ from transformers.utils import cached_file
 
 from .adapters import get_adapter
 from .config import SkipGPTConfig
-from .layer import RoutedDecoderLayer
+from .layer import RoutedDecoderLayer, added_parameters
 from .removal import apply_removal
 from .routing import RoutingState
 
@@ -56,7 +56,7 @@ def install_routing(
 ) -> RoutingState:
     """Route every decoder layer of the HF causal LM ``model`` in place; returns its ``RoutingState``.
 
-    ``routers``: the router tensors (``routers.safetensors``: ``layers.{i}.{module}.{param}``),
+    ``routers``: the router (and substitute) tensors of ``routers.safetensors`` (``layer.added_parameters``),
     loaded exactly (names and shapes must match); None keeps the initial routers. ``removed``:
     LLM-Drop's (layer, module) pairs that never run. Each layer's routers stay float32 on its
     layer's device. A forward pre-hook records which tokens are real (the attention mask), so
@@ -71,10 +71,11 @@ def install_routing(
             torch.manual_seed(config.seed * 7919 + i)
             routed = RoutedDecoderLayer(layer, i, adapter, config, hidden, state)
         routed.routers.to(device=next(layer.parameters()).device)
+        routed.substitutes.to(device=next(layer.parameters()).device)
         routed.train(layer.training)  # a new module trains; the model may be in eval mode
         layers[i] = routed
     if routers is not None:
-        own = {f"layers.{r.layer_idx}.{n}": p for r in layers for n, p in r.routers.named_parameters()}
+        own = added_parameters(layers)
         if set(own) != set(routers) or any(own[k].shape != routers[k].shape for k in own):
             raise ValueError(
                 f"{ROUTERS_FILE} does not fit this model's routers ({len(own)} tensors expected)"

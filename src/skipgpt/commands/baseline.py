@@ -1,4 +1,4 @@
-"""``skipgpt baseline shortgpt|llm-drop|mod``: the static and capacity-routed baselines.
+"""``skipgpt baseline shortgpt|llm-drop|substitute|mod``: the static and capacity-routed baselines.
 
 All three meet a *parameter* budget (parameters of removed/skipped attention+MLP modules over
 those of all decoder layers). The static ones remove whole units and round to the nearest
@@ -109,6 +109,18 @@ def add_parser(sub) -> None:
     add_json_arg(d)
     d.set_defaults(func=run_llm_drop)
 
+    r = bsub.add_parser(
+        "substitute",
+        help="static substitutes: the MLPs of lowest importance replaced by closed-form low-rank fits",
+    )
+    add_model_arg(r)
+    add_static_args(r)
+    r.add_argument(
+        "--rank", type=positive_int, default=None, help="rank of the substitutes (default: hidden_size // 16)"
+    )
+    add_json_arg(r)
+    r.set_defaults(func=run_substitute)
+
     m = bsub.add_parser("mod", help="MoD-D: per-module top-k capacity routing, router-tuned")
     add_model_arg(m)
     m.add_argument(
@@ -208,6 +220,41 @@ def run_llm_drop(args) -> int:
         f"LLM-Drop: dropped {len(removed)} modules ({describe_removed(sorted(removed))}); "
         f"attn {s['attn']:.3f} mlp {s['mlp']:.3f}, parameter sparsity {s['params']:.4f} "
         f"(target {args.sparsity}); saved to {args.output}"
+    )
+    emit(args, result, human)
+    return 0
+
+
+def run_substitute(args) -> int:
+    from ..baselines.scores import check_baseline_output
+    from ..baselines.substitute import save_static_substitute, static_substitute_prune
+
+    check_baseline_output(args.output, args.overwrite)
+    base, _, blocks = _base_and_blocks(args, ("mlp",))
+    model, record = static_substitute_prune(
+        base,
+        blocks,
+        args.sparsity,
+        rank=args.rank,
+        base_spec=args.model,
+        rounding=args.rounding,
+        batch_size=args.batch_size,
+    )
+    record["calibration"]["dataset"] = args.dataset
+    save_static_substitute(model, args.output, record, overwrite=args.overwrite)
+    s = record["sparsity"]
+    result = {
+        "output": str(args.output),
+        "method": "static-substitute",
+        "target_sparsity": args.sparsity,
+        "replaced_mlps": record["replaced_mlps"],
+        "rank": record["rank"],
+        "sparsity": {**_pick(s), "params_net": round(float(s["params_net"]), 6)},
+    }
+    human = (
+        f"static substitutes: MLPs of layers {sorted(record['replaced_mlps'])} replaced by rank-{record['rank']} "
+        f"closed-form fits; parameter sparsity {s['params_net']:.4f} net of the substitutes (target "
+        f"{args.sparsity}); saved to {args.output}"
     )
     emit(args, result, human)
     return 0

@@ -42,6 +42,7 @@ LABELS = {
     "llm-drop": "LLM-Drop",
     "mod": "MoD-D (top-k)",
     "mod-causal": "MoD-D (θ, causal)",
+    "substitute": "Static substitutes",
 }
 # the options a table depends on, recorded in compare.json
 SETTINGS = (
@@ -58,7 +59,7 @@ BUDGET = "parameter sparsity: parameters of skipped attention/MLP modules (per t
 
 def add_parser(sub) -> None:
     from ..baselines.scores import ROUNDINGS
-    from ..experiments.compare import METHODS
+    from ..experiments.compare import METHODS, OPTIONAL_METHODS
     from .train_router import LOOP_FIELDS, add_loop_options, add_router_args
 
     p = sub.add_parser("compare", help="SkipGPT-RT vs ShortGPT, LLM-Drop, MoD-D at one parameter budget")
@@ -74,7 +75,9 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, help="output folder: models/, compare.json, compare.md")
     add_hidden_alias(p, "--output", "--out")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (dense always)"
+        "--methods",
+        default=",".join(METHODS),
+        help=f"subset of {','.join(METHODS + OPTIONAL_METHODS)} (dense always; default {','.join(METHODS)})",
     )
     t = p.add_argument_group("training / calibration (the same for SkipGPT-RT and MoD-D)")
     t.add_argument(
@@ -213,15 +216,15 @@ def run(args) -> int:
     from ..errors import SkipGPTError
     from ..eval.perplexity import evaluate_perplexity
     from ..eval.speed import machine_string
-    from ..experiments.compare import METHODS, build_method, load_built, measure_prefill, record_target
+    from ..experiments.compare import ALL_METHODS, build_method, load_built, measure_prefill, record_target
     from ..model import SkipGPTModel
     from ..specs import load_base_model
 
     out = Path(args.output)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
-        raise SkipGPTError(f"--methods: unknown {bad or 'empty list'}; accepted: {','.join(METHODS)}")
+        raise SkipGPTError(f"--methods: unknown {bad or 'empty list'}; accepted: {','.join(ALL_METHODS)}")
     datasets = [d.strip() for d in args.eval_datasets.split(",") if d.strip()]
     if not datasets:
         raise SkipGPTError("--eval-datasets is empty; give e.g. wiki-heldout,ptb")
@@ -303,8 +306,8 @@ def run(args) -> int:
             gc.collect()
         model, record = load_built(method, folder, base)
         build = {"folder": str(folder)}
-        if method in ("shortgpt", "llm-drop"):
-            key = "removed_layers" if method == "shortgpt" else "removed_modules"
+        if method in ("shortgpt", "llm-drop", "substitute"):
+            key = {"shortgpt": "removed_layers", "llm-drop": "removed_modules"}.get(method, "replaced_mlps")
             build[key] = record[key]
         else:
             build["steps"] = len(record.get("history", []))

@@ -20,7 +20,8 @@ from .common import (
 # defaults, i.e. the default recipe (``skipgpt.train.recipes``).
 ROUTER_FIELDS = (
     "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias "
-    "modules mlp_router_input threshold"
+    "modules mlp_router_input threshold attn_skip_to mlp_skip_to substitute_rank substitute_init "
+    "substitute_activation"
 ).split()
 LOSS_FIELDS = (
     "lm_weight",

@@ -45,6 +45,7 @@ from ..data import wiki_text
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
 from ..routing import RandomPolicy
+from ..substitutes import substitute_ranks
 
 __all__ = [
     "DEFAULT_SCENARIOS",
@@ -342,7 +343,9 @@ def run_bench(
     was_training = model.training
     model.eval()
     routing = VariantRouting(model, random_routing, threshold, seed, router_overhead)
-    cost = CostModel.from_config(model.config, router_hidden=_router_hidden(model))
+    cost = CostModel.from_config(
+        model.config, router_hidden=_router_hidden(model), substitute_ranks=substitute_ranks(model)
+    )
     vocab = model.config.get_text_config(decoder=True).vocab_size
     pool_size = max(s.batch * (s.length + s.steps) for s in parsed)
     ids, source = token_pool(tokenizer, pool_size, vocab, seed, text)

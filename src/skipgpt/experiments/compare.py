@@ -7,7 +7,9 @@ write tables.
 
 Methods (``METHODS``): ``skipgpt`` (routers, parameter budget), ``shortgpt`` (whole layers
 removed by Block Influence), ``llm-drop`` (attention/MLP modules removed by importance),
-``mod`` (Mixture-of-Depths-style top-k routers, MoD-D).
+``mod`` (Mixture-of-Depths-style top-k routers, MoD-D). Also accepted, not run by default
+(``OPTIONAL_METHODS``): ``substitute`` (the MLPs of lowest importance replaced by closed-form
+low-rank substitutes, ``baselines.substitute``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,20 @@ if TYPE_CHECKING:  # torch and training load when a method is built, not when th
     from ..train.loop import LoopArgs
     from ..train.router_tuning import RouterTuningArgs
 
-__all__ = ["METHODS", "BuildSpec", "build_method", "record_target", "load_built", "measure_prefill"]
+__all__ = [
+    "METHODS",
+    "OPTIONAL_METHODS",
+    "ALL_METHODS",
+    "BuildSpec",
+    "build_method",
+    "record_target",
+    "load_built",
+    "measure_prefill",
+]
 
-METHODS = ("skipgpt", "shortgpt", "llm-drop", "mod")
+METHODS = ("skipgpt", "shortgpt", "llm-drop", "mod")  # the default set
+OPTIONAL_METHODS = ("substitute",)
+ALL_METHODS = METHODS + OPTIONAL_METHODS
 
 
 @dataclass(frozen=True)
@@ -141,10 +154,18 @@ def build_method(
         )
         record["calibration"]["dataset"] = spec.dataset
         save_llm_drop(routed, folder, record, overwrite=True)
+    elif method == "substitute":
+        from ..baselines.substitute import save_static_substitute, static_substitute_prune
+
+        routed, record = static_substitute_prune(
+            model, calib, spec.sparsity, base_spec=spec.base_spec, rounding=spec.rounding, progress=progress
+        )
+        record["calibration"]["dataset"] = spec.dataset
+        save_static_substitute(routed, folder, record, overwrite=True)
     else:
         from ..errors import SkipGPTError
 
-        raise SkipGPTError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+        raise SkipGPTError(f"unknown method {method!r}; accepted: {', '.join(ALL_METHODS)}")
 
 
 def load_built(method: str, folder: Path, base):

@@ -71,8 +71,9 @@ ROUTING_REASON = {
     "sampled": "routers frozen but sampling (straight-through Gumbel at tau_end), as the paper's code "
     "does when the routers stay in training mode; LoRA sees noisier routings than at inference",
 }
-# Router MLPs live under `routers.<module>.net.<i>`; never LoRA targets, whatever the user asks.
-ROUTER_EXCLUDE = r".*\.routers\..*"
+# Router MLPs live under `routers.<module>.net.<i>`, substitutes under `substitutes.<module>.{down,up}`;
+# never LoRA targets, whatever the user asks.
+ROUTER_EXCLUDE = r".*\.(routers|substitutes)\..*"
 
 
 @dataclass

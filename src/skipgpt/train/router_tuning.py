@@ -20,6 +20,7 @@ import torch
 
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel
+from ..substitutes import fit_substitutes
 from .loop import LoopArgs, claim_output_dir, finish_output, save_on_main_process, train_loop
 from .losses import check_loss_weights, curriculum_target, sparsity_penalty, temperature_at
 from .objectives import lm_and_distillation, module_rates
@@ -160,7 +161,11 @@ def train_routers(
     """
     args = args or RouterTuningArgs()
     output_dir = claim_output_dir(output_dir, resume, overwrite)
-    model.mark_only_routers_trainable()
+    substitutes = None
+    if model.substitute_params and model.skipgpt_config.substitute_init == "closed-form" and not resume:
+        # before training: the closed-form fit on the first 8K tokens (a resumed run loads its own)
+        substitutes = fit_substitutes(model, blocks)
+    model.mark_only_routers_trainable()  # and the substitutes
     named = {k: p for k, p in model.router_state_dict().items()}
     history = train_loop(
         model,
@@ -181,6 +186,7 @@ def train_routers(
     meta = {
         "stage": "router_tuning",
         "threshold_calibration": calibration,
+        **({"substitutes_fit": substitutes} if substitutes else {}),
         "loop": asdict(loop),
         "router_tuning": asdict(args),
         **(metadata or {}),
