@@ -187,7 +187,9 @@ def test_a_plain_model_repo_still_loads_as_a_plain_model(hub, monkeypatch):
     huggingface_hub.upload_folder(repo_id="org/plain", folder_path=str(plain))
     asked = []
     monkeypatch.setattr(
-        skipgpt.specs, "load_base_model", lambda spec, dtype=None, device_map=None: asked.append(spec) or tiny()
+        skipgpt.specs,
+        "load_base_model",
+        lambda spec, dtype=None, device_map=None: asked.append(spec) or tiny(),
     )
     model, _ = load_model("org/plain")
     assert asked == ["org/plain"] and not isinstance(model, SkipGPTModel)
