@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +26,14 @@ def tiny(arch: str = "llama"):
 def routed(arch: str = "llama", **config):
     model, tok = tiny(arch)
     return get_skipgpt_model(model, SkipGPTConfig(**config), base_spec=f"random:{arch}"), tok
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A small text file (a few thousand bytes of repeated words) to train CLI runs on."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(" ".join(f"word{i % 53} and some more text, number {i}." for i in range(200)))
+    return path
 
 
 def interrupted_and_resumed(blocks, out, loop, tuning=None, stop_after: int = 3, **config):

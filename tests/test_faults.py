@@ -71,13 +71,6 @@ def hidden(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(" ".join(f"word{i % 53} and some more text, number {i}." for i in range(200)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, text) -> Path:
     """An uninterrupted run: what every interrupted one must end with, bit for bit. It keeps its
     checkpoint (a finished output drops it by default) for the tests that tear it."""

@@ -29,13 +29,6 @@ TRAIN += ["--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--calib
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(" ".join(f"word{i % 53} and some more text, number {i}." for i in range(200)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, text) -> Path:
     """Routers trained on random:llama by the CLI (2 steps, seq len 16)."""
     out = tmp_path_factory.mktemp("run") / "rt"
