@@ -249,3 +249,25 @@ def test_remote_code_refuses_an_unmerged_adapter_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="export it with `skipgpt export --merge`"):
         SkipGPTForCausalLM.from_pretrained(out, config=AutoConfig.from_pretrained(out))
     assert "unmerged LoRA adapter" in (out / "README.md").read_text()
+
+
+def test_export_writes_the_base_weights_in_the_dtype_asked_and_routers_in_float32(exported, tmp_path):
+    """``export --dtype bfloat16``: a bf16 model.safetensors, float32 routers; it loads and routes."""
+    from safetensors import safe_open
+
+    source = exported.parent / "routers"
+    assert (
+        main(["export", "--model", str(source), "--output", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+        == 0
+    )
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    with safe_open(str(tmp_path / "bf16" / "routers.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    model, _ = load_model(str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(random_ids(1, 12, VOCAB)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    with pytest.raises(SystemExit) as refused:  # argparse: the accepted dtypes, exit code 2
+        main(["export", "--model", str(source), "--output", str(tmp_path / "x"), "--dtype", "int8"])
+    assert refused.value.code == 2 and not (tmp_path / "x").exists()

@@ -24,7 +24,7 @@ written complete beside its place, then renamed in.
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_arg, emit
+from .common import DTYPES, add_json_arg, add_model_arg, emit
 
 __all__ = ["add_parser", "run", "export_model", "HF_DIR"]
 
@@ -42,6 +42,13 @@ def add_parser(sub) -> None:
         "--merge",
         action="store_true",
         help="merge the LoRA adapter into the base weights (no peft needed to load)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the written base weights (the routers stay float32); export runs on the CPU "
+        "(default: %(default)s)",
     )
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -88,8 +95,9 @@ def _check_copied(stage, src, hf, config, routed: bool, adapter: bool) -> None:
             _check_finite(tensors, f"adapter file {src / ADAPTER_DIR / f.name}")
 
 
-def export_model(source: str, output: str, merge: bool = False) -> dict:
-    """Export the skipgpt folder ``source`` to the new folder ``output`` (atomically, locked).
+def export_model(source: str, output: str, merge: bool = False, dtype: str = "float32") -> dict:
+    """Export the skipgpt folder ``source`` to the new folder ``output`` (atomically, locked), the
+    base weights in ``dtype`` (a torch dtype name; routers stay float32).
 
     Returns ``{"output", "kind": "routed"|"hf", "merged", "adapter", "base_model"}``.
     """
@@ -97,15 +105,17 @@ def export_model(source: str, output: str, merge: bool = False) -> dict:
 
     lock_output(output)
     try:
-        return _export(source, output, merge)
+        return _export(source, output, merge, dtype)
     except BaseException:
         release_output(output)
         raise
 
 
-def _export(source: str, output: str, merge: bool) -> dict:
+def _export(source: str, output: str, merge: bool, dtype: str) -> dict:
     import shutil
     from pathlib import Path
+
+    import torch
 
     from .. import checkpoint
     from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME
@@ -136,11 +146,11 @@ def _export(source: str, output: str, merge: bool) -> dict:
         raise SkipGPTError(f"output folder {out} is not empty; give a new folder")
     routed, config = record.routed, record.router_config
     if merge:
-        model, tokenizer = load_model(str(src))
+        model, tokenizer = load_model(str(src), dtype=getattr(torch, dtype))
         model = merge_lora(model)
         hf = model.unwrap() if isinstance(model, SkipGPTModel) else model
     else:  # the clean base weights; the adapter (if any) is copied as it is
-        hf, tokenizer = load_base_model(record.base_spec)
+        hf, tokenizer = load_base_model(record.base_spec, dtype=getattr(torch, dtype))
 
     new = record.replace(
         base_model=str(out.resolve()),  # for humans; loaders use base_model_in_folder
@@ -194,7 +204,7 @@ def _export(source: str, output: str, merge: bool) -> dict:
 
 
 def run(args) -> int:
-    result = export_model(args.model, args.output, merge=args.merge)
+    result = export_model(args.model, args.output, merge=args.merge, dtype=args.dtype)
     what = {
         "hf": "a Hugging Face model folder",
         "routed": "routers + HF weights",
