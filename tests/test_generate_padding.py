@@ -1,7 +1,7 @@
 """A prompt generates the same text in a left-padded batch as alone (greedy), dense and routed.
 
 Padding must change nothing for the real tokens: the routed model's padding mask
-(``RoutingState.token_mask``, captured per forward by ``SkipGPTModel._capture_token_mask``)
+(``RoutingState.token_mask``, captured per forward by ``layer.real_token_hook``)
 keeps padding out of the fast path's work, and the K/V a padded position writes are masked.
 Checked for two families (llama, qwen2), with nothing skipped (θ = 0: must equal dense) and
 with the routers' own decisions (θ = 0.5), on the fast and the masked execution, through the

@@ -28,7 +28,7 @@ from .router import FusedRouters, Router
 from .routing import REMOVED, Gate, RoutingState
 from .substitutes import SUBSTITUTE_PREFIX, Substitute
 
-__all__ = ["RoutedDecoderLayer", "RoutingState", "added_parameters"]
+__all__ = ["RoutedDecoderLayer", "RoutingState", "route_layer", "real_token_hook", "added_parameters"]
 
 
 class RoutedDecoderLayer(GradientCheckpointingLayer):
@@ -208,3 +208,39 @@ def added_parameters(layers) -> dict[str, nn.Parameter]:
         for name, p in layer.substitutes.named_parameters()
     }
     return {**routers, **substitutes}
+
+
+def route_layer(
+    layer: nn.Module,
+    layer_idx: int,
+    adapter: LayerAdapter,
+    config: SkipGPTConfig,
+    hidden_size: int,
+    state: RoutingState,
+    device: torch.device,
+) -> RoutedDecoderLayer:
+    """``layer`` wrapped with its routers (and substitutes), which start from the config alone
+    (seeded by ``config.seed`` and the layer index, not by the global RNG) and sit in float32 on
+    ``device`` (the layer's own). What ``SkipGPTModel`` and an export's remote code both do."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed * 7919 + layer_idx)
+        routed = RoutedDecoderLayer(layer, layer_idx, adapter, config, hidden_size, state)
+    routed.routers.to(device=device)
+    routed.substitutes.to(device=device)
+    return routed
+
+
+def real_token_hook(state: RoutingState):
+    """A forward pre-hook (``with_kwargs``) for the HF model: each forward starts the routing
+    scratch with which tokens are real, (B, T) from the attention mask (None: all of them), so
+    padding never counts in the statistics."""
+
+    def capture(module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        real = None if x is None or mask is None or mask.dim() != 2 else mask[:, -x.shape[1] :].bool()
+        state.scratch.begin(real)
+
+    return capture

@@ -33,7 +33,7 @@ from .adapters import get_adapter
 from .checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord, resolve_base_spec
 from .config import MODULES, SkipGPTConfig
 from .errors import SkipGPTError
-from .layer import RoutedDecoderLayer, added_parameters
+from .layer import RoutedDecoderLayer, added_parameters, real_token_hook, route_layer
 from .lora_adapter import attach_adapter, get_peft
 from .outputs import staged_dir
 from .removal import apply_removal
@@ -111,14 +111,9 @@ class SkipGPTModel(nn.Module):
             for branch in MODULES:
                 n = sum(p.numel() for m in self.adapter.branch_modules(layer, branch) for p in m.parameters())
                 self.branch_params[(i, branch)] = n
-            with torch.random.fork_rng():  # router init depends on the config only, not on global RNG
-                torch.manual_seed(config.seed * 7919 + i)
-                routed = RoutedDecoderLayer(layer, i, self.adapter, config, hidden, self.state)
-            # each router beside its layer (device_map="auto" splits layers across GPUs); routers
-            # stay float32 whatever the base dtype
+            # each router beside its layer (device_map="auto" splits layers across GPUs), float32
             device = _device_of(layer, model)
-            routed.routers.to(device=device)
-            routed.substitutes.to(device=device)  # so do substitutes
+            routed = route_layer(layer, i, self.adapter, config, hidden, self.state, device)
             if split:  # accelerate's hook on the base layer does not run: the routed layer calls its parts
                 routed.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
             layers[i] = routed
@@ -129,7 +124,7 @@ class SkipGPTModel(nn.Module):
             for m, sub in layer.substitutes.items()
         }
         self.train(model.training)
-        self._hook = model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True)
+        self._hook = model.register_forward_pre_hook(real_token_hook(self.state), with_kwargs=True)
         _install_guards(model)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -169,15 +164,6 @@ class SkipGPTModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.hf_model.generate(*args, **kwargs)
-
-    def _capture_token_mask(self, module, args, kwargs):
-        """Pre-hook on the HF model: remember which tokens of this forward are real (not padding)."""
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        real = None if x is None or mask is None or mask.dim() != 2 else mask[:, -x.shape[1] :].bool()
-        self.state.scratch.begin(real)
 
     @property
     def routed_layers(self) -> list[RoutedDecoderLayer]:

@@ -31,7 +31,7 @@ from transformers.utils import cached_file
 
 from .adapters import get_adapter
 from .config import SkipGPTConfig
-from .layer import RoutedDecoderLayer, added_parameters
+from .layer import RoutedDecoderLayer, added_parameters, real_token_hook, route_layer
 from .removal import apply_removal
 from .routing import RoutingState
 
@@ -67,11 +67,7 @@ def install_routing(
     state = RoutingState(len(layers), config)
     hidden = model.config.get_text_config(decoder=True).hidden_size
     for i, layer in enumerate(layers):
-        with torch.random.fork_rng():  # the initial routers depend on the config only
-            torch.manual_seed(config.seed * 7919 + i)
-            routed = RoutedDecoderLayer(layer, i, adapter, config, hidden, state)
-        routed.routers.to(device=next(layer.parameters()).device)
-        routed.substitutes.to(device=next(layer.parameters()).device)
+        routed = route_layer(layer, i, adapter, config, hidden, state, next(layer.parameters()).device)
         routed.train(layer.training)  # a new module trains; the model may be in eval mode
         layers[i] = routed
     if routers is not None:
@@ -86,15 +82,7 @@ def install_routing(
     if removed:
         apply_removal(_RoutedView(model, list(layers), state), removed)
 
-    def capture_token_mask(module, args, kwargs):
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        real = None if x is None or mask is None or mask.dim() != 2 else mask[:, -x.shape[1] :].bool()
-        state.scratch.begin(real)
-
-    model.register_forward_pre_hook(capture_token_mask, with_kwargs=True)
+    model.register_forward_pre_hook(real_token_hook(state), with_kwargs=True)
     model.skipgpt_state = state
     model.save_pretrained = model.push_to_hub = _refuse_save
     return state
