@@ -158,8 +158,7 @@ class RandomPolicy(RoutingPolicy):
         router_overhead: bool = False,
     ):
         self.rates, self.seed, self.router_overhead = rates, seed, router_overhead
-        self.generator = torch.Generator().manual_seed(seed)  # the CPU one
-        self._generators = {torch.device("cpu"): self.generator}
+        self._generators: dict[torch.device, torch.Generator] = {}  # one per device, made on first use
 
     def rate(self, layer_idx: int, module: str) -> float:
         if isinstance(self.rates, float | int):
