@@ -158,10 +158,12 @@ def test_frontier_end_to_end_every_method(tmp_path, capsys):
     assert (out / "frontier.png").stat().st_size > 0 and "| point |" in (out / "frontier.md").read_text()
     keys = [(p["method"], p["label"]) for p in result["points"]]
     assert [m for m, _ in keys].count("skipgpt") == 2
-    assert [m for m, _ in keys].count("shortgpt") == [m for m, _ in keys].count("llm-drop") == 2
+    methods = [m for m, _ in keys]
+    assert methods.count("shortgpt") == methods.count("llm-drop") == methods.count("substitute") == 2
     assert keys[0][0] == "dense" and result["complete"]
     assert [p["key"] for p in result["points"]] == [
-        "dense", "skipgpt@0", "skipgpt@0.6", "shortgpt@1", "shortgpt@2", "llm-drop@1", "llm-drop@2"
+        "dense", "skipgpt@0", "skipgpt@0.6", "shortgpt@1", "shortgpt@2", "llm-drop@1", "llm-drop@2",
+        "substitute@1", "substitute@2",
     ]  # fmt: skip
     for p in result["points"]:
         assert set(p["speedup"]) == set(p["ideal"]) == {"prefill_1x8", "decode_b2"}
@@ -173,13 +175,22 @@ def test_frontier_end_to_end_every_method(tmp_path, capsys):
     assert [p["sparsity"]["params"] for p in drop] == pytest.approx(
         [p["sparsity"]["params"] for p in shortgpt], abs=0.2
     )
-    assert set(result["summary"]) == {"skipgpt", "shortgpt", "llm-drop"}
+    subs = [p for p in result["points"] if p["method"] == "substitute"]
+    for p, s in zip(subs, shortgpt, strict=True):  # MLPs only, net share near the layers' share
+        assert p["sparsity"]["attn"] == 0 and p["sparsity"]["mlp"] == len(p["replaced_mlps"]) / 4
+        assert p["sparsity"]["params_net"] == pytest.approx(s["sparsity"]["params"], abs=0.2)
+        assert p["sparsity"]["params_net"] < p["sparsity"]["params"]
+        # the substitutes' work is charged: the ideal is below removing the same MLPs
+        assert 1 < p["ideal"]["prefill_1x8"]
+    assert [len(p["replaced_mlps"]) for p in subs] == sorted(len(p["replaced_mlps"]) for p in subs)
+    assert set(result["summary"]) == {"skipgpt", "shortgpt", "llm-drop", "substitute"}
     assert set(result["summary"]["shortgpt"]["decode_b2"]) == {"1.15", "1.25", "1.4"}
     assert last["summary"] == result["summary"] and (out / "models" / "skipgpt").is_dir()
     assert "Partial run" not in (out / "frontier.md").read_text()
     partial = result | {"complete": False, "planned": [*result["planned"], "shortgpt@3"]}
-    assert "Partial run: 7 of 8 points measured** (missing: shortgpt@3)" in frontier.format_frontier_markdown(
-        partial
+    assert (
+        "Partial run: 9 of 10 points measured** (missing: shortgpt@3)"
+        in frontier.format_frontier_markdown(partial)
     )
 
 
@@ -192,7 +203,7 @@ def test_resume_skips_finished_points_and_refuses_other_settings(tmp_path, monke
     monkeypatch.setattr(frontier, "evaluate_quality", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main(argv) == 0
     result = json.loads((out / "frontier.json").read_text())
-    assert len(calls) == len(result["points"]) == 1 + 2 * 2 + 2 + 2
+    assert len(calls) == len(result["points"]) == 1 + 2 * 2 + 2 + 2 + 2
     assert {p["line"] for p in result["points"] if p["method"] == "skipgpt"} == {"skipgpt:r1", "skipgpt:r2"}
     calls.clear()
     assert main(argv) == 0 and calls == []  # everything re-used
@@ -217,7 +228,13 @@ def test_resume_skips_finished_points_and_refuses_other_settings(tmp_path, monke
 
 @pytest.mark.parametrize(
     "extra",
-    [["--thetas", ""], ["--thetas", "0.5,1.5"], ["--max-layers", "0"], ["--repeats", "0"]],
+    [
+        ["--thetas", ""],
+        ["--thetas", "0.5,1.5"],
+        ["--max-layers", "0"],
+        ["--repeats", "0"],
+        ["--substitute-rank", "0"],
+    ],
 )
 def test_bad_arguments_exit_2(tmp_path, extra):
     with pytest.raises(SystemExit) as e:
@@ -233,6 +250,7 @@ def test_bad_input_refused_in_one_line(tmp_path, capsys):
     assert main(_argv(tmp_path, out, "--routers", str(r1), "--max-steps", "3")) == 2  # would be ignored
     assert main(_argv(tmp_path, out, "--scenarios", "prefill_bad")) == 2
     assert main(_argv(tmp_path, out, "--routers", str(r1), "--routers", str(r1))) == 2
+    assert main(_argv(tmp_path, out, "--routers", str(r1), "--baselines", "shortgpt,mod")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 6 and all(line.startswith("error: ") for line in err)
     assert not (out / "frontier.json").exists()

@@ -18,6 +18,7 @@ from skipgpt.routing import (
     LearnedPolicy,
     RandomPolicy,
     RoutingPolicy,
+    StaticPolicy,
     TopKPolicy,
     make_policy,
 )
@@ -47,7 +48,7 @@ class _Spy(RoutingPolicy):
 
 # -- policies ------------------------------------------------------------------------------------
 def test_registry_names_every_policy_and_refuses_unknown_ones():
-    assert {"learned", "random", "topk", "override"} <= set(POLICIES)
+    assert {"learned", "random", "topk", "override", "static"} <= set(POLICIES)
     assert isinstance(make_policy("random", rates=0.3, seed=1), RandomPolicy)
     with pytest.raises(SkipGPTError, match="unknown routing policy 'nope'; accepted: "):
         make_policy("nope")
@@ -156,6 +157,42 @@ def test_removed_modules_never_run_and_count_as_skipped_even_when_dense(executio
     assert rates["attn"][1] == 1.0 and rates["mlp"][2] == 1.0 and rates["attn"][0] == 0.0
     policy = model.routing_settings.active_policy()
     assert policy.decide(layers[1], "attn", torch.zeros(1, 1, 64)) is REMOVED
+
+
+@pytest.mark.parametrize("execution_name", ["fast", "masked"])
+@pytest.mark.parametrize("substitutes", [False, True])
+def test_static_policy_equals_constant_routers_and_runs_no_router(execution_name, substitutes):
+    """Fixed pairs skip (to their substitutes, if any) for every token, the rest execute: the
+    same logits as constant routers saying so, prefill and batch-1 decode, with no router run."""
+    from skipgpt.baselines.llm_drop import set_static_routers
+
+    extra = {"mlp_skip_to": "adapter", "substitute_rank": 4} if substitutes else {}
+    model, _ = routed("llama", **extra)
+    for p in model.parameters():  # random substitutes, so that running them shows
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    skipped = [(0, "mlp"), (2, "attn"), (3, "mlp")]
+    set_static_routers(model, skipped)
+    calls = []
+    for layer in model.routed_layers:
+        for router in layer.routers.values():
+            router.register_forward_hook(lambda *a: calls.append(1))
+    ids = _ids(model)
+    with torch.no_grad(), model.routing(execution=execution_name):
+        want = model(ids).logits
+        want_step = model(ids[:1, :1]).logits
+    calls.clear()
+    with torch.no_grad(), model.routing(policy=StaticPolicy(skipped), execution=execution_name):
+        got = model(ids).logits
+        got_step = model(ids[:1, :1]).logits
+    assert calls == []
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_step, want_step, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # nothing skipped: the dense model
+        with model.dense():
+            dense = model(ids).logits
+        with model.routing(policy=StaticPolicy(), execution=execution_name):
+            torch.testing.assert_close(model(ids).logits, dense, atol=1e-5, rtol=1e-5)
 
 
 # -- settings, scratch, statistics ---------------------------------------------------------------

@@ -19,6 +19,7 @@ registry (``POLICIES``, ``make_policy``), never flags of the layer:
 ``random``    each (token, module) skips with a fixed probability (the trivial baseline)
 ``topk``      Mixture-of-Depths capacity: the top ``1 - s`` real tokens of each sequence execute
 ``override``  a plain callable ``(layer_idx, module, hidden) -> (B, T) gate`` (tests, research)
+``static``    fixed (layer, module) pairs skip for every token, the rest execute; no router runs
 ============  ==================================================================================
 
 ``RemovedModules`` wraps any of them: its (layer, module) pairs never run (an attention writes
@@ -49,6 +50,7 @@ __all__ = [
     "TopKPolicy",
     "OverridePolicy",
     "DensePolicy",
+    "StaticPolicy",
     "RemovedModules",
     "EXECUTIONS",
     "RoutingSettings",
@@ -230,6 +232,28 @@ class OverridePolicy(RoutingPolicy):
 
     def decide(self, layer, module: str, hidden: torch.Tensor) -> Gate:
         return self.fn(layer.layer_idx, module, hidden)
+
+
+@register_policy("static")
+class StaticPolicy(RoutingPolicy):
+    """The modules ``skipped`` ((layer, module) pairs) skip for every token (to their substitute,
+    if they have one), every other module executes, and no router is evaluated: what a static
+    method (LLM-Drop, the static substitute baseline) costs when it is deployed, without the
+    price of constant routers. Only the skipped modules' decisions reach the statistics (the
+    others decide nothing), so count a static method's sparsity from its choice."""
+
+    def __init__(self, skipped=frozenset()):
+        self.skipped = frozenset((int(i), str(m)) for i, m in skipped)
+
+    def decide(self, layer, module: str, hidden: torch.Tensor) -> Gate:
+        if (layer.layer_idx, module) not in self.skipped:
+            return None
+        return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+
+    def decide_layer(self, layer, hidden, modules, host_bools=False):
+        if host_bools and hidden.shape[0] * hidden.shape[1] == 1:
+            return {m: None if (layer.layer_idx, m) not in self.skipped else False for m in modules}
+        return {m: self.decide(layer, m, hidden) for m in modules}
 
 
 class DensePolicy(RoutingPolicy):

@@ -37,6 +37,8 @@ __all__ = [
     "BASELINE",
     "substitute_config",
     "build_static_substitute",
+    "substitute_params",
+    "select_replaced_mlps",
     "static_substitute_prune",
     "save_static_substitute",
 ]
@@ -80,6 +82,28 @@ def build_static_substitute(
     return model.eval(), fit
 
 
+def substitute_params(hidden: int, rank: int) -> int:
+    """Parameters of one linear substitute of rank ``rank`` (down, up, bias)."""
+    return 2 * hidden * rank + hidden
+
+
+def select_replaced_mlps(
+    params: dict[tuple[int, str], int],
+    scores: dict[tuple[int, str], float] | None,
+    sparsity: float,
+    sub_params: int,
+    rounding: str = "nearest",
+) -> tuple[list[tuple[int, str]], float]:
+    """The MLPs to replace, lowest ``scores`` first, until the parameters they save (each MLP's
+    less ``sub_params``) are nearest ``sparsity`` of the attention+MLP parameters ``params``
+    ((layer, module) -> count, ``branch_param_counts``). ``scores`` None only checks the budget.
+    Returns (chosen pairs in replacement order, realised net share)."""
+    total = sum(params.values())
+    net = {k: v - sub_params for k, v in params.items() if k[1] == "mlp"}
+    scores = dict.fromkeys(net, 0.0) if scores is None else {k: scores[k] for k in net}
+    return select_by_budget(scores, net, sparsity, total, rounding, unit="MLP")
+
+
 def static_substitute_prune(
     base: nn.Module,
     blocks: torch.Tensor,
@@ -99,13 +123,10 @@ def static_substitute_prune(
     total = sum(params.values())
     hidden = base.config.get_text_config(decoder=True).hidden_size
     r = substitute_config(rank).rank_for(hidden)
-    sub_params = 2 * hidden * r + hidden  # down, up, bias
-    net = {k: v - sub_params for k, v in params.items() if k[1] == "mlp"}
-    select_by_budget(dict.fromkeys(net, 0.0), net, sparsity, total, rounding, unit="MLP")  # before scoring
+    sub_params = substitute_params(hidden, r)
+    select_replaced_mlps(params, None, sparsity, sub_params, rounding)  # the budget, before scoring
     scores = module_importance(base, blocks, batch_size=batch_size, progress=progress)
-    chosen, realised = select_by_budget(
-        {k: scores[k] for k in net}, net, sparsity, total, rounding, unit="MLP"
-    )
+    chosen, realised = select_replaced_mlps(params, scores, sparsity, sub_params, rounding)
     replaced = [i for i, _ in chosen]
     model, fit = build_static_substitute(
         base,
@@ -117,7 +138,7 @@ def static_substitute_prune(
         max_tokens=max_tokens,
         batch_size=batch_size,
     )
-    n = len(net)
+    n = sum(1 for k in params if k[1] == "mlp")
     record = {
         "baseline": BASELINE,
         "target_sparsity": sparsity,

@@ -1,9 +1,11 @@
-"""``skipgpt frontier``: quality against measured speed, dense, SkipGPT, ShortGPT, LLM-Drop on one frontier.
+"""``skipgpt frontier``: quality against measured speed: dense, SkipGPT, ShortGPT, LLM-Drop and the
+static substitute baseline on one frontier.
 
 SkipGPT is one trained router set swept over θ (``--routers DIR``, repeatable, each its own
 line; without it one set is trained into ``OUT/models/skipgpt`` as ``skipgpt compare`` trains
 it, with ``--budget params``); ShortGPT removes 1..N layers and LLM-Drop drops modules to the
-same parameter shares, both scored on the same calibration text. Every point gets realised
+same parameter shares, and the static substitute baseline replaces MLPs by closed-form
+substitutes to the same shares (net), all scored on the same calibration text. Every point gets realised
 sparsity, PPL on the same windows and its speedup against the dense model timed alternately in
 the same run (``skipgpt.experiments.frontier``). Writes ``frontier.{json,md,png}`` into ``--output`` and
 keeps finished points in ``frontier.progress.json``: a rerun with the same settings resumes.
@@ -36,11 +38,11 @@ TRAINING = ("target_sparsity", "max_steps", "batch_size", "calibrate_blocks")
 
 
 def add_parser(sub) -> None:
-    from ..experiments.frontier import SCENARIOS, STATISTICS
+    from ..experiments.frontier import BASELINES, SCENARIOS, STATISTICS
 
     p = sub.add_parser(
         "frontier",
-        help="quality against measured speed: SkipGPT (θ sweep), ShortGPT, LLM-Drop and dense on one frontier",
+        help="quality against measured speed: SkipGPT (θ sweep), ShortGPT, LLM-Drop, static substitutes and dense",
     )
     add_model_arg(p)
     p.add_argument("--output", required=True, help="output folder: frontier.{json,md,png}, progress, models/")
@@ -54,6 +56,18 @@ def add_parser(sub) -> None:
     p.add_argument("--thetas", type=threshold_list, default=DEFAULT_THETAS, help="θ values of SkipGPT")
     p.add_argument(
         "--max-layers", type=positive_int, default=None, help="ShortGPT removes 1..N layers (default: ~40%%)"
+    )
+    p.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help="lines beside SkipGPT, at the parameter shares of 1..N layers: shortgpt (layers removed), "
+        "llm-drop (modules dropped), substitute (MLPs replaced by closed-form substitutes)",
+    )
+    p.add_argument(
+        "--substitute-rank",
+        type=positive_int,
+        default=None,
+        help="rank of the static substitutes (default: hidden // 16)",
     )
     t = p.add_argument_group("calibration text, and the routers frontier trains itself (no --routers)")
     t.add_argument(
@@ -202,6 +216,8 @@ def run(args) -> int:
         decode_steps=args.decode_steps,
         decode_context=args.decode_context,
         eval_batch_size=args.eval_batch_size,
+        baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
+        substitute_rank=args.substitute_rank,
         model=args.model,
         routers=routers,
         training=training,

@@ -2,8 +2,11 @@
 
 A *point* is one model setting: the dense model; a set of trained routers at one threshold θ
 (SkipGPT, the compute dial); the base model with its k lowest-Block-Influence layers removed
-(ShortGPT, k = 1..N); or with its lowest-scored attention/MLP modules dropped to the parameter
-share of k layers (LLM-Drop, the matching budgets). Each point gets:
+(ShortGPT, k = 1..N); with its lowest-scored attention/MLP modules dropped to the parameter
+share of k layers (LLM-Drop, the matching budgets); or with its lowest-scored MLPs replaced by
+closed-form low-rank substitutes to the same shares, net of the substitutes (the static
+substitute baseline, ``baselines.substitute``). The static methods run as they would be
+deployed: no router is evaluated (``routing.StaticPolicy``). Each point gets:
 
 * ``sparsity``: realised module and parameter sparsity (measured on the PPL windows for routed
   models, pooled over the evaluation sets; the removal's share for ShortGPT);
@@ -15,8 +18,9 @@ share of k layers (LLM-Drop, the matching budgets). Each point gets:
   shared machine whose other jobs slow single runs down, their minimum (``statistic``); every
   timing is kept in ``times_s``, and the speedups are re-read from them when a run resumes;
 * ``ideal``: the FLOP speedup of the work the point skips (``skipgpt.costs``): the routing it
-  actually took (an extra, untimed pass) for SkipGPT; for the static methods their removal,
-  where a removed attention also saves its K/V projections.
+  actually took (an extra, untimed pass) for SkipGPT and the static substitutes, less what
+  the substitutes cost (``CostModel.for_model``); for the removals their removal, where a
+  removed attention also saves its K/V projections.
 
 A *line* is one method's curve (one per router set for SkipGPT). ``summary`` reads each line at
 1.15×, 1.25× and 1.4× measured speedup (``ppl_at``): on the line's *monotone envelope* (its
@@ -47,13 +51,16 @@ from tqdm.auto import tqdm
 from ..baselines.llm_drop import build_llm_drop, module_importance
 from ..baselines.scores import select_by_budget, unit_params
 from ..baselines.shortgpt import block_influence, remove_layers
+from ..baselines.substitute import select_replaced_mlps, substitute_config, substitute_params
 from ..config import MODULES
 from ..costs import CostModel, ForwardRecord, routing_cost
 from ..errors import SkipGPTError
 from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
 from ..eval.speed import Runner, Scenario, decode_alternating, parse_scenario, rotated, token_pool
-from ..model import SkipGPTModel
+from ..model import SkipGPTModel, get_skipgpt_model
 from ..outputs import atomic_path, write_json_atomic
+from ..routing import StaticPolicy
+from ..substitutes import fit_substitutes
 
 __all__ = [
     "SCENARIOS",
@@ -82,14 +89,20 @@ __all__ = [
 
 SCENARIOS = ("prefill_1x1024", "decode_b1", "decode_b8")
 TARGETS = (1.15, 1.25, 1.4)
-METHODS = ("dense", "skipgpt", "shortgpt", "llm-drop")
+METHODS = ("dense", "skipgpt", "shortgpt", "llm-drop", "substitute")
+BASELINES = ("shortgpt", "llm-drop", "substitute")  # the lines a frontier may draw beside SkipGPT
 PROGRESS_NAME = "frontier.progress.json"
 INTERPOLATION = (
     "monotone envelope of each line (points no other point of the line beats in both measured speedup "
     "and PPL), log PPL interpolated linearly in speedup between its two points around the target; "
     "below the envelope's slowest point, that point's PPL; above its fastest, not reached"
 )
-LINE_LABELS = {"skipgpt": "SkipGPT-RT", "shortgpt": "ShortGPT", "llm-drop": "LLM-Drop"}
+LINE_LABELS = {
+    "skipgpt": "SkipGPT-RT",
+    "shortgpt": "ShortGPT",
+    "llm-drop": "LLM-Drop",
+    "substitute": "static substitute",
+}
 
 
 def default_max_layers(num_layers: int, share: float = 0.4) -> int:
@@ -224,6 +237,7 @@ def measure_speed(
         if removed is not None:
             ideal = static_ideal(cost, runner.records({}), removed)
         elif isinstance(model, SkipGPTModel):
+            model_cost = CostModel.for_model(model)  # its substitutes' work is not saved
             model.reset_stats()
             with enter():
                 runner.prepare()
@@ -231,7 +245,7 @@ def measure_speed(
                 runner.run()
                 decisions = {k: list(v) for k, v in model.state.decisions.items()}
             model.reset_stats()
-            ideal = routing_cost(cost, runner.records(decisions))["ideal_speedup"]
+            ideal = routing_cost(model_cost, runner.records(decisions))["ideal_speedup"]
         else:
             ideal = 1.0
         out["ideal"][sc.name] = round(ideal, 4)
@@ -459,11 +473,15 @@ def frontier_settings(
     decode_steps: int = 32,
     decode_context: int = 384,
     eval_batch_size: int = 2,
+    baselines: Sequence[str] = BASELINES,
+    substitute_rank: int | None = None,
     **extra,
 ) -> dict:
     """The settings a frontier is made with (JSON-able; they tie the progress file), checked.
 
-    ``extra``: what else the caller wants recorded (model, calibration text, windows, ...)."""
+    ``baselines``: which of ``BASELINES`` get a line; ``substitute_rank``: the static
+    substitutes' rank (None: hidden // 16). ``extra``: what else the caller wants recorded
+    (model, calibration text, windows, ...)."""
     thetas = [float(t) for t in thetas]
     if not thetas or any(not 0.0 <= t <= 1.0 for t in thetas):
         raise SkipGPTError(f"thetas must be a non-empty list of values in [0, 1], got {thetas}")
@@ -475,7 +493,14 @@ def frontier_settings(
         raise SkipGPTError("no evaluation sets given; e.g. wiki-heldout,ptb")
     for sc in scenarios:
         parse_scenario(sc, decode_context, decode_steps)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise SkipGPTError(f"unknown baseline {unknown[0]!r}; accepted: {', '.join(BASELINES)}")
+    if substitute_rank is not None and substitute_rank < 1:
+        raise SkipGPTError(f"substitute rank must be >= 1 (or None: hidden // 16), got {substitute_rank}")
     return dict(extra) | {
+        "baselines": [b for b in BASELINES if b in baselines],
+        "substitute_rank": substitute_rank,
         "scenarios": list(scenarios),
         "thetas": thetas,
         "max_layers": int(max_layers),
@@ -512,6 +537,11 @@ def load_progress(out: str | Path, settings: dict, overwrite: bool = False) -> d
             )
         return record
     return {"settings": settings, "points": {}}
+
+
+def config_hidden(model) -> int:
+    """The hidden size of a HF model (its text config's, for a multimodal one)."""
+    return model.config.get_text_config(decoder=True).hidden_size
 
 
 def run_frontier(
@@ -586,9 +616,50 @@ def run_frontier(
             {u: sc[u] for u in module_params}, module_params, target, total, unit="module"
         )
         model = build_llm_drop(copy.deepcopy(base), removed, base_spec=base_spec, target=target).eval()
-        return model, None, removed, None, {"removed_modules": [[int(i), m] for i, m in removed]}
+
+        def routing():  # the kept modules run, as in the pruned model: no constant router evaluated
+            return model.routing(policy=StaticPolicy(), execution="fast")
+
+        return (
+            model,
+            routing,
+            removed,
+            static_sparsity(removed, share),
+            {"removed_modules": [[int(i), m] for i, m in removed]},
+        )
+
+    def static_sparsity(pairs, share: float) -> dict[str, float]:
+        """The sparsity of skipping ``pairs`` for every token (a static policy records no
+        decision for the modules that run)."""
+        count = {m: sum(1 for _, mm in pairs if mm == m) for m in MODULES}
+        return {"module": len(pairs) / (2 * n), "params": share} | {m: count[m] / n for m in MODULES}
 
     loaded: dict[str, SkipGPTModel] = {}
+    config = substitute_config(settings.get("substitute_rank"))
+    rank = config.rank_for(config_hidden(base))
+
+    def substituted() -> SkipGPTModel:
+        """A copy of the base with a closed-form substitute fitted for every MLP (each fit reads
+        the dense model only, so one fit serves every point; a point picks which ones run)."""
+        if "substitute" not in loaded:
+            model = get_skipgpt_model(copy.deepcopy(base), config, base_spec=base_spec)
+            fit_substitutes(model, calib, pairs=[(i, "mlp") for i in range(n)])
+            loaded["substitute"] = model.eval()
+        return loaded["substitute"]
+
+    def static_substitute(k: int):
+        target = sum(sorted(layer_params.values())[:k]) / total  # the share of k layers
+        chosen, share = select_replaced_mlps(
+            module_params, module_scores(), target, substitute_params(config_hidden(base), rank)
+        )
+        model, policy = substituted(), StaticPolicy(chosen)
+
+        def routing():
+            return model.routing(policy=policy, execution="fast")
+
+        gross = sum(module_params[u] for u in chosen) / total
+        sp = static_sparsity(chosen, gross) | {"params_net": share}
+        return model, routing, None, sp, {"replaced_mlps": sorted(i for i, _ in chosen), "rank": rank}
 
     def skipgpt(line: RouterLine, theta: float):
         if line.key not in loaded:
@@ -614,26 +685,19 @@ def run_frontier(
                 for t in sorted(thetas)
             ]
         )
-    per_line.append(
-        [
-            _Plan(
-                f"shortgpt@{k}", "shortgpt", "shortgpt", f"-{k} layer{'s' * (k > 1)}", lambda k=k: shortgpt(k)
-            )
-            for k in range(1, max_layers + 1)
-        ]
-    )
-    per_line.append(
-        [
-            _Plan(
-                f"llm-drop@{k}",
-                "llm-drop",
-                "llm-drop",
-                f"share of {k} layer{'s' * (k > 1)}",
-                lambda k=k: llm_drop(k),
-            )
-            for k in range(1, max_layers + 1)
-        ]
-    )
+    static = {
+        "shortgpt": (shortgpt, lambda k: f"-{k} layer{'s' * (k > 1)}"),
+        "llm-drop": (llm_drop, lambda k: f"share of {k} layer{'s' * (k > 1)}"),
+        "substitute": (static_substitute, lambda k: f"rank {rank}, share of {k} layer{'s' * (k > 1)}"),
+    }
+    for method in settings.get("baselines", BASELINES):
+        build, label = static[method]
+        per_line.append(
+            [
+                _Plan(f"{method}@{k}", method, method, label(k), lambda k=k, build=build: build(k))
+                for k in range(1, max_layers + 1)
+            ]
+        )
     dense_plan = _Plan("dense", "dense", None, "dense", lambda: (base, None, [], dict(DENSE_SPARSITY), {}))
     plans = [dense_plan] + [p for line in per_line for p in line]  # the order of the tables
     # the order of the run: the lines take turns, each from its fastest setting and then halving
