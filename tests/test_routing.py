@@ -296,3 +296,27 @@ def test_one_call_registers_an_architecture(monkeypatch):
     assert fast.ATTENTION_PARTS["ToyAttention"] is parts  # what the skipping kernel reads
     adapters.register_adapter("toy2", adapters.POST_NORMS)  # the old entry point still works
     assert adapters.get_adapter("toy2") is adapters.POST_NORMS
+
+
+@pytest.mark.parametrize("router_hidden", [0, 8])
+@pytest.mark.parametrize("count", [1, 2])
+def test_margin_decision_equals_probability_at_threshold(router_hidden, count):
+    """``FusedRouters.execute`` (a sign test on the logit margin, no softmax) takes the same
+    decisions as ``p(execute) >= θ``, at every θ including 0 and 1, and follows new weights."""
+    from skipgpt.router import FusedRouters, Router
+
+    torch.manual_seed(0)
+    routers = [Router(16, router_hidden, init="paper") for _ in range(count)]
+    fused = FusedRouters(routers)
+    x = torch.randn(3, 50, 16)
+    for theta in (0.0, 0.1, 0.37, 0.5, 0.8, 0.99, 1.0):
+        p = fused.execute_probability(x)
+        got = fused.execute(x, theta)
+        assert got.dtype == torch.bool and got.shape == p.shape
+        # equal except where p sits within float rounding of θ
+        differ = got != (p >= theta)
+        assert not differ.any() or bool(((p[differ] - theta).abs() < 1e-6).all())
+    assert 0 < int(fused.execute(x, 0.5).sum()) < x.shape[0] * x.shape[1] * count
+    with torch.no_grad():
+        routers[0].net[-1].bias.copy_(torch.tensor([0.0, -50.0]))  # the first router now always skips
+    assert not fused.execute(x, 0.5)[..., 0].any()

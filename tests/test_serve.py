@@ -101,15 +101,25 @@ def test_prepare_refuses_what_it_cannot_serve(tmp_path):
 # -- vLLM ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def routed_dir(tmp_path_factory):
-    """A skipgpt folder (SmolLM2-135M, untrained routers, θ = 0.5) and its prepared vLLM folder."""
+    """A skipgpt folder (SmolLM2-135M, untrained routers, θ = 0.5; a token that skips attention
+    runs nothing, one that skips the MLP runs a random rank-16 substitute) and its prepared vLLM
+    folder."""
     from skipgpt import SkipGPTConfig, get_skipgpt_model
     from skipgpt.serving.prepare import prepare_serving_folder
     from skipgpt.specs import load_base_model
 
     folder = tmp_path_factory.mktemp("serve") / "routed"
     base, _ = load_base_model("smollm2-135m")
-    config = SkipGPTConfig(router_init="paper", threshold=THETA, seed=1)
-    get_skipgpt_model(base, config, base_spec="smollm2-135m").save_pretrained(folder)
+    config = SkipGPTConfig(
+        router_init="paper", threshold=THETA, seed=1, mlp_skip_to="adapter", substitute_rank=16
+    )
+    model = get_skipgpt_model(base, config, base_spec="smollm2-135m")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a zero substitute would be plain skipping: make it do something
+        for layer in model.routed_layers:
+            for p in layer.substitutes.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(folder)
     prepared = prepare_serving_folder(folder)
     mtime = (prepared / "model.safetensors").stat().st_mtime_ns
     assert prepare_serving_folder(folder) == prepared  # reused, not rebuilt

@@ -65,8 +65,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         )
         # the attention router reads the block input; so does the MLP router unless configured
         # otherwise, and then both can run as one (inference only, see FusedRouters)
-        shared_input = config.mlp_router_input == "block_input" and len(self.routers) > 1
-        self._fused = FusedRouters(list(self.routers.values())) if shared_input else None
+        # (one router alone "fuses" too: its inference decision is then one sign test, no softmax)
+        shared_input = config.mlp_router_input == "block_input" or len(self.routers) == 1
+        self._fused = FusedRouters(list(self.routers.values())) if shared_input and self.routers else None
 
     def __getattr__(self, name: str):
         try:
@@ -119,6 +120,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     def fused_execute_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> p(execute) (B, T, R) of all R routers in one pass (``fusable_routers()``)."""
         return self._fused.execute_probability(hidden)
+
+    def fused_execute(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> the inference decisions ``p(execute) >= θ`` (B, T, R) bool of all R
+        routers in one pass (``fusable_routers()``), without a softmax (``FusedRouters.execute``)."""
+        return self._fused.execute(hidden, self.settings.threshold)
 
     def execute_probabilities(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """p(execute) (B, T) of every router of this layer that reads ``hidden``, as inference

@@ -7,6 +7,8 @@ the soft sample's gradient); inference is deterministic: execute iff p(execute) 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,11 @@ class FusedRouters:
     decode, where each call multiplies one row, the call count is the cost). The stacked
     weights are rebuilt whenever a router parameter changes (tracked by the tensors' version
     counters), so they can never serve stale weights. Not a module: no parameters of its own.
+
+    ``execute`` decides without a softmax: ``p(execute) >= θ`` is ``l_execute - l_skip >=
+    log(θ / (1 - θ))``, so the last layer is stacked as the *difference* of each router's two
+    rows, with the threshold's logit folded into its bias, and the decision is the sign of one
+    more GEMM (a linear router: one GEMM and a comparison in all).
     """
 
     def __init__(self, routers: list[Router]):
@@ -73,6 +80,8 @@ class FusedRouters:
         self._slots = [(m, name) for r in routers for m in r.modules() for name in m._parameters]
         self._key: tuple | None = None
         self._weights: tuple[torch.Tensor, ...] = ()
+        self._margin_key: tuple | None = None
+        self._margin: tuple[torch.Tensor, ...] = ()
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
         params = [m._parameters[name] for m, name in self._slots]
@@ -93,6 +102,32 @@ class FusedRouters:
                     self._weights = (w1, b1, w2, b2)
             self._key = key
         return self._weights
+
+    def _margin_weights(self, threshold: float) -> tuple[torch.Tensor, ...]:
+        """The stacked weights with the last layer as ``execute row - skip row`` and
+        ``-logit(θ)`` in its bias; rebuilt when the routers or θ change."""
+        w = self._stacked()
+        key = (self._key, float(threshold))
+        if key != self._margin_key:
+            with torch.no_grad():
+                last_w, last_b = w[-2:]
+                shift = math.log(threshold) - math.log1p(-threshold)
+                diff_w = (last_w[EXECUTE::2].double() - last_w[SKIP::2].double()).to(last_w.dtype)
+                diff_b = (last_b[EXECUTE::2].double() - last_b[SKIP::2].double() - shift).to(last_b.dtype)
+                self._margin = (*w[:-2], diff_w.contiguous(), diff_b.contiguous())
+            self._margin_key = key
+        return self._margin
+
+    def execute(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B, T, d) -> ``p(execute) >= θ`` of every router, (B, T, R) bool, as a sign test on
+        the logit margin (θ of 0 or 1, where the logit is infinite, take the probabilities)."""
+        if not 0.0 < threshold < 1.0:
+            return self.execute_probability(hidden) >= threshold
+        w = self._margin_weights(threshold)
+        h = F.linear(hidden.to(w[0].dtype), w[0], w[1])
+        if len(w) == 4:
+            h = F.linear(F.relu(h), w[2], w[3])
+        return h >= 0
 
     def execute_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> p(execute) of every router, (B, T, R)."""

@@ -136,13 +136,16 @@ class LearnedPolicy(RoutingPolicy):
         return layer.execute_probability(module, hidden) >= layer.settings.threshold
 
     def decide_layer(self, layer, hidden, modules, host_bools=False):
-        if layer.training or not layer.fusable_routers() or set(modules) != set(layer.routers):
+        routed = [m for m in modules if m in layer.routers]
+        if layer.training or not layer.fusable_routers() or set(routed) != set(layer.routers):
             return super().decide_layer(layer, hidden, modules, host_bools)
-        execute = layer.fused_execute_probability(hidden) >= layer.settings.threshold  # (B, T, R)
+        execute = layer.fused_execute(hidden)  # (B, T, R)
         if host_bools and execute.shape[0] * execute.shape[1] == 1:
             # a single token: one host read for the layer, the fast path branches on it anyway
-            return dict(zip(layer.routers, execute.view(-1).tolist(), strict=True))
-        return {m: execute[..., i] for i, m in enumerate(layer.routers)}
+            gates = dict(zip(layer.routers, execute.view(-1).tolist(), strict=True))
+        else:
+            gates = {m: execute[..., i] for i, m in enumerate(layer.routers)}
+        return {m: gates.get(m) for m in modules}
 
 
 @register_policy("random")
@@ -179,8 +182,8 @@ class RandomPolicy(RoutingPolicy):
         if self.router_overhead:
             if not layer.fusable_routers():
                 _discarded = layer.execute_probability(module, hidden) >= layer.settings.threshold
-            elif module == "attn":  # one pass decides both modules, at the attention router
-                _discarded = layer.fused_execute_probability(hidden) >= layer.settings.threshold
+            elif module == next(iter(layer.routers)):  # one pass decides the layer, at its first router
+                _discarded = layer.fused_execute(hidden)
         draw = torch.rand(hidden.shape[:2], generator=self._generator(hidden.device), device=hidden.device)
         return draw >= self.rate(layer.layer_idx, module)
 

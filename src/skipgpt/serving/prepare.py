@@ -109,11 +109,6 @@ def prepare_serving_folder(source: str | Path, output: str | Path | None = None,
     refusal = _NOT_SERVED.get("routed-lora" if record.routed and record.adapter else record.kind)
     if refusal is not None:
         raise SkipGPTError(refusal.format(source=source))
-    if record.substitutes is not None:
-        raise SkipGPTError(
-            f"{source} has substitutes for skipped {'/'.join(record.substitutes.get('modules', []))} "
-            "(skip_to=adapter); the vLLM plugin serves plain skipping only"
-        )
     model_type = record.model_type
     if model_type not in ROUTED_ARCHITECTURES:
         raise SkipGPTError(

@@ -15,7 +15,10 @@ for the block input ``x`` (N, d):
   ``o_proj`` and are added to the residual stream (``index_add``); a skipping token's stream is
   unchanged;
 * MLP: only the executing tokens are gathered, normed (``post_attention_layernorm``), run through
-  the MLP and added back.
+  the MLP and added back;
+* substitutes (a folder trained with ``skip_to=adapter``): the tokens that skip a module are
+  gathered, normed as the module would norm them, run through its low-rank substitute (float32,
+  skipgpt's ``Substitute``) and added back, from the same block state the module reads.
 
 vLLM's Llama layer passes ``(hidden, residual)`` pairs and fuses the residual add into the next
 RMSNorm; this model keeps the plain residual stream instead (``x`` in, ``x`` out), so a skip is
@@ -51,6 +54,7 @@ from ..config import SkipGPTConfig
 from ..costs import CostModel
 from ..errors import SkipGPTError
 from ..router import FusedRouters, Router
+from ..substitutes import SUBSTITUTE_PREFIX, Substitute
 from .prepare import ROUTERS_SUBDIR
 
 __all__ = ["SkipGPTLlamaForCausalLM", "ServeRoutingState", "STATS_ENV", "STATS_INTERVAL_S"]
@@ -133,10 +137,12 @@ class ServeRoutingState:
         dense += self.logits_tokens * c.lm_head
         skipped = 0.0
         for i in range(self.num_layers):
+            # net of the substitutes that skipping tokens run (0 without them)
             if "attn" in self.skipped:
-                skipped += self.skipped["attn"][i] * c.q_o + per_key * self.skipped_context[i]
+                skipped += self.skipped["attn"][i] * (c.q_o - c.substitute("attn"))
+                skipped += per_key * self.skipped_context[i]
             if "mlp" in self.skipped:
-                skipped += self.skipped["mlp"][i] * c.mlp
+                skipped += self.skipped["mlp"][i] * (c.mlp - c.substitute("mlp"))
         decisions = self.tokens * self.num_layers * len(self.modules)
         return {
             "pid": os.getpid(),
@@ -196,16 +202,20 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         self.routers = nn.ModuleDict(
             {m: Router(hf_config.hidden_size, width, rc.router_init, rc.execute_bias) for m in rc.modules}
         ).to(torch.float32)
-        shared = self.mlp_reads_block_input and len(self.routers) > 1
-        self._fused = FusedRouters(list(self.routers.values())) if shared else None
+        shared = self.mlp_reads_block_input or len(self.routers) == 1
+        self._fused = FusedRouters(list(self.routers.values())) if shared and self.routers else None
+        rank = rc.rank_for(hf_config.hidden_size)
+        self.substitutes = nn.ModuleDict(
+            {m: Substitute(hf_config.hidden_size, rank, rc.substitute_activation) for m in rc.substituted}
+        ).to(torch.float32)
 
     def _decide(
         self, hidden: torch.Tensor, modules: Iterable[str], threshold: float
     ) -> dict[str, torch.Tensor]:
         """Execute masks (N,) of ``modules`` for hidden states (N, d)."""
         if self._fused is not None:
-            p = self._fused.execute_probability(hidden)  # (N, R)
-            return {m: p[:, i] >= threshold for i, m in enumerate(self.routers)}
+            execute = self._fused.execute(hidden, threshold)  # (N, R)
+            return {m: execute[:, i] for i, m in enumerate(self.routers) if m in modules}
         return {
             m: self.routers[m].execute_probability(hidden) >= threshold for m in modules if m in self.routers
         }
@@ -215,6 +225,13 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
 
     def _mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.post_attention_layernorm(x))
+
+    def _substitute_add(self, module: str, out: torch.Tensor, execute: torch.Tensor, x: torch.Tensor):
+        """``out`` + ``module``'s substitute of the block state ``x`` (N, d) on the rows that skip it."""
+        if module not in self.substitutes:
+            return out
+        norm = self.input_layernorm if module == "attn" else self.post_attention_layernorm
+        return _gather_add(out, ~execute, x, lambda h: self.substitutes[module](norm(h)))[0]
 
     def routed(self, positions: torch.Tensor, x: torch.Tensor, state: ServeRoutingState) -> torch.Tensor:
         """positions (N,), block input x (N, d) -> block output (N, d)."""
@@ -227,14 +244,18 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         q, k = attn.rotary_emb(positions, q, k)
         o = attn.attn(q, k, v)  # writes every token's K/V into the paged cache
         if "attn" in decided:
+            x_in = x
             x, n = _gather_add(x, decided["attn"], o, self._attn_out)
+            x = self._substitute_add("attn", x, decided["attn"], x_in)
             state.record(self.layer_idx, "attn", decided["attn"], n, positions)
         else:
             x = x + self._attn_out(o)
         if "mlp" in self.routers and "mlp" not in decided:  # the MLP router reads the post-attention stream
             decided.update(self._decide(x, ("mlp",), state.threshold))
         if "mlp" in decided:
+            x_in = x
             x, n = _gather_add(x, decided["mlp"], x, self._mlp_out)
+            x = self._substitute_add("mlp", x, decided["mlp"], x_in)
             state.record(self.layer_idx, "mlp", decided["mlp"], n, positions)
         else:
             x = x + self._mlp_out(x)
@@ -259,7 +280,11 @@ class SkipGPTLlamaModel(LlamaModel):
             threshold=_threshold(hf_config),
             num_layers=hf_config.num_hidden_layers,
             modules=tuple(rc.modules),
-            cost=CostModel.from_config(hf_config, router_hidden=rc.router_hidden),
+            cost=CostModel.from_config(
+                hf_config,
+                router_hidden=rc.router_hidden,
+                substitute_ranks={m: rc.rank_for(hf_config.hidden_size) for m in rc.substituted},
+            ),
             stats_file=os.environ.get(STATS_ENV) or None,
         )
         for layer in self.layers[self.start_layer : self.end_layer]:
@@ -299,8 +324,10 @@ class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
         return loaded | self._load_routers()
 
     def _load_routers(self) -> set[str]:
-        """Copy ``skipgpt/routers.safetensors`` (``layers.{i}.{module}.net.{j}.{weight|bias}``) into
-        the routers; returns the parameter names it loaded. Refuses a file that does not fit."""
+        """Copy ``skipgpt/routers.safetensors`` (``layers.{i}.{module}.net.{j}.{weight|bias}``, and
+        ``substitutes.layers.{i}.{module}.{down|up}...`` when skipped tokens run substitutes) into
+        the routers and substitutes; returns the parameter names it loaded. Refuses a file that
+        does not fit."""
         entry = self.config.skipgpt
         path = Path(self._model_path) / entry.get("routers", f"{ROUTERS_SUBDIR}/routers.safetensors")
         if not path.exists():
@@ -311,6 +338,11 @@ class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
             for name, p in layer.routers.named_parameters():
                 own[f"layers.{layer.layer_idx}.{name}"] = (
                     f"model.layers.{layer.layer_idx}.routers.{name}",
+                    p,
+                )
+            for name, p in layer.substitutes.named_parameters():
+                own[f"{SUBSTITUTE_PREFIX}layers.{layer.layer_idx}.{name}"] = (
+                    f"model.layers.{layer.layer_idx}.substitutes.{name}",
                     p,
                 )
         missing = sorted(set(own) - set(tensors))
