@@ -432,9 +432,18 @@ def test_calibrate_and_export_carry_substitutes(tmp_path, capsys):
         assert torch.equal(cal(input_ids=ids).logits, exp(input_ids=ids).logits)
 
 
-def test_vllm_prepare_refuses_substitutes(tmp_path):
-    from skipgpt.serving.prepare import prepare_serving_folder
+def test_vllm_prepare_carries_substitutes(tmp_path):
+    """The prepared vLLM folder holds the substitutes beside the routers (served, see test_serve)."""
+    from safetensors.torch import load_file
 
-    substituted().save_pretrained(tmp_path / "src")
-    with pytest.raises(SkipGPTError, match="has substitutes for skipped attn/mlp"):
-        prepare_serving_folder(tmp_path / "src")
+    from skipgpt.serving.prepare import ROUTERS_SUBDIR, prepare_serving_folder
+
+    from conftest import routed
+
+    model, _ = routed("llama", **ADAPTERS)  # its base loads again by spec (random:llama)
+    model.save_pretrained(tmp_path / "src")
+    out = prepare_serving_folder(tmp_path / "src")
+    saved = load_file(str(out / ROUTERS_SUBDIR / "routers.safetensors"))
+    want = model.router_state_dict()
+    assert any(k.startswith("substitutes.") for k in saved) and set(saved) == set(want)
+    assert all(torch.equal(saved[k], want[k].cpu()) for k in want)

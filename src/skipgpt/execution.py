@@ -82,16 +82,25 @@ class Executor:
 
 
 class ReferenceExecutor(Executor):
-    """Every module on every token, output times the gate (the masked, differentiable path)."""
+    """Every module on every token, output times the gate (the masked, differentiable path).
+
+    ``host_bools`` (inference, where reading a decision costs nothing: the CPU): a single
+    token's decisions come as Python bools; it still runs every module, and its output is added
+    or not, which equals multiplying it by 1 or 0."""
+
+    def __init__(self, host_bools: bool = False):
+        self.host_bools = host_bools
 
     def _attn(self, layer, x, gate, **kwargs):
-        return x + _times(gate, layer.attn_branch(x, **kwargs))
+        return _gated_add(x, gate, layer.attn_branch(x, **kwargs))
 
     def _mlp(self, layer, x, gate):
-        return x + _times(gate, layer.mlp_branch(x))
+        return _gated_add(x, gate, layer.mlp_branch(x))
 
     def _substitute(self, layer, module, x, gate, out):
         sub = layer.substitute_branch(module, x)
+        if isinstance(gate, bool):
+            return out if gate else out + sub
         skip = ~gate if gate.dtype == torch.bool else 1 - gate
         return out + _times(skip, sub)
 
@@ -123,6 +132,7 @@ class SkippingExecutor(Executor):
 
 
 REFERENCE = ReferenceExecutor()
+_REFERENCE_HOST = ReferenceExecutor(host_bools=True)
 _SKIPPING = {False: SkippingExecutor(on_device=False), True: SkippingExecutor(on_device=True)}
 
 
@@ -130,9 +140,19 @@ def choose_executor(layer, hidden: torch.Tensor) -> Executor:
     """The executor of one forward of ``layer``: the skipping one at inference with routing on
     and ``execution="fast"``, else the reference."""
     settings = layer.settings
-    if layer.training or not settings.enabled or settings.execution != "fast":
+    if layer.training or not settings.enabled:
         return REFERENCE
-    return _SKIPPING[not reads_are_free(hidden)]
+    free = reads_are_free(hidden)
+    if settings.execution != "fast":
+        return _REFERENCE_HOST if free else REFERENCE
+    return _SKIPPING[not free]
+
+
+def _gated_add(x: torch.Tensor, gate: torch.Tensor | bool, out: torch.Tensor) -> torch.Tensor:
+    """``x + gate · out``; a Python bool gate adds ``out`` or not."""
+    if isinstance(gate, bool):
+        return x + out if gate else x
+    return x + _times(gate, out)
 
 
 def _times(gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
