@@ -434,11 +434,10 @@ def test_calibrate_and_export_carry_substitutes(tmp_path, capsys):
 
 def test_vllm_prepare_carries_substitutes(tmp_path):
     """The prepared vLLM folder holds the substitutes beside the routers (served, see test_serve)."""
+    from conftest import routed
     from safetensors.torch import load_file
 
     from skipgpt.serving.prepare import ROUTERS_SUBDIR, prepare_serving_folder
-
-    from conftest import routed
 
     model, _ = routed("llama", **ADAPTERS)  # its base loads again by spec (random:llama)
     model.save_pretrained(tmp_path / "src")
