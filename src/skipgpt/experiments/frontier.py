@@ -334,17 +334,23 @@ def format_frontier_markdown(result: dict) -> str:
     scenarios, datasets = s["scenarios"], s["eval_datasets"]
     dataset = s["summary_dataset"]
     line_names = result.get("lines", {})
+    targets = [f"{t:g}" for t in s["targets"]]
+    # every evaluation set read at the targets, the summarised one first
+    by_set = {d: summarize(result["points"], scenarios, d, s["targets"]) for d in datasets}
+    by_set[dataset] = result["summary"]
+    order = [dataset] + [d for d in datasets if d != dataset]
     rows = []
-    for line, per in result["summary"].items():
+    for line in result["summary"]:
         for sc in scenarios:
             row = {"line": line_names.get(line, line), "scenario": sc}
-            for t, v in per.get(sc, {}).items():
-                row[t] = "not reached" if v is None else v
+            for d in order:
+                for t, v in by_set[d].get(line, {}).get(sc, {}).items():
+                    row[f"{d}@{t}"] = "not reached" if v is None else v
             rows.append(row)
-    targets = [f"{t:g}" for t in s["targets"]]
     summary = markdown_table(
         rows,
-        [("method", "line"), ("scenario", "scenario")] + [(f"{dataset} PPL at {t}x", t) for t in targets],
+        [("method", "line"), ("scenario", "scenario")]
+        + [(f"{d} PPL at {t}x", f"{d}@{t}") for d in order for t in targets],
     )
     cols = [
         ("point", "label"),
@@ -369,21 +375,33 @@ def format_frontier_markdown(result: dict) -> str:
     else:
         routers = "routers from " + ", ".join(f"`{r}`" for r in s.get("routers", []))
     skip_lines = ", ".join(line_names[k] for k in line_names if k.startswith("skipgpt"))
+    substitutes = ""
+    # runs made before the static policy timed LLM-Drop through constant routers
+    no_router = " The static methods run no router (`routing.StaticPolicy`)." if "baselines" in s else ""
+    if "substitute" in s.get("baselines", []):
+        rank = next((p["rank"] for p in result["points"] if p["method"] == "substitute"), "hidden/16")
+        substitutes = (
+            f"; the static substitute baseline at the same shares, net of its substitutes (the lowest-scored "
+            f"MLPs replaced by rank-{rank} least-squares fits on the same text)"
+        )
     head = (
         f"Model `{g['model']}`. Points: dense; {skip_lines} ({routers}) at θ = "
         f"{', '.join(f'{t:g}' for t in s['thetas'])}; ShortGPT with 1..{s['max_layers']} layers removed "
         f"(Block Influence on {g['calib_blocks']}×{g['seq_len']} tokens of `{g['dataset']}`); LLM-Drop at the "
-        f"same parameter shares (module scores on the same text). Sparsity: SkipGPT and LLM-Drop as realised on "
-        f"the PPL windows (pooled), ShortGPT its removal. PPL: the first {g['max_windows']} windows of "
+        f"same parameter shares (module scores on the same text){substitutes}.{no_router} Sparsity: SkipGPT as realised on the PPL windows (pooled), the static methods "
+        f"their choice (param sp.: gross; a substitute's parameters are netted in `params_net`). PPL: the first "
+        f"{g['max_windows']} windows of "
         f"{g['eval_seq_len']} tokens of each set, the same for every point. Speedup: tokens/s against the "
         f"dense model timed alternately in the same run (prefill run by run, decode step by step), "
         f"{s.get('statistic', 'median')} of {s['repeats']} runs after {s['warmup']} warm-up; decode: {s['decode_steps']} steps after "
         f"{s['decode_context']} context tokens (DynamicCache); ideal: FLOP speedup of the work skipped "
         f"(`skipgpt.costs`). {result['machine']}."
     )
+    dense_ppl = result["points"][0]["ppl"] if result["points"] else {}
+    dense_text = ", ".join(f"{d} {dense_ppl.get(d, '?')}" for d in order)
     summ = (
-        f"PPL on {dataset} at a measured speedup: {INTERPOLATION}. The dense model "
-        f"({result['points'][0]['ppl'][dataset] if result['points'] else '?'}) is the 1.00x point of every scenario."
+        f"PPL at a measured speedup: {INTERPOLATION}. The dense model ({dense_text}) is the 1.00x point "
+        "of every scenario."
     )
     parts = [head, summary, summ, markdown_table(result["points"], cols)]
     if not result.get("complete", True):
