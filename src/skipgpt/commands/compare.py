@@ -218,6 +218,7 @@ def run(args) -> int:
     from ..eval.speed import machine_string
     from ..experiments.compare import ALL_METHODS, build_method, load_built, measure_prefill, record_target
     from ..model import SkipGPTModel
+    from ..routing import StaticPolicy
     from ..specs import load_base_model
 
     out = Path(args.output)
@@ -268,7 +269,11 @@ def run(args) -> int:
         "complete": False,
     }
 
-    def evaluate(key: str, model, routing=contextlib.nullcontext, static_sparsity=None, build=None) -> None:
+    def evaluate(
+        key: str, model, routing=contextlib.nullcontext, static_sparsity=None, build=None, speed_routing=None
+    ) -> None:
+        """``speed_routing``: the routing timed, when it differs from the one evaluated (a static
+        method timed as deployed, with no router run; the same outputs)."""
         row = {"method": key, "label": LABELS[key], "ppl": {}, "eval": {}}
         for d, blocks in evals.items():
             with routing():
@@ -287,7 +292,7 @@ def run(args) -> int:
             row["speed"] = {"prefill_tok_s": d, "dense_tok_s": d, "speedup": 1.0, "tokens": speed_ids.numel()}
         elif speed_ids is not None:
             row["speed"] = measure_prefill(
-                base, model, speed_ids, repeats=args.speed_repeats, routing=routing
+                base, model, speed_ids, repeats=args.speed_repeats, routing=speed_routing or routing
             )
         if zeroshot is not None:
             with routing():
@@ -316,6 +321,16 @@ def run(args) -> int:
         if method == "mod":
             evaluate("mod", model, routing=lambda model=model: topk_routing(model), build=build)
             evaluate("mod-causal", model, build=build)
+        elif method in ("llm-drop", "substitute"):  # timed with no constant router run
+            skipped = [(int(i), "mlp") for i in record.get("replaced_mlps", [])]
+            evaluate(
+                method,
+                model,
+                build=build,
+                speed_routing=lambda model=model, skipped=skipped: model.routing(
+                    policy=StaticPolicy(skipped)
+                ),
+            )
         else:
             evaluate(method, model, static_sparsity=static, build=build)
         del model
