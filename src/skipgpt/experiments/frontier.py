@@ -557,11 +557,6 @@ def load_progress(out: str | Path, settings: dict, overwrite: bool = False) -> d
     return {"settings": settings, "points": {}}
 
 
-def config_hidden(model) -> int:
-    """The hidden size of a HF model (its text config's, for a multimodal one)."""
-    return model.config.get_text_config(decoder=True).hidden_size
-
-
 def run_frontier(
     base,
     tokenizer,
@@ -654,7 +649,9 @@ def run_frontier(
 
     loaded: dict[str, SkipGPTModel] = {}
     config = substitute_config(settings.get("substitute_rank"))
-    rank = config.rank_for(config_hidden(base))
+    hidden = base.config.get_text_config(decoder=True).hidden_size  # multimodal: the LM's
+    rank = config.rank_for(hidden)
+    sub_params = substitute_params(hidden, rank)
 
     def substituted() -> SkipGPTModel:
         """A copy of the base with a closed-form substitute fitted for every MLP (each fit reads
@@ -667,9 +664,7 @@ def run_frontier(
 
     def static_substitute(k: int):
         target = sum(sorted(layer_params.values())[:k]) / total  # the share of k layers
-        chosen, share = select_replaced_mlps(
-            module_params, module_scores(), target, substitute_params(config_hidden(base), rank)
-        )
+        chosen, share = select_replaced_mlps(module_params, module_scores(), target, sub_params)
         model, policy = substituted(), StaticPolicy(chosen)
 
         def routing():
