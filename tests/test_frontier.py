@@ -194,17 +194,28 @@ def test_frontier_end_to_end_every_method(tmp_path, capsys):
     )
 
 
-def test_resume_skips_finished_points_and_refuses_other_settings(tmp_path, monkeypatch):
-    r1, r2 = _routers(tmp_path, "r1", 0), _routers(tmp_path, "r2", 1)
+def test_resume_reuses_points_adds_router_sets_refuses_other_settings(tmp_path, monkeypatch):
+    r1, r2, r3 = (_routers(tmp_path, f"r{i + 1}", i) for i in range(3))
     out = tmp_path / "fr"
-    argv = _argv(tmp_path, out, "--routers", str(r1), "--routers", str(r2))
+    two = _argv(tmp_path, out, "--routers", str(r1), "--routers", str(r2))
+    argv = [*two, "--routers", str(r3)]
     calls = []
     real = frontier.evaluate_quality
     monkeypatch.setattr(frontier, "evaluate_quality", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert main(argv) == 0
+    assert main(two) == 0 and len(calls) == 1 + 2 * 2 + 2 + 2 + 2
+    first = json.loads((out / "frontier.json").read_text())
+    calls.clear()
+    assert main(argv) == 0  # a router set added: only its points are measured
     result = json.loads((out / "frontier.json").read_text())
-    assert len(calls) == len(result["points"]) == 1 + 2 * 2 + 2 + 2 + 2
-    assert {p["line"] for p in result["points"] if p["method"] == "skipgpt"} == {"skipgpt:r1", "skipgpt:r2"}
+    assert len(calls) == 2 and len(result["points"]) == 1 + 3 * 2 + 2 + 2 + 2
+    kept = {p["key"]: p for p in result["points"]}
+    assert all(kept[p["key"]]["times_s"] == p["times_s"] for p in first["points"] if "times_s" in p)
+    assert main(two) == 2  # a router set dropped: other settings, refused
+    assert {p["line"] for p in result["points"] if p["method"] == "skipgpt"} == {
+        "skipgpt:r1",
+        "skipgpt:r2",
+        "skipgpt:r3",
+    }
     calls.clear()
     assert main(argv) == 0 and calls == []  # everything re-used
     progress = json.loads((out / frontier.PROGRESS_NAME).read_text())
