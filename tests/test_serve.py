@@ -205,10 +205,15 @@ def test_theta_zero_equals_hf_dense_greedy(llm, hf_routed):
 def test_routed_vllm_takes_skipgpts_decisions_and_tokens(llm, hf_routed):
     model, _ = hf_routed
     layers, modules = model.state.num_layers, model.skipgpt_config.modules
-    disagree = total = skipped = 0
+    disagree = total = skipped = kv_only = 0
     for prompt in PROMPTS:  # one request at a time: the trace's rows are that sequence's positions
+        before = llm.apply_model(lambda m: m.skipgpt_state.kv_only)[0]
         [(prompt_ids, tokens)], forwards = _vllm_greedy(llm, [prompt], trace=True)
         assert tokens == _hf_greedy(model, prompt_ids), prompt
+        # an attention that no token of a forward executes runs as a K/V write alone, and only then
+        alone = sum(not f["execute"][(i, "attn")].any() for f in forwards for i in range(layers))
+        assert llm.apply_model(lambda m: m.skipgpt_state.kv_only)[0] - before == alone
+        kv_only += alone
         positions = torch.cat([f["positions"] for f in forwards])
         seq = prompt_ids + tokens[:-1]  # the last token is never fed back
         assert positions.tolist() == list(range(len(seq)))
@@ -224,6 +229,7 @@ def test_routed_vllm_takes_skipgpts_decisions_and_tokens(llm, hf_routed):
                 skipped += int((~theirs).sum())
     assert disagree / total <= MAX_DECISION_DISAGREEMENT, f"{disagree} of {total} decisions differ"
     assert 0.2 < skipped / total < 0.8  # the routers really skip
+    assert kv_only > 0  # and the K/V-only attention ran, with the same tokens
 
 
 @needs_vllm

@@ -6,14 +6,17 @@ for the block input ``x`` (N, d):
 
 * the routers read ``x`` (float32, as skipgpt's ``FusedRouters``: one pass for both modules when
   the MLP router also reads the block input) and a token executes a module iff p(execute) >= θ;
-* attention: ``input_layernorm``, ``qkv_proj`` and rotary run for *every* token and vLLM's
-  ``Attention`` op writes every token's K/V into the paged cache (a skipping token's K/V is read
-  by the later tokens that attend to it). The op also computes the attention of every query: its
-  metadata (query start offsets, slot mapping, the sequences' lengths) is built by the model runner
-  for all N scheduled tokens before the model runs, and a sub-batch of queries would need
-  metadata the model cannot rebuild. Only the executing tokens' attention outputs go through
-  ``o_proj`` and are added to the residual stream (``index_add``); a skipping token's stream is
-  unchanged;
+* attention: every token's K/V go into the paged cache (a skipping token's K/V is read by the
+  later tokens that attend to it). When *no* token of the batch executes the attention (batch-1
+  decode, say), only that happens: ``input_layernorm``, a K/V-only projection (``kv_only``, the
+  k/v rows of ``qkv_proj``, copied at load), rotary on the keys and vLLM's own cache write
+  (``unified_kv_cache_update``); no query, attention kernel or ``o_proj`` runs. Otherwise
+  ``qkv_proj`` and rotary run for every token and vLLM's ``Attention`` op writes the K/V and
+  computes the attention of every query: its metadata (query start offsets, slot mapping, the
+  sequences' lengths) is built by the model runner for all N scheduled tokens before the model
+  runs, and a sub-batch of queries would need metadata the model cannot rebuild. Only the
+  executing tokens' attention outputs go through ``o_proj`` and are added to the residual stream
+  (``index_add``); a skipping token's stream is unchanged;
 * MLP: only the executing tokens are gathered, normed (``post_attention_layernorm``), run through
   the MLP and added back;
 * substitutes (a folder trained with ``skip_to=adapter``): the tokens that skip a module are
@@ -47,6 +50,8 @@ from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 
@@ -99,6 +104,7 @@ class ServeRoutingState:
     context_sum: float = 0.0  # sum over computed tokens of (position + 1)
     skipped: dict[str, list[int]] = field(default_factory=dict)
     skipped_context: list[float] = field(default_factory=list)  # per layer, attention skips only
+    kv_only: int = 0  # (forward, layer) pairs whose attention was a K/V write alone (no token executed it)
     _current: dict | None = None
     _last_write: float = 0.0
 
@@ -152,6 +158,7 @@ class ServeRoutingState:
             "logits_tokens": self.logits_tokens,
             "decisions": decisions,
             "skipped_decisions": sum(sum(v) for v in self.skipped.values()),
+            "attention_kv_only": self.kv_only,
             "skipped": self.skipped,
             # parameters of one module of one layer (FLOPs / 2), for a parameter-weighted sparsity
             "module_params": {"attn": (c.q_o + c.k_v) // 2, "mlp": c.mlp // 2},
@@ -204,6 +211,20 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         ).to(torch.float32)
         shared = self.mlp_reads_block_input or len(self.routers) == 1
         self._fused = FusedRouters(list(self.routers.values())) if shared and self.routers else None
+        # the k/v rows of qkv_proj (filled at load): what a step where no token executes the
+        # attention computes, besides the norm and the keys' rotary
+        attn = self.self_attn
+        self.kv_only = (
+            ReplicatedLinear(
+                hf_config.hidden_size,
+                2 * attn.kv_size,
+                bias=getattr(attn.qkv_proj, "bias", None) is not None,
+                params_dtype=attn.qkv_proj.weight.dtype,
+                prefix=f"{prefix}.kv_only",
+            )
+            if "attn" in rc.modules
+            else None
+        )
         rank = rc.rank_for(hf_config.hidden_size)
         self.substitutes = nn.ModuleDict(
             {m: Substitute(hf_config.hidden_size, rank, rc.substitute_activation) for m in rc.substituted}
@@ -219,6 +240,34 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         return {
             m: self.routers[m].execute_probability(hidden) >= threshold for m in modules if m in self.routers
         }
+
+    def _attention(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """positions (N,), normed block input h (N, d) -> attention output before ``o_proj``
+        (N, H*hd); vLLM's op writes every token's K/V into the paged cache."""
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(h)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        return attn.attn(q, k, v)
+
+    def _kv_only_possible(self) -> bool:
+        """Whether this layer's K/V can be written without the attention op: a backend whose
+        forward does not write the cache itself, and a cache of this layer's own."""
+        op = self.self_attn.attn
+        return (
+            self.kv_only is not None
+            and not op.attn_backend.forward_includes_kv_cache_update
+            and op.kv_sharing_target_layer_name is None
+        )
+
+    def _write_kv_only(self, positions: torch.Tensor, h: torch.Tensor) -> None:
+        """Only the K/V of every token (N,) into the paged cache: no query, attention or o_proj."""
+        attn = self.self_attn
+        kv, _ = self.kv_only(h)
+        k, v = kv.split([attn.kv_size, attn.kv_size], dim=-1)
+        k, _ = attn.rotary_emb(positions, k)  # rotary of the keys alone (key=None)
+        heads, size = attn.attn.num_kv_heads, attn.attn.head_size
+        unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attn.attn.layer_name)
 
     def _attn_out(self, o: torch.Tensor) -> torch.Tensor:
         return self.self_attn.o_proj(o)[0]
@@ -238,18 +287,18 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         decided = self._decide(
             x, ("attn", "mlp") if self.mlp_reads_block_input else ("attn",), state.threshold
         )
-        attn = self.self_attn
-        qkv, _ = attn.qkv_proj(self.input_layernorm(x))
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(positions, q, k)
-        o = attn.attn(q, k, v)  # writes every token's K/V into the paged cache
+        h = self.input_layernorm(x)
         if "attn" in decided:
-            x_in = x
-            x, n = _gather_add(x, decided["attn"], o, self._attn_out)
-            x = self._substitute_add("attn", x, decided["attn"], x_in)
-            state.record(self.layer_idx, "attn", decided["attn"], n, positions)
+            execute, x_in = decided["attn"], x
+            if self._kv_only_possible() and not bool(execute.any()):
+                self._write_kv_only(positions, h)
+                n, state.kv_only = 0, state.kv_only + 1
+            else:
+                x, n = _gather_add(x, execute, self._attention(positions, h), self._attn_out)
+            x = self._substitute_add("attn", x, execute, x_in)
+            state.record(self.layer_idx, "attn", execute, n, positions)
         else:
-            x = x + self._attn_out(o)
+            x = x + self._attn_out(self._attention(positions, h))
         if "mlp" in self.routers and "mlp" not in decided:  # the MLP router reads the post-attention stream
             decided.update(self._decide(x, ("mlp",), state.threshold))
         if "mlp" in decided:
@@ -321,7 +370,21 @@ class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
-        return loaded | self._load_routers()
+        return loaded | self._load_routers() | self._fill_kv_only()
+
+    def _fill_kv_only(self) -> set[str]:
+        """Copy the k/v rows of each loaded ``qkv_proj`` into the layer's ``kv_only`` (before vLLM
+        packs the weights for its GEMM kernels); returns the parameter names it filled."""
+        filled = set()
+        with torch.no_grad():
+            for layer in self.model.layers[self.model.start_layer : self.model.end_layer]:
+                if layer.kv_only is None:
+                    continue
+                qkv, q_size = layer.self_attn.qkv_proj, layer.self_attn.q_size
+                for name, p in layer.kv_only.named_parameters():
+                    p.copy_(getattr(qkv, name)[q_size:])
+                    filled.add(f"model.layers.{layer.layer_idx}.kv_only.{name}")
+        return filled
 
     def _load_routers(self) -> set[str]:
         """Copy ``skipgpt/routers.safetensors`` (``layers.{i}.{module}.net.{j}.{weight|bias}``, and
