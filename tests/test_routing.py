@@ -301,8 +301,9 @@ def test_one_call_registers_an_architecture(monkeypatch):
 @pytest.mark.parametrize("router_hidden", [0, 8])
 @pytest.mark.parametrize("count", [1, 2])
 def test_margin_decision_equals_probability_at_threshold(router_hidden, count):
-    """``FusedRouters.execute`` (a sign test on the logit margin, no softmax) takes the same
-    decisions as ``p(execute) >= θ``, at every θ including 0 and 1, and follows new weights."""
+    """``FusedRouters.execute`` (a sign test on the logit margin, no softmax) and its one-token
+    form ``execute_one`` take the same decisions as ``p(execute) >= θ``, at every θ including 0
+    and 1, and follow new weights."""
     from skipgpt.router import FusedRouters, Router
 
     torch.manual_seed(0)
@@ -316,7 +317,12 @@ def test_margin_decision_equals_probability_at_threshold(router_hidden, count):
         # equal except where p sits within float rounding of θ
         differ = got != (p >= theta)
         assert not differ.any() or bool(((p[differ] - theta).abs() < 1e-6).all())
+        # one token at a time, as Python bools (batch-1 decode): the same decisions
+        one = torch.tensor([fused.execute_one(x[b, t], theta) for b in range(3) for t in range(50)])
+        differ = one.view_as(got) != got
+        assert not differ.any() or bool(((p[differ] - theta).abs() < 1e-6).all())
     assert 0 < int(fused.execute(x, 0.5).sum()) < x.shape[0] * x.shape[1] * count
     with torch.no_grad():
         routers[0].net[-1].bias.copy_(torch.tensor([0.0, -50.0]))  # the first router now always skips
     assert not fused.execute(x, 0.5)[..., 0].any()
+    assert fused.execute_one(x[0, 0], 0.5)[0] is False

@@ -68,6 +68,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         # (one router alone "fuses" too: its inference decision is then one sign test, no softmax)
         shared_input = config.mlp_router_input == "block_input" or len(self.routers) == 1
         self._fused = FusedRouters(list(self.routers.values())) if shared_input and self.routers else None
+        self.router_names = tuple(self.routers)  # read per decision without nn.Module lookups
 
     def __getattr__(self, name: str):
         try:
@@ -125,6 +126,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         """(B, T, d) -> the inference decisions ``p(execute) >= θ`` (B, T, R) bool of all R
         routers in one pass (``fusable_routers()``), without a softmax (``FusedRouters.execute``)."""
         return self._fused.execute(hidden, self.settings.threshold)
+
+    def fused_execute_one(self, hidden: torch.Tensor) -> dict[str, bool]:
+        """A single token's inference decisions (``fused_execute``) as Python bools, per router."""
+        return dict(
+            zip(self.router_names, self._fused.execute_one(hidden, self.settings.threshold), strict=True)
+        )
 
     def execute_probabilities(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """p(execute) (B, T) of every router of this layer that reads ``hidden``, as inference

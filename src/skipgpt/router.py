@@ -129,6 +129,18 @@ class FusedRouters:
             h = F.linear(F.relu(h), w[2], w[3])
         return h >= 0
 
+    def execute_one(self, hidden: torch.Tensor, threshold: float) -> list[bool]:
+        """The decisions of ``execute`` for a single token (hidden of d elements) as Python bools,
+        one per router: matrix-vector products and one host read, no bool tensor (batch-1 decode
+        on a CPU, where each tensor op costs microseconds of the layer's time)."""
+        if not 0.0 < threshold < 1.0:
+            return self.execute(hidden, threshold).view(-1).tolist()
+        w = self._margin_weights(threshold)
+        h = torch.addmv(w[1], w[0], hidden.reshape(-1).to(w[0].dtype))
+        if len(w) == 4:
+            h = torch.addmv(w[3], w[2], h.relu_())
+        return [m >= 0 for m in h.tolist()]
+
     def execute_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> p(execute) of every router, (B, T, R)."""
         w = self._stacked()

@@ -136,15 +136,15 @@ class LearnedPolicy(RoutingPolicy):
         return layer.execute_probability(module, hidden) >= layer.settings.threshold
 
     def decide_layer(self, layer, hidden, modules, host_bools=False):
-        routed = [m for m in modules if m in layer.routers]
-        if layer.training or not layer.fusable_routers() or set(routed) != set(layer.routers):
+        names = layer.router_names
+        if layer.training or not layer.fusable_routers() or any(m not in modules for m in names):
             return super().decide_layer(layer, hidden, modules, host_bools)
-        execute = layer.fused_execute(hidden)  # (B, T, R)
-        if host_bools and execute.shape[0] * execute.shape[1] == 1:
+        if host_bools and hidden.shape[0] * hidden.shape[1] == 1:
             # a single token: one host read for the layer, the fast path branches on it anyway
-            gates = dict(zip(layer.routers, execute.view(-1).tolist(), strict=True))
+            gates = layer.fused_execute_one(hidden)
         else:
-            gates = {m: execute[..., i] for i, m in enumerate(layer.routers)}
+            execute = layer.fused_execute(hidden)  # (B, T, R)
+            gates = {m: execute[..., i] for i, m in enumerate(names)}
         return {m: gates.get(m) for m in modules}
 
 
