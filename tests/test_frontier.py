@@ -211,6 +211,13 @@ def test_resume_reuses_points_adds_router_sets_refuses_other_settings(tmp_path, 
     kept = {p["key"]: p for p in result["points"]}
     assert all(kept[p["key"]]["times_s"] == p["times_s"] for p in first["points"] if "times_s" in p)
     assert main(two) == 2  # a router set dropped: other settings, refused
+    i = argv.index("--thetas") + 1
+    more = [*argv[:i], argv[i] + ",0.9", *argv[i + 1 :]]
+    calls.clear()
+    assert main(more) == 0 and len(calls) == 3  # a θ added: one point per router set
+    assert main(argv) == 2  # and dropped again: refused
+    argv, result = more, json.loads((out / "frontier.json").read_text())
+    assert len(result["points"]) == 1 + 3 * 3 + 2 + 2 + 2
     assert {p["line"] for p in result["points"] if p["method"] == "skipgpt"} == {
         "skipgpt:r1",
         "skipgpt:r2",

@@ -8,7 +8,7 @@ same parameter shares, and the static substitute baseline replaces MLPs by close
 substitutes to the same shares (net), all scored on the same calibration text. Every point gets realised
 sparsity, PPL on the same windows and its speedup against the dense model timed alternately in
 the same run (``skipgpt.experiments.frontier``). Writes ``frontier.{json,md,png}`` into ``--output`` and
-keeps finished points in ``frontier.progress.json``: a rerun with the same settings resumes, and one that only adds ``--routers`` sets measures just their points.
+keeps finished points in ``frontier.progress.json``: a rerun with the same settings resumes, and one that only adds ``--routers`` sets or ``--thetas`` values measures just the new points.
 """
 
 from __future__ import annotations

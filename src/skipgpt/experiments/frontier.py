@@ -534,19 +534,22 @@ def frontier_settings(
     }
 
 
-def _adds_routers(old: dict, new: dict) -> bool:
-    """Whether ``new`` settings are ``old`` ones with router sets added (none dropped)."""
-    rest = lambda s: {k: v for k, v in s.items() if k != "routers"}  # noqa: E731
-    old_r, new_r = old.get("routers") or [], new.get("routers") or []
-    return rest(old) == rest(new) and set(old_r) < set(new_r)
+_EXTENSIBLE = ("routers", "thetas")  # settings a rerun may add to (points of the old values stay valid)
+
+
+def _only_adds(old: dict, new: dict) -> bool:
+    """Whether ``new`` settings are ``old`` ones with router sets or θ values added (none dropped)."""
+    rest = lambda s: {k: v for k, v in s.items() if k not in _EXTENSIBLE}  # noqa: E731
+    grown = [set(old.get(k) or []) <= set(new.get(k) or []) for k in _EXTENSIBLE]
+    return rest(old) == rest(new) and all(grown) and old != new
 
 
 def load_progress(out: str | Path, settings: dict, overwrite: bool = False) -> dict:
     """The progress record of ``out`` (``{"settings", "points": {key: point}}``): the one on disk
     when it was made with ``settings``, a fresh one when there is none or ``overwrite``. Settings
-    that only add router sets extend the record (its finished points are kept and the new sets'
-    points are measured, each against dense timed beside it as always); a file made with other
-    settings is refused, naming the settings that differ."""
+    that only add router sets or θ values extend the record (its finished points are kept and
+    the new points are measured, each against dense timed beside it as always); a file made with
+    other settings is refused, naming the settings that differ."""
     import json
 
     path = Path(out) / PROGRESS_NAME
@@ -556,7 +559,7 @@ def load_progress(out: str | Path, settings: dict, overwrite: bool = False) -> d
         except (OSError, ValueError) as e:
             raise SkipGPTError(f"{path} is unreadable ({e}); pass --overwrite to start again") from None
         old = record.get("settings") or {}
-        if _adds_routers(old, settings):  # more router sets, all else equal: the finished points stay
+        if _only_adds(old, settings):  # more router sets or θs, all else equal: the finished points stay
             record["settings"] = settings
         if record.get("settings") != settings:
             differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
