@@ -11,7 +11,7 @@
 #
 # Every variant: the default recipe, 100 steps of 4x256 tokens of `calib` (the same token budget),
 # then θ calibrated on 16 blocks. Router sets already trained are kept. About 35 min per variant
-# (two or three at once share the 2 cores: about 40-55 min), then about 50 min of frontier on 2 cores.
+# (two or three at once share the 2 cores: about 40-55 min), then about 65 min of frontier on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--model smollm2-135m --dataset calib --max-steps 100 --batch-size 4)
@@ -29,7 +29,7 @@ train rt100-adapter-lin "${sub[@]}" --budget params --target-sparsity 0.25 --rou
 OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m \
   --routers runs/rt100-params25 --routers runs/rt100-adapter --routers runs/rt100-mlponly \
   --routers runs/rt100-mlponly-lin --routers runs/rt100-lin --routers runs/rt100-adapter-lin \
-  --thetas 0.3,0.5,0.65,0.8,0.9 --max-layers 10 --max-windows 4 --repeats 3 \
+  --thetas 0.3,0.5,0.65,0.8,0.9,0.95,0.98,0.995 --max-layers 10 --max-windows 4 --repeats 3 \
   --scenarios prefill_1x1024,decode_b1 --decode-steps 16 --decode-context 128 --statistic min \
   --output runs/frontier3
 cp runs/frontier3/frontier.md runs/frontier3/frontier.json runs/frontier3/frontier.png results/
