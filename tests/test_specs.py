@@ -129,8 +129,9 @@ def test_skipgpt_dir_predicate_and_description(tmp_path):
 def test_smollm2_loads_and_answers_paris():
     record = describe_spec("smollm2-135m")
     assert record["kind"] == "builtin" and record["path"].endswith(".gguf")
-    model, tok = load_base_model("smollm2-135m")
+    model, tok = load_base_model("SmolLM2-135M")
     assert model.config.num_hidden_layers == 30 and len(model.model.layers) == 30
+    assert model.name_or_path == "smollm2-135m"  # a spec that loads again, not the GGUF's folder
     assert tok.pad_token_id is not None and model.config.pad_token_id == tok.pad_token_id
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -142,3 +143,24 @@ def test_smollm2_loads_and_answers_paris():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_a_gguf_model_is_named_by_a_spec_that_loads_again(tmp_path, monkeypatch):
+    """transformers names a GGUF model by its folder, which cannot be loaded again; the loader
+    names it by the file, so a routed model built over it saves a base that loads."""
+    from skipgpt import SkipGPTConfig, get_skipgpt_model, specs
+
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF")
+    calls = []
+
+    def fake_gguf(target, dtype, attn, device_map=None):
+        calls.append(target)
+        model, tok = load_base_model("random:llama")
+        model.config.name_or_path = model.name_or_path = str(tmp_path)  # as transformers names a GGUF
+        return model, tok
+
+    monkeypatch.setitem(specs._LOADERS, "gguf", fake_gguf)
+    model, _ = load_base_model(str(path))
+    assert calls == [path] and model.name_or_path == str(path)
+    assert get_skipgpt_model(model, SkipGPTConfig()).base_spec == str(path)

@@ -321,5 +321,11 @@ def load_base_model(
     """
     kind, target = _resolve(spec)
     model, tok = _LOADERS[kind](target, dtype, attn_implementation or DEFAULT_ATTN, device_map=device_map)
+    if kind in ("builtin", "gguf"):
+        # transformers names a GGUF model by its folder, which cannot be loaded again (the file
+        # name is needed): name it by a spec this function accepts, so that what is saved from it
+        # (a routed model's base, a LoRA adapter's base) can be loaded again
+        name = str(spec).strip().lower() if kind == "builtin" else str(target)
+        model.config.name_or_path = model.name_or_path = name
     _set_pad(model, tok)
     return model.eval(), tok
