@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ ARCHS = sorted(RANDOM_CONFIGS)
 # Tiny models: one thread is fastest, and immune to a busy machine (two threads that wait on a
 # busy core make small matmuls ~50x slower). Slow tests on the real model ask for more threads.
 torch.set_num_threads(1)
+# --mixed-precision auto picks bf16 on a CPU with AVX-512 BF16: the suite trains in fp32 on every
+# machine (tests that want auto or bf16 set it themselves).
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
 
 
 def tiny(arch: str = "llama"):

@@ -47,6 +47,19 @@ def test_mixed_precision_is_validated():
     assert make_accelerator("no").mixed_precision == "no"  # the state can change back
 
 
+def test_auto_mixed_precision_follows_the_launcher_then_the_hardware(monkeypatch):
+    import skipgpt.train.loop as loop_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    assert LoopArgs().mixed_precision == "fp16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert LoopArgs().mixed_precision == expected
+        assert LoopArgs(mixed_precision="no").mixed_precision == "no"  # an explicit setting stays
+
+
 def test_bf16_autocast_trains_fp32_routers(tmp_path):
     model, _ = routed("llama", router_init="paper", execute_bias=0.0)
     before = {k: v.detach().clone() for k, v in model.router_state_dict().items()}

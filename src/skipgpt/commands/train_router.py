@@ -37,8 +37,9 @@ LOOP_FIELDS = (
     "gradient_checkpointing keep_checkpoint"
 ).split()
 MIXED_PRECISION_HELP = (
-    "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32 "
-    "(default: the accelerate launch setting, else no)"
+    "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32. auto: the "
+    "accelerate launch setting if any, else bf16 where the hardware multiplies bf16 natively (a CPU "
+    "with AVX-512 BF16 or AMX, a GPU with bf16), else no (default: %(default)s)"
 )
 
 
@@ -54,13 +55,13 @@ def add_router_args(p: argparse.ArgumentParser, fields=None, loss_fields=None, h
     add_dataclass_args(g, RouterTuningArgs, LOSS_FIELDS if loss_fields is None else loss_fields, help=help)
 
 
-def add_recipe_arg(p: argparse.ArgumentParser) -> None:
+def add_recipe_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
     from ..train.recipes import DEFAULT_RECIPE, RECIPES
 
     p.add_argument(
         "--recipe",
         choices=list(RECIPES),
-        default=DEFAULT_RECIPE,
+        default=default or DEFAULT_RECIPE,
         help="named recipe whose settings replace the defaults of the router, loss and loop options "
         "not given: "
         + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
@@ -73,7 +74,7 @@ def add_loop_options(p, fields=LOOP_FIELDS, defaults=None) -> None:
     from ..train.loop import LoopArgs
     from .dataclass_args import add_dataclass_args
 
-    defaults = {"mixed_precision": None, **(defaults or {})}
+    defaults = {"mixed_precision": "auto", **(defaults or {})}
     add_dataclass_args(p, LoopArgs, fields, defaults=defaults, help={"mixed_precision": MIXED_PRECISION_HELP})
 
 
@@ -142,15 +143,12 @@ def router_config_from_args(args, **changes):
 
 
 def loop_args_from_args(args, **changes):
-    """The ``LoopArgs`` of the loop flags; ``--mixed-precision`` unset: what ``accelerate launch``
-    (its flag or config file) asked for, else no."""
-    import os
-
+    """The ``LoopArgs`` of the loop flags; ``--mixed-precision auto`` (the default) resolves to what
+    ``accelerate launch`` asked for, else to bf16 where it runs natively, else no."""
     from ..train.loop import LoopArgs
     from .dataclass_args import dataclass_from_args
 
-    precision = getattr(args, "mixed_precision", None)
-    precision = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    precision = getattr(args, "mixed_precision", None) or "auto"
     return dataclass_from_args(LoopArgs, args, **{"mixed_precision": precision, **changes})
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "LOGS_DIR",
     "batch_indices",
     "make_accelerator",
+    "resolve_mixed_precision",
     "save_on_main_process",
     "finish_output",
     "discard_checkpoint",
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoint"
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # --report-to: accelerate tracker name -> the package it needs (not a dependency of skipgpt)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 REPORT_TO = ("none", *TRACKER_PACKAGES)
@@ -91,9 +92,11 @@ class LoopArgs:
     seed: int = field(default=0, metadata={"help": "seed of the batch order and Gumbel noise"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps", "type": "positive_int"})
     mixed_precision: str = field(
-        default="no",
+        default="auto",
         metadata={
-            "help": "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32",
+            "help": "autocast the forward (bf16 on CPU or recent GPUs, fp16 on GPUs); routers stay fp32. "
+            "auto: the accelerate launch setting if any, else bf16 where the hardware multiplies bf16 "
+            "natively (a CPU with AVX-512 BF16 or AMX, a GPU with bf16), else no; stored resolved",
             "choices": MIXED_PRECISION,
         },
     )
@@ -130,6 +133,7 @@ class LoopArgs:
             raise SkipGPTError(
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
+        self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
         if self.report_to not in REPORT_TO:
             raise SkipGPTError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         package = TRACKER_PACKAGES.get(self.report_to)
@@ -264,6 +268,21 @@ def make_accelerator(
             stacklevel=2,
         )
     return accelerator
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """``value`` unless it is ``"auto"``; ``"auto"``: what ``accelerate launch`` asked for
+    (``ACCELERATE_MIXED_PRECISION``) if anything, else ``"bf16"`` where bf16 runs natively (a CUDA
+    GPU with bf16, else a CPU with AVX-512 BF16 or AMX), else ``"no"``. On a CPU without them bf16
+    is emulated and many times slower than fp32 (results/train_throughput_bf16_2x128.md)."""
+    if value != "auto":
+        return value
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if launcher in MIXED_PRECISION and launcher != "auto":
+        return launcher
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
 
 
 def cpu_has_native_bf16() -> bool:
