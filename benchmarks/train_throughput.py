@@ -57,6 +57,7 @@ class Variant:
     teacher_cache: int = 0  # RouterTuningArgs.teacher_cache
     distill: bool = True
     cold: bool = False  # a new (empty) teacher cache every step: the first epoch's cost
+    plain_kl: bool = False  # the full KL as one (B, T, V) expression, as before the chunked KL
 
 
 VARIANTS = {
@@ -64,15 +65,42 @@ VARIANTS = {
     for v in (
         Variant("floor", "floor: frozen fwd+bwd, fp32", kind="floor"),
         Variant("floor-bf16", "floor: frozen fwd+bwd, bf16", kind="floor", precision="bf16"),
-        Variant("today", "stage-1 step, fp32 (today's default)"),
+        Variant("today", "stage-1 step, fp32, plain KL (the default before #19)", plain_kl=True),
+        Variant("fp32", "stage-1 step, fp32, chunked KL"),
         Variant("no-kd", "stage-1 step, fp32, no distillation", distill=False),
-        Variant("bf16", "stage-1 step, bf16 autocast", precision="bf16"),
+        Variant(
+            "bf16", "stage-1 step, bf16 autocast, chunked KL (default with native bf16)", precision="bf16"
+        ),
         Variant("cache", "stage-1 step, fp32, teacher cache (hit)", teacher_cache=64),
         Variant("cache-miss", "stage-1 step, fp32, teacher cache (miss)", teacher_cache=64, cold=True),
         Variant("bf16-cache", "stage-1 step, bf16 + teacher cache", precision="bf16", teacher_cache=64),
     )
 }
 BASELINE, FLOOR = "today", "floor"
+
+
+def plain_distillation_loss(student_logits, teacher_logits, temperature=1.0, attention_mask=None):
+    """KL(teacher || student) as ``losses.distillation_loss`` computed it before it was chunked:
+    one expression over (B, T, V), every temporary kept for autograd."""
+    t = temperature
+    log_p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / t, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+
+
+@contextmanager
+def _plain_kl(on: bool):
+    """The stage-1 step's KL is ``plain_distillation_loss`` inside (the step function calls it
+    through ``train.objectives``)."""
+    import skipgpt.train.objectives as objectives
+
+    chunked = objectives.distillation_loss
+    if on:
+        objectives.distillation_loss = plain_distillation_loss
+    try:
+        yield
+    finally:
+        objectives.distillation_loss = chunked
 
 
 class _RssPeak:
@@ -215,7 +243,7 @@ class _Bench:
         torch.manual_seed(1234 + step)
         self._timers = timers
         metrics: dict = {}
-        with _RssPeak() as mem:
+        with _RssPeak() as mem, _plain_kl(v.plain_kl):
             t0 = time.perf_counter()
             if v.kind == "floor":
                 loss = self._floor(forward, v)
@@ -295,7 +323,7 @@ def kd_fidelity(bench: _Bench, top_ks: tuple[int, ...]) -> list[dict]:
         rows.append(
             {
                 "top_k": k,
-                "kd": float(kd),
+                "kd": float(kd.detach()),
                 "kd_full": float(full),
                 "grad_cosine": float(cos),
                 "teacher_mass": float(mass),
@@ -346,8 +374,12 @@ def run_benchmark(
         row["totals"] = [r["total"] for r in runs]
         rows.append(row)
     by = {r["variant"]: r for r in rows}
+    precision = {v.name: v.precision for v in variants}
+    floors = {precision[n]: r for n, r in by.items() if VARIANTS[n].kind == "floor"}
     for r in rows:
         r["vs_floor"] = r["total"] / by[FLOOR]["total"] if FLOOR in by else None
+        same = floors.get(precision[r["variant"]])  # the floor in the step's own precision
+        r["vs_floor_same"] = r["total"] / same["total"] if same is not None else None
         r["speedup"] = by[BASELINE]["total"] / r["total"] if BASELINE in by else None
     epochs = bench.loop.max_steps * batch_size / bench.blocks.shape[0]
     return {
@@ -403,6 +435,7 @@ def format_table(result: dict) -> str:
         ("step s", sec("total")),
         ("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}"),
         ("vs floor fp32", times("vs_floor")),
+        ("vs floor, same precision", times("vs_floor_same")),
         ("speed vs today", times("speedup")),
         ("peak MB", lambda r: f"{r['peak_mb']:.0f}"),
         ("bf16 matmuls", "bf16_matmuls"),
