@@ -56,6 +56,7 @@ def train_args(
         "--grad-accum", str(accum),
         "--save-every", str(steps),
         "--calibrate-blocks", "0",
+        "--keep-checkpoint",  # _read takes the history and rank divergence from checkpoint/
         "--output", str(out),
         "--json",
     ]  # fmt: skip
