@@ -314,7 +314,7 @@ def test_config_file_bad_value_and_bad_yaml(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     path.write_text("mixed-precision: fp8\n")
     assert main(["train-router", "--model", "random:llama", "--config", str(path), "--output", "o"]) == 2
-    assert "mixed-precision='fp8'; accepted: no, bf16, fp16" in capsys.readouterr().err
+    assert "mixed-precision='fp8'; accepted: auto, no, bf16, fp16" in capsys.readouterr().err
     path.write_text("target-sparsity: 1.5\n")
     assert main(["train-router", "--model", "random:llama", "--config", str(path), "--output", "o"]) == 2
     assert (

@@ -34,16 +34,23 @@ def test_quick_benchmark_prints_its_table(tmp_path):
         "optimiser s",
         "tokens/s",
         "vs floor fp32",
+        "vs floor, same precision",
     ):
         assert column in header
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "---" not in line}
-    assert "floor: frozen fwd+bwd, fp32" in rows and "stage-1 step, fp32 (today's default)" in rows
-    cells = [c.strip() for c in rows["stage-1 step, bf16 autocast"].split("|")[1:-1]]
+    plain, fp32, bf16_row = (
+        "stage-1 step, fp32, plain KL (the default before #19)",
+        "stage-1 step, fp32, chunked KL",
+        "stage-1 step, bf16 autocast, chunked KL (default with native bf16)",
+    )
+    assert {"floor: frozen fwd+bwd, fp32", "floor: frozen fwd+bwd, bf16", plain, fp32} <= rows.keys()
+    cells = [c.strip() for c in rows[bf16_row].split("|")[1:-1]]
     bf16, total = cells[header.split("|")[1:-1].index(" bf16 matmuls ")].split("/")
     assert bf16 == total and int(total) > 0  # every matmul of the autocast step runs in bf16
-    cells = [c.strip() for c in rows["stage-1 step, fp32 (today's default)"].split("|")[1:-1]]
-    assert cells[header.split("|")[1:-1].index(" bf16 matmuls ")].startswith("0/")
-    assert out.read_text().count("| stage-1 step") == 6 and out.with_suffix(".json").is_file()
+    for row in (plain, fp32):
+        cells = [c.strip() for c in rows[row].split("|")[1:-1]]
+        assert cells[header.split("|")[1:-1].index(" bf16 matmuls ")].startswith("0/")
+    assert out.read_text().count("| stage-1 step") == 7 and out.with_suffix(".json").is_file()
 
 
 @pytest.mark.parametrize("teacher_cache", [0, 16])
