@@ -63,7 +63,7 @@ VARIANTS = {
 }
 assert not any("," in name for name in VARIANTS)
 EVAL_SETS = ("wiki-heldout", "ptb")  # PTB last: the table's sparsity columns are PTB's
-SPARSITY = tuple(DENSE_SPARSITY)  # module, attn, mlp, params
+SPARSITY = tuple(DENSE_SPARSITY)  # module, attn, mlp, params, params_net
 CALIBRATE_BLOCKS = 16
 SEED = 0
 COLUMNS = [

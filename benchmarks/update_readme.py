@@ -14,14 +14,24 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the demo of 0.1.x (default recipe, module target 0.25, 150 steps x 4 blocks, fp32): the routers
+# of the speed, sweep and zero-shot tables
+OLD_DEMO = (
+    "skipgpt demo --recipe default --budget modules --target-sparsity 0.25 --max-steps 150 --batch-size 4 "
+    "--mixed-precision no --output runs/demo"
+)
 # name -> (result file, the command that writes it)
 SECTIONS = {
     "frontier": ("results/frontier.md", "bash benchmarks/frontier_variants.sh"),
     "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
+    "demo-default-recipe": (
+        "results/demo_default_recipe.md",
+        f"{OLD_DEMO} && cp runs/demo/results.md results/demo_default_recipe.md",
+    ),
     "demo-params": (
         "results/demo_params.md",
-        "skipgpt demo --budget params --target-sparsity 0.167 --output runs/demo-params "
-        "&& cp runs/demo-params/results.md results/demo_params.md",
+        "skipgpt demo --recipe default --budget params --target-sparsity 0.167 --max-steps 150 --batch-size 4 "
+        "--mixed-precision no --output runs/demo-params && cp runs/demo-params/results.md results/demo_params.md",
     ),
     "recipe": (
         "results/recipe.md",
@@ -41,7 +51,7 @@ SECTIONS = {
     ),
     "bench-trained": (
         "results/bench_trained40.md",
-        "skipgpt calibrate --model runs/demo/routers --target-sparsity 0.4 --output runs/demo-40 "
+        f"{OLD_DEMO} && skipgpt calibrate --model runs/demo/routers --target-sparsity 0.4 --output runs/demo-40 "
         "&& python benchmarks/bench_speed.py --model runs/demo-40 --repeats 7 --out results/bench_trained40.json",
     ),
     "bench-trained-static": (
@@ -51,7 +61,7 @@ SECTIONS = {
     ),
     "sweep": (
         "results/sweep_demo.md",
-        "skipgpt bench --model runs/demo/routers --sweep 0,0.5,0.7819,0.85,0.9049,0.95 --sweep-windows 16 "
+        f"{OLD_DEMO} && skipgpt bench --model runs/demo/routers --sweep 0,0.5,0.7819,0.85,0.9049,0.95 --sweep-windows 16 "
         "--scenarios prefill_1x1024,decode_b1 --repeats 5 > results/sweep_demo.md",
     ),
     "lora": (
@@ -68,8 +78,8 @@ SECTIONS = {
     ),
     "train-throughput": (
         "results/train_throughput.md",
-        "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --threads 1 --repeats 3 "
-        "--variants floor,today,no-kd,cache,cache-miss --out results/train_throughput.md",
+        "python benchmarks/train_throughput.py --threads 2 --repeats 2 "
+        "--variants floor,floor-bf16,today,fp32,bf16,cache,bf16-cache --out results/train_throughput.md",
     ),
     "train-throughput-bf16": (
         "results/train_throughput_bf16_2x128.md",
@@ -78,7 +88,7 @@ SECTIONS = {
     ),
     "zeroshot": (
         "results/zeroshot.md",
-        "python benchmarks/zeroshot_table.py --model runs/demo/routers --limit 100 --out runs/zeroshot "
+        f"{OLD_DEMO} && python benchmarks/zeroshot_table.py --model runs/demo/routers --limit 100 --out runs/zeroshot "
         "&& cp runs/zeroshot/zeroshot.md results/zeroshot.md",
     ),
 }

@@ -16,7 +16,7 @@ TINY = [
     "--eval-seq-len", "64", "--eval-windows", "2", "--calibrate-blocks", "2",
 ]  # fmt: skip
 ROWS = ["dense", "SkipGPT-RT (routers)", "random routing, same rates"]
-SPARSITY_KEYS = {"module", "attn", "mlp", "params"}
+SPARSITY_KEYS = {"module", "attn", "mlp", "params", "params_net"}
 
 
 def test_demo_on_a_tiny_random_model(tmp_path, capsys):
@@ -28,7 +28,15 @@ def test_demo_on_a_tiny_random_model(tmp_path, capsys):
     assert printed == result
     assert [r["model"] for r in result["rows"]] == ROWS
     assert result["command"].startswith("skipgpt demo --model random:llama")
-    assert "random:llama" in result["settings"] and "target 0.25" in result["settings"]
+    assert "random:llama" in result["settings"] and "target 0.167 (params)" in result["settings"]
+    assert "recipe frontier" in result["settings"] and "mixed precision no" in result["settings"]
+    # the frontier recipe: linear routers, skipped MLPs run a closed-form substitute
+    config = json.loads((out / "routers" / "skipgpt_config.json").read_text())["router_config"]
+    assert (config["router_hidden"], config["mlp_skip_to"], config["substitute_init"]) == (
+        0,
+        "adapter",
+        "closed-form",
+    )
     dense, routed, rand = result["rows"]
     for row in result["rows"]:
         assert set(row["sparsity"]) == SPARSITY_KEYS  # per_layer is dropped from the table's JSON
@@ -36,14 +44,18 @@ def test_demo_on_a_tiny_random_model(tmp_path, capsys):
     assert all(v == 0.0 for v in dense["sparsity"].values())
     # θ is calibrated to the target on training blocks: the routers really skip on PTB
     assert 0.0 < routed["sparsity"]["module"] < 1.0 and routed["sparsity"]["params"] > 0.0
+    # a skipped MLP still runs its substitute: the net share is below the gross one
+    assert 0.0 < routed["sparsity"]["params_net"] < routed["sparsity"]["params"]
     # random routing draws at the routers' own per-(layer, module) rates
     assert rand["sparsity"]["module"] == pytest.approx(routed["sparsity"]["module"], abs=0.1)
 
     md = (out / "results.md").read_text()
     lines = md.splitlines()
-    assert lines[0].startswith("| model | module sparsity | attn | mlp | param sparsity |")
+    assert lines[0].startswith(
+        "| model | module sparsity | attn | mlp | param sparsity | net of substitutes |"
+    )
     assert [line.split("|")[1].strip() for line in lines[2:5]] == ROWS
-    assert lines[2].startswith("| dense | 0.000 | 0.000 | 0.000 | 0.000 |")
+    assert lines[2].startswith("| dense | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |")
     assert result["settings"] in md
     assert (out / "routers" / "skipgpt_config.json").exists()
     assert (out / "routers" / "routers.safetensors").exists()

@@ -51,7 +51,7 @@ def calibrate_threshold(
     budget: str | None = None,
     iters: int = 3,
     batch_size: int = 4,
-    tolerance: float = 0.01,
+    tolerance: float = 0.003,
     bisect_steps: int = 24,
 ) -> float:
     """θ such that deterministic routing skips ``target`` of the decisions on ``blocks`` (N, T).

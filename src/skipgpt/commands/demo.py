@@ -22,7 +22,7 @@ from .train_router import add_loop_options, add_recipe_arg, add_router_args
 
 # What a demo writes into its output folder (``routers/`` is a skipgpt output folder).
 DEMO_ENTRIES = ("routers", "results.json", "results.md")
-# the loop options of the demo (a short run: 150 steps of 4 blocks)
+# the loop options of the demo (a run of about 25 minutes on 2 cores with native bf16)
 DEMO_LOOP_FIELDS = (
     "max_steps",
     "batch_size",
@@ -32,6 +32,15 @@ DEMO_LOOP_FIELDS = (
     "seed",
     "mixed_precision",
 )
+
+# The frontier's best recipe (linear routers, closed-form MLP substitutes, parameter budget) at
+# the share of parameters that deleting 5 of SmolLM2's 30 layers removes (ShortGPT). The demo of
+# 0.1.x (the default recipe, module target 0.25, 150 steps x 4 blocks, fp32) is
+# `skipgpt demo --recipe default --budget modules --target-sparsity 0.25 --max-steps 150
+# --batch-size 4 --mixed-precision no`.
+DEMO_RECIPE = "frontier"
+DEMO_TARGET = 0.167
+DEMO_LOOP = {"max_steps": 110, "batch_size": 8}
 
 
 def add_parser(sub) -> None:
@@ -47,12 +56,12 @@ def add_parser(sub) -> None:
         "--eval-seq-len", type=positive_int, default=1024, help="evaluation window length (tokens)"
     )
     p.add_argument("--eval-windows", type=positive_int, default=16, help="windows per PPL dataset")
-    add_recipe_arg(p)
-    add_loop_options(p, DEMO_LOOP_FIELDS, defaults={"max_steps": 150, "batch_size": 4})
+    add_recipe_arg(p, default=DEMO_RECIPE)
+    add_loop_options(p, DEMO_LOOP_FIELDS, defaults=DEMO_LOOP)
     add_router_args(p)
     add_device_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run, target_sparsity=0.25)
+    p.set_defaults(func=run, target_sparsity=DEMO_TARGET)
 
 
 def prepare_demo_dir(path: str | Path) -> Path:
@@ -83,6 +92,7 @@ def run(args) -> int:
     from ..baselines.random_routing import random_override
     from ..data import load_blocks
     from ..eval.perplexity import evaluate_perplexity
+    from ..eval.speed import machine_string
     from ..eval.tables import markdown_table
     from ..model import get_skipgpt_model
     from ..outputs import atomic_path, write_json_atomic
@@ -155,14 +165,16 @@ def run(args) -> int:
             ("attn", lambda r: r["sparsity"]["attn"]),
             ("mlp", lambda r: r["sparsity"]["mlp"]),
             ("param sparsity", lambda r: r["sparsity"]["params"]),
+            ("net of substitutes", lambda r: r["sparsity"]["params_net"]),
             ("wiki-heldout PPL", "wiki-heldout ppl"),
             ("PTB PPL", "ptb ppl"),
         ],
     )
     settings = (
-        f"{args.model}, target {args.target_sparsity} ({args.budget}), {args.max_steps} steps × {args.batch_size}×{args.seq_len} "
-        f"calib tokens, PPL on the first {args.eval_windows} windows of {args.eval_seq_len} tokens; "
-        f"sparsity measured on PTB; {time.time() - t0:.0f} s"
+        f"{args.model}, recipe {args.recipe}, target {args.target_sparsity} ({args.budget}), "
+        f"{args.max_steps} steps × {args.batch_size}×{args.seq_len} calib tokens, mixed precision "
+        f"{loop.mixed_precision}, PPL on the first {args.eval_windows} windows of {args.eval_seq_len} tokens; "
+        f"sparsity measured on PTB; {time.time() - t0:.0f} s on {machine_string()}"
     )
     for row in rows:
         row["sparsity"].pop("per_layer", None)

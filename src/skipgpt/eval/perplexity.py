@@ -12,7 +12,9 @@ from ..model import SkipGPTModel
 
 __all__ = ["evaluate_perplexity", "DENSE_SPARSITY"]
 
-DENSE_SPARSITY = {"module": 0.0, "attn": 0.0, "mlp": 0.0, "params": 0.0}
+# params: the skipped modules' parameters (gross); params_net: less the parameters of the
+# substitutes that skipping tokens run (= params without substitutes)
+DENSE_SPARSITY = {"module": 0.0, "attn": 0.0, "mlp": 0.0, "params": 0.0, "params_net": 0.0}
 
 
 @torch.no_grad()

@@ -61,6 +61,16 @@ RECIPES: dict[str, Recipe] = {
         router=SkipGPTConfig(router_init="paper"),
         tuning=RouterTuningArgs(distill_weight=0.0, curriculum=0.0),
     ),
+    # the frontier's best (README "Frontier", runs/rt100-adapter-lin): the default recipe with
+    # linear routers (one GEMM per layer at inference) and skipped MLPs running a rank hidden/16
+    # substitute fitted in closed form before training, under a parameter budget
+    "frontier": Recipe(
+        "the default recipe with linear routers, skipped MLPs -> closed-form low-rank substitute, "
+        "parameter budget",
+        router=SkipGPTConfig(
+            router_hidden=0, mlp_skip_to="adapter", substitute_init="closed-form", budget="params"
+        ),
+    ),
 }
 
 # Stage 2 (LoRA) as the paper's code trains it: lr 2e-4, cosine, 10% warm-up; SkipGPT-Joint's

@@ -130,7 +130,7 @@ def calibrate_and_measure(
     at_before = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
     theta = calibrate_threshold(model, blocks, target, budget=budget)
     at_after = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
-    pick = ("module", "attn", "mlp", "params")
+    pick = ("module", "attn", "mlp", "params", "params_net")
     return {
         "threshold_before": before,
         "sparsity_before": {k: at_before[k] for k in pick},
