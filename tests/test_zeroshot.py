@@ -72,7 +72,7 @@ def test_tiny_task_scored_by_lm_eval_matches_its_definition():
     assert (r["acc"], r["acc_norm"]) == pytest.approx(own_scores(model, tok))
     assert r["docs"] == len(ITEMS) and r["split"] == "validation"
     assert out["mean_acc"] == r["acc"] and out["mean_acc_norm"] == r["acc_norm"]
-    assert out["sparsity"] == {"module": 0.0, "attn": 0.0, "mlp": 0.0, "params": 0.0}
+    assert out["sparsity"] == {"module": 0.0, "attn": 0.0, "mlp": 0.0, "params": 0.0, "params_net": 0.0}
 
 
 def test_routed_model_scores_through_its_routers():
