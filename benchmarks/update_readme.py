@@ -81,6 +81,11 @@ SECTIONS = {
         "python benchmarks/train_throughput.py --threads 2 --repeats 2 "
         "--variants floor,floor-bf16,today,fp32,bf16,cache,bf16-cache --out results/train_throughput.md",
     ),
+    "train-loss-curve": (
+        "results/train_loss_curve.md",
+        "python benchmarks/train_throughput.py --loss-curve 100 --batch-size 2 --seq-len 128 --threads 1 "
+        "--out results/train_loss_curve.md",
+    ),
     "train-throughput-bf16": (
         "results/train_throughput_bf16_2x128.md",
         "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --threads 1 --repeats 2 --batch-size 2 "
