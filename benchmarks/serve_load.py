@@ -195,7 +195,11 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    variants = [("dense", args.model[0], True)] + [(Path(m).name, m, False) for m in args.model]
+    # a variant is named by its folder, a run's routers by the run (runs/demo/routers: demo)
+    variants = [("dense", args.model[0], True)] + [
+        (Path(m).name if Path(m).name != "routers" else Path(m).resolve().parent.name, m, False)
+        for m in args.model
+    ]
     work = Path(tempfile.mkdtemp(prefix="serve_load."))  # server logs and stats files
     print(f"server logs in {work}", flush=True)
     rows = []

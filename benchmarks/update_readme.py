@@ -81,6 +81,16 @@ SECTIONS = {
         "python benchmarks/train_throughput.py --threads 2 --repeats 2 "
         "--variants floor,floor-bf16,today,fp32,bf16,cache,bf16-cache --out results/train_throughput.md",
     ),
+    "serve-load": (
+        "results/serve_load.md",
+        ".venv-serve/bin/python benchmarks/serve_load.py --model runs/rt100-m25 --model runs/rt100-m40 "
+        "--out results/serve_load.json",
+    ),
+    "serve-load-demo": (
+        "results/serve_load_demo.md",
+        "skipgpt demo --output runs/demo && .venv-serve/bin/python benchmarks/serve_load.py "
+        "--model runs/demo/routers --out results/serve_load_demo.json",
+    ),
     "train-loss-curve": (
         "results/train_loss_curve.md",
         "python benchmarks/train_throughput.py --loss-curve 100 --batch-size 2 --seq-len 128 --threads 1 "
