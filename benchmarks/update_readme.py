@@ -24,6 +24,11 @@ OLD_DEMO = (
 SECTIONS = {
     "frontier": ("results/frontier.md", "bash benchmarks/frontier_variants.sh"),
     "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
+    "bench-demo": (
+        "results/bench_demo.md",
+        "skipgpt demo --output runs/demo && python benchmarks/bench_speed.py --model runs/demo/routers --repeats 5 "
+        "--out results/bench_demo.json",
+    ),
     "demo-default-recipe": (
         "results/demo_default_recipe.md",
         f"{OLD_DEMO} && cp runs/demo/results.md results/demo_default_recipe.md",
