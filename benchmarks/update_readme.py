@@ -29,6 +29,16 @@ SECTIONS = {
         "skipgpt demo --output runs/demo && python benchmarks/bench_speed.py --model runs/demo/routers --repeats 5 "
         "--out results/bench_demo.json",
     ),
+    "frontier-demo": (
+        "results/frontier_demo.md",
+        "skipgpt demo --output runs/demo && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
+        "--routers runs/demo/routers --thetas 0.5,0.65,0.7578,0.85,0.9,0.95 --max-layers 6 "
+        "--baselines shortgpt,llm-drop --max-windows 4 --repeats 3 --scenarios prefill_1x1024,decode_b1 "
+        "--decode-steps 16 --decode-context 128 --statistic min --output runs/frontier-demo "
+        "&& cp runs/frontier-demo/frontier.md results/frontier_demo.md "
+        "&& cp runs/frontier-demo/frontier.json results/frontier_demo.json "
+        "&& cp runs/frontier-demo/frontier.png results/frontier_demo.png",
+    ),
     "demo-default-recipe": (
         "results/demo_default_recipe.md",
         f"{OLD_DEMO} && cp runs/demo/results.md results/demo_default_recipe.md",
