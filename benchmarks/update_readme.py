@@ -20,18 +20,21 @@ OLD_DEMO = (
     "skipgpt demo --recipe default --budget modules --target-sparsity 0.25 --max-steps 150 --batch-size 4 "
     "--mixed-precision no --output runs/demo"
 )
+# the demo of today (runs/demo/routers: the routers of the demo, bench-demo, frontier-demo and
+# serve-load-demo sections)
+DEMO = "skipgpt demo --output runs/demo"
 # name -> (result file, the command that writes it)
 SECTIONS = {
     "frontier": ("results/frontier.md", "bash benchmarks/frontier_variants.sh"),
-    "demo": ("results/demo.md", "skipgpt demo --output runs/demo && cp runs/demo/results.md results/demo.md"),
+    "demo": ("results/demo.md", f"{DEMO} && cp runs/demo/results.md results/demo.md"),
     "bench-demo": (
         "results/bench_demo.md",
-        "skipgpt demo --output runs/demo && python benchmarks/bench_speed.py --model runs/demo/routers --repeats 5 "
+        f"{DEMO} && python benchmarks/bench_speed.py --model runs/demo/routers --repeats 5 "
         "--out results/bench_demo.json",
     ),
     "frontier-demo": (
         "results/frontier_demo.md",
-        "skipgpt demo --output runs/demo && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
+        f"{DEMO} && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
         "--routers runs/demo/routers --thetas 0.5,0.65,0.7578,0.85,0.9,0.95 --max-layers 6 "
         "--baselines shortgpt,llm-drop --max-windows 4 --repeats 3 --scenarios prefill_1x1024,decode_b1 "
         "--decode-steps 16 --decode-context 128 --statistic min --output runs/frontier-demo "
@@ -88,8 +91,8 @@ SECTIONS = {
     ),
     "compare": (
         "results/compare.md",
-        "skipgpt compare --model smollm2-135m --sparsity 0.25 --max-steps 100 --batch-size 4 --max-windows 16 "
-        "--out runs/compare-100x4 && cp runs/compare-100x4/compare.md results/compare.md",
+        "skipgpt compare --model smollm2-135m --target-sparsity 0.25 --max-steps 100 --batch-size 4 "
+        "--max-windows 16 --output runs/compare-100x4 && cp runs/compare-100x4/compare.md results/compare.md",
     ),
     "train-throughput": (
         "results/train_throughput.md",
@@ -103,7 +106,7 @@ SECTIONS = {
     ),
     "serve-load-demo": (
         "results/serve_load_demo.md",
-        "skipgpt demo --output runs/demo && .venv-serve/bin/python benchmarks/serve_load.py "
+        f"{DEMO} && .venv-serve/bin/python benchmarks/serve_load.py "
         "--model runs/demo/routers --out results/serve_load_demo.json",
     ),
     "train-loss-curve": (

@@ -122,7 +122,7 @@ def calibrate_and_measure(
     config's) is met on ``blocks`` in ``budget`` (default: the config's); returns both θs and the
     sparsity realised at each."""
     from ..calibration import calibrate_threshold
-    from ..eval.perplexity import evaluate_perplexity
+    from ..eval.perplexity import DENSE_SPARSITY, evaluate_perplexity
 
     target = model.skipgpt_config.target_sparsity if target is None else target
     budget = budget or model.skipgpt_config.budget
@@ -130,7 +130,7 @@ def calibrate_and_measure(
     at_before = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
     theta = calibrate_threshold(model, blocks, target, budget=budget)
     at_after = evaluate_perplexity(model, blocks, progress=False)["sparsity"]
-    pick = ("module", "attn", "mlp", "params", "params_net")
+    pick = tuple(DENSE_SPARSITY)  # the shares, without per_layer
     return {
         "threshold_before": before,
         "sparsity_before": {k: at_before[k] for k in pick},
