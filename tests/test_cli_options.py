@@ -13,7 +13,7 @@ import torch
 from conftest import routed, tiny
 
 import skipgpt.loading
-from skipgpt.cli import build_parser, main
+from skipgpt.cli import COMMANDS, build_parser, main
 from skipgpt.commands.common import (
     apply_config_file,
     available_devices,
@@ -57,6 +57,11 @@ RENAMES = [
     (["frontier"], "--score-blocks", "--calib-blocks"),
     (["baseline", "shortgpt"], "--score-blocks", "--calib-blocks"),
     (["calibrate"], "--calibrate-blocks", "--blocks"),
+    (["train-router"], "--target-sparsity", "--sparsity"),
+    (["demo"], "--target-sparsity", "--sparsity"),
+    (["calibrate"], "--target-sparsity", "--sparsity"),
+    (["finetune-lora"], "--target-sparsity", "--sparsity"),
+    (["frontier"], "--target-sparsity", "--sparsity"),
 ]
 
 
@@ -116,6 +121,27 @@ def test_old_flag_names_are_hidden_aliases(path, new, old):
     by_old = parser.parse_args([*argv, old, value])
     assert getattr(by_new, action.dest) == getattr(by_old, action.dest)
     assert str(getattr(by_old, action.dest)) in (value, str(float(value)) if value[0].isdigit() else value)
+
+
+def _all_parsers(parser: argparse.ArgumentParser, path=()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                yield from _all_parsers(command, (*path, name))
+
+
+def test_no_command_accepts_an_abbreviated_option():
+    # `train-router --sparsity-w 0.3` must not set --sparsity-weight, nor `--lr-sched` --lr-scheduler
+    parsers = list(_all_parsers(build_parser()))
+    assert len(parsers) > len(COMMANDS)  # nested ones (baseline shortgpt, ...) too
+    for path, parser in parsers:
+        assert parser.allow_abbrev is False, " ".join(path)
+    parser = _subparser(["train-router"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--output", "o", "--sparsity-w", "0.3"])
+    args = parser.parse_args(["--model", "m", "--output", "o", "--sparsity", "0.3"])
+    assert (args.target_sparsity, args.sparsity_weight) == (0.3, parser.get_default("sparsity_weight"))
 
 
 # -- --device / --dtype ------------------------------------------------------------------------

@@ -573,7 +573,11 @@ def test_options_a_mode_would_ignore_are_refused(tmp_path, text_file, capsys):
         (["--model", s1], ["--target-sparsity", "0.4"], "--target-sparsity would be ignored: stage 2 keeps"),
         (["--model", s1], ["--curriculum", "0", "--router-lr", "1"], "--curriculum, --router-lr would"),
         (["--dense", "--model", "random:llama"], ["--router-init", "paper"], "--dense trains no routers"),
-        (["--joint", "--model", s1], ["--target", "0.4"], "--target-sparsity would be ignored: --joint on"),
+        (
+            ["--joint", "--model", s1],
+            ["--target-sparsity", "0.4"],
+            "--target-sparsity would be ignored: --joint on",
+        ),
         (["--joint", "--model", s1], ["--curriculum", "0.3"], "keeps its routers' config"),
         (["--joint", "--model", "random:llama"], ["--stage2-distill-weight", "1"], "uses the stage-1 loss"),
     ]

@@ -49,7 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.common import show_defaults
 
     show_defaults(parser)
+    _forbid_abbreviations(parser)
     return parser
+
+
+def _forbid_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Options must be spelled in full: with argparse's prefix matching ``--sparsity 0.3`` would
+    silently set ``--sparsity-weight`` and ``serve`` would take vLLM's options for its own.
+    ``--sparsity`` is kept as a hidden alias of ``--target-sparsity`` (see ``add_hidden_alias``)."""
+    from .commands.common import add_hidden_alias
+
+    parser.allow_abbrev = False
+    if "--target-sparsity" in parser._option_string_actions:
+        add_hidden_alias(parser, "--target-sparsity", "--sparsity")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _forbid_abbreviations(command)
 
 
 def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
