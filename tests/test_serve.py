@@ -202,6 +202,29 @@ def test_theta_zero_equals_hf_dense_greedy(llm, hf_routed):
 
 @needs_vllm
 @pytest.mark.slow
+def test_routing_off_runs_vllms_own_layers_and_equals_hf_dense_greedy(llm, hf_routed):
+    model, _ = hf_routed
+
+    def routing(on: bool):
+        def apply(m):
+            m.skipgpt_state.routing = on
+
+        llm.apply_model(apply)
+
+    forwards = llm.apply_model(lambda m: m.skipgpt_state.forwards)[0]
+    routing(False)
+    try:
+        pairs, _ = _vllm_greedy(llm, PROMPTS)
+    finally:
+        routing(True)
+    assert llm.apply_model(lambda m: m.skipgpt_state.forwards)[0] == forwards  # no routed forward ran
+    with model.dense():
+        for prompt_ids, tokens in pairs:
+            assert tokens == _hf_greedy(model, prompt_ids)
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_routed_vllm_takes_skipgpts_decisions_and_tokens(llm, hf_routed):
     model, _ = hf_routed
     layers, modules = model.state.num_layers, model.skipgpt_config.modules

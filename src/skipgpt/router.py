@@ -71,10 +71,14 @@ class FusedRouters:
     log(θ / (1 - θ))``, so the last layer is stacked as the *difference* of each router's two
     rows, with the threshold's logit folded into its bias, and the decision is the sign of one
     more GEMM (a linear router: one GEMM and a comparison in all).
+
+    ``frozen=True`` (a server, whose routers never change after loading) skips that check once
+    the weights are built: ``refresh()`` after writing new router weights.
     """
 
-    def __init__(self, routers: list[Router]):
+    def __init__(self, routers: list[Router], frozen: bool = False):
         self.routers = routers
+        self.frozen = frozen
         # where each parameter lives, read afresh on every call (a replaced Parameter is seen);
         # cheaper than walking the modules with .parameters(), which decode pays once per layer
         self._slots = [(m, name) for r in routers for m in r.modules() for name in m._parameters]
@@ -83,7 +87,13 @@ class FusedRouters:
         self._margin_key: tuple | None = None
         self._margin: tuple[torch.Tensor, ...] = ()
 
+    def refresh(self) -> None:
+        """Rebuild the stacked weights on the next call (after the routers' weights changed)."""
+        self._key = self._margin_key = None
+
     def _stacked(self) -> tuple[torch.Tensor, ...]:
+        if self.frozen and self._key is not None:
+            return self._weights
         params = [m._parameters[name] for m, name in self._slots]
         # inference tensors (routers built under torch.inference_mode) have no version counter;
         # they cannot be trained, so their storage identifies them
@@ -106,6 +116,8 @@ class FusedRouters:
     def _margin_weights(self, threshold: float) -> tuple[torch.Tensor, ...]:
         """The stacked weights with the last layer as ``execute row - skip row`` and
         ``-logit(θ)`` in its bias; rebuilt when the routers or θ change."""
+        if self.frozen and self._margin_key is not None and self._margin_key[1] == threshold:
+            return self._margin
         w = self._stacked()
         key = (self._key, float(threshold))
         if key != self._margin_key:

@@ -28,6 +28,10 @@ RMSNorm; this model keeps the plain residual stream instead (``x`` in, ``x`` out
 exactly skipgpt's "block residual unchanged". The model is never torch.compiled (the gathers have
 data-dependent shapes): run vLLM with ``--enforce-eager`` (``skipgpt serve`` does).
 
+``skipgpt_state.routing = False`` (``LLM.apply_model``) runs vLLM's own Llama layers on the same
+weights instead: the dense model in the same process, what an A/B benchmark compares against
+(``benchmarks/serve_ab.py``).
+
 θ comes from the folder (``config.json`` -> ``skipgpt.threshold``); ``--hf-overrides
 '{"skipgpt_threshold": T}'`` overrides it (``skipgpt serve --threshold``). With the environment
 variable ``SKIPGPT_STATS_FILE`` set, the model writes its routing statistics (tokens, skips per
@@ -96,6 +100,7 @@ class ServeRoutingState:
     num_layers: int
     modules: tuple[str, ...]
     cost: CostModel
+    routing: bool = True  # False: vLLM's own Llama layers on the same weights (the dense model)
     stats_file: str | None = None
     trace: list[dict] | None = None
     forwards: int = 0
@@ -105,6 +110,7 @@ class ServeRoutingState:
     skipped: dict[str, list[int]] = field(default_factory=dict)
     skipped_context: list[float] = field(default_factory=list)  # per layer, attention skips only
     kv_only: int = 0  # (forward, layer) pairs whose attention was a K/V write alone (no token executed it)
+    _forward_context: float = 0.0  # the current forward's share of context_sum
     _current: dict | None = None
     _last_write: float = 0.0
 
@@ -115,19 +121,28 @@ class ServeRoutingState:
     def begin(self, positions: torch.Tensor) -> None:
         self.forwards += 1
         self.tokens += positions.numel()
-        self.context_sum += float(positions.sum()) + positions.numel()
+        self._forward_context = float(positions.sum()) + positions.numel()
+        self.context_sum += self._forward_context
         self._current = (
             {"positions": positions.cpu().clone(), "execute": {}} if self.trace is not None else None
         )
 
-    def record(self, layer: int, module: str, execute: torch.Tensor, n_exec: int, positions: torch.Tensor):
-        n = execute.numel()
+    def record(
+        self, layer: int, module: str, execute: torch.Tensor | None, n_exec: int, positions: torch.Tensor
+    ):
+        """``n_exec`` of the forward's tokens execute ``module`` of ``layer``; ``execute``: the (N,)
+        mask, None when all or none execute."""
+        n = positions.numel()
         self.skipped[module][layer] += n - n_exec
-        if module == "attn" and n_exec < n:
+        if module == "attn" and n_exec == 0:
+            self.skipped_context[layer] += self._forward_context
+        elif module == "attn" and n_exec < n:
             skipped_pos = positions[~execute]
             self.skipped_context[layer] += float(skipped_pos.sum()) + skipped_pos.numel()
         if self._current is not None:
-            self._current["execute"][(layer, module)] = execute.cpu()
+            self._current["execute"][(layer, module)] = (
+                execute.cpu() if execute is not None else torch.full((n,), n_exec == n)
+            )
 
     def end(self) -> None:
         if self._current is not None:
@@ -159,7 +174,7 @@ class ServeRoutingState:
             "decisions": decisions,
             "skipped_decisions": sum(sum(v) for v in self.skipped.values()),
             "attention_kv_only": self.kv_only,
-            "skipped": self.skipped,
+            "skipped": {m: list(v) for m, v in self.skipped.items()},  # a copy: counters move on
             # parameters of one module of one layer (FLOPs / 2), for a parameter-weighted sparsity
             "module_params": {"attn": (c.q_o + c.k_v) // 2, "mlp": c.mlp // 2},
             "dense_flops": dense,
@@ -174,18 +189,19 @@ class ServeRoutingState:
         os.replace(tmp, path)
 
 
-def _gather_add(x: torch.Tensor, execute: torch.Tensor, inputs: torch.Tensor, fn) -> tuple[torch.Tensor, int]:
-    """``x + fn(inputs)`` on the rows where ``execute`` (N,) is True; other rows unchanged.
+def _rows_add(x: torch.Tensor, rows: torch.Tensor | None, n: int, inputs: torch.Tensor, fn) -> torch.Tensor:
+    """``x + fn(inputs)`` on the rows where ``rows`` (N,) is True; other rows unchanged.
 
-    x, inputs: (N, d_x), (N, d_in); fn maps (n, d_in) -> (n, d_x). Returns (new x, executing rows).
+    x, inputs: (N, d_x), (N, d_in); fn maps (n, d_in) -> (n, d_x); ``n``: how many rows are True
+    (known from the layer's one host read), so the all-or-nothing cases cost no index op and
+    need no mask (``rows`` may then be None).
     """
-    idx = execute.nonzero().squeeze(1)
-    n = idx.numel()  # one host read per module: the gather's size
-    if n == execute.numel():
-        return x + fn(inputs), n
+    if n == x.shape[0]:
+        return x + fn(inputs)
     if n == 0:
-        return x, 0
-    return x.index_add(0, idx, fn(inputs.index_select(0, idx))), n
+        return x
+    idx = rows.nonzero().squeeze(1)
+    return x.index_add(0, idx, fn(inputs.index_select(0, idx)))
 
 
 class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
@@ -210,7 +226,11 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
             {m: Router(hf_config.hidden_size, width, rc.router_init, rc.execute_bias) for m in rc.modules}
         ).to(torch.float32)
         shared = self.mlp_reads_block_input or len(self.routers) == 1
-        self._fused = FusedRouters(list(self.routers.values())) if shared and self.routers else None
+        # frozen: a server's routers do not change after loading (``_load_routers`` refreshes)
+        self._fused = (
+            FusedRouters(list(self.routers.values()), frozen=True) if shared and self.routers else None
+        )
+        self._kv_only_ok: bool | None = None  # _kv_only_possible(), read once
         # the k/v rows of qkv_proj (filled at load): what a step where no token executes the
         # attention computes, besides the norm and the keys' rotary
         attn = self.self_attn
@@ -232,14 +252,24 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
 
     def _decide(
         self, hidden: torch.Tensor, modules: Iterable[str], threshold: float
-    ) -> dict[str, torch.Tensor]:
-        """Execute masks (N,) of ``modules`` for hidden states (N, d)."""
+    ) -> dict[str, tuple[torch.Tensor | None, int]]:
+        """Execute masks (N,) of ``modules`` for hidden states (N, d), each with its count of
+        executing tokens (one host read per call for all modules). A single token (batch-1
+        decode) gets no mask, only its count: its decisions come as Python bools from
+        matrix-vector products (``FusedRouters.execute_one``), no bool tensor."""
+        if self._fused is not None and hidden.shape[0] == 1:
+            flags = self._fused.execute_one(hidden, threshold)
+            return {m: (None, int(f)) for m, f in zip(self.routers, flags, strict=True) if m in modules}
         if self._fused is not None:
             execute = self._fused.execute(hidden, threshold)  # (N, R)
-            return {m: execute[:, i] for i, m in enumerate(self.routers) if m in modules}
-        return {
-            m: self.routers[m].execute_probability(hidden) >= threshold for m in modules if m in self.routers
-        }
+            names = list(self.routers)
+        else:
+            names = [m for m in self.routers if m in modules]
+            execute = torch.stack(
+                [self.routers[m].execute_probability(hidden) >= threshold for m in names], dim=-1
+            )
+        counts = execute.sum(0).tolist()
+        return {m: (execute[:, i], counts[i]) for i, m in enumerate(names) if m in modules}
 
     def _attention(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """positions (N,), normed block input h (N, d) -> attention output before ``o_proj``
@@ -252,13 +282,15 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
 
     def _kv_only_possible(self) -> bool:
         """Whether this layer's K/V can be written without the attention op: a backend whose
-        forward does not write the cache itself, and a cache of this layer's own."""
-        op = self.self_attn.attn
-        return (
-            self.kv_only is not None
-            and not op.attn_backend.forward_includes_kv_cache_update
-            and op.kv_sharing_target_layer_name is None
-        )
+        forward does not write the cache itself, and a cache of this layer's own (read once)."""
+        if self._kv_only_ok is None:
+            op = self.self_attn.attn
+            self._kv_only_ok = (
+                self.kv_only is not None
+                and not op.attn_backend.forward_includes_kv_cache_update
+                and op.kv_sharing_target_layer_name is None
+            )
+        return self._kv_only_ok
 
     def _write_kv_only(self, positions: torch.Tensor, h: torch.Tensor) -> None:
         """Only the K/V of every token (N,) into the paged cache: no query, attention or o_proj."""
@@ -275,12 +307,20 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
     def _mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.post_attention_layernorm(x))
 
-    def _substitute_add(self, module: str, out: torch.Tensor, execute: torch.Tensor, x: torch.Tensor):
-        """``out`` + ``module``'s substitute of the block state ``x`` (N, d) on the rows that skip it."""
-        if module not in self.substitutes:
-            return out
+    def _substitute(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """``module``'s substitute of the block state x (n, d): what a skipping token adds."""
         norm = self.input_layernorm if module == "attn" else self.post_attention_layernorm
-        return _gather_add(out, ~execute, x, lambda h: self.substitutes[module](norm(h)))[0]
+        return self.substitutes[module](norm(x))
+
+    def _branch_add(self, module: str, x, execute, n: int, inputs, fn, x_in) -> torch.Tensor:
+        """``x`` (N, d) + ``fn(inputs)`` on the ``n`` rows that execute ``module`` (``execute``
+        (N,) bool, None when n is 0 or N) and + its substitute of the block state ``x_in`` on the rows that skip it."""
+        N = x.shape[0]
+        x = _rows_add(x, execute, n, inputs, fn)
+        if module not in self.substitutes or n == N:
+            return x
+        skip = None if n == 0 else ~execute  # all rows skip: no mask needed
+        return _rows_add(x, skip, N - n, x_in, lambda h: self._substitute(module, h))
 
     def routed(self, positions: torch.Tensor, x: torch.Tensor, state: ServeRoutingState) -> torch.Tensor:
         """positions (N,), block input x (N, d) -> block output (N, d)."""
@@ -289,23 +329,24 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         )
         h = self.input_layernorm(x)
         if "attn" in decided:
-            execute, x_in = decided["attn"], x
-            if self._kv_only_possible() and not bool(execute.any()):
+            (execute, n), x_in = decided["attn"], x
+            if n == 0 and self._kv_only_possible():
                 self._write_kv_only(positions, h)
-                n, state.kv_only = 0, state.kv_only + 1
+                state.kv_only += 1
+                x = self._branch_add("attn", x, execute, 0, None, None, x_in)
             else:
-                x, n = _gather_add(x, execute, self._attention(positions, h), self._attn_out)
-            x = self._substitute_add("attn", x, execute, x_in)
+                x = self._branch_add(
+                    "attn", x, execute, n, self._attention(positions, h), self._attn_out, x_in
+                )
             state.record(self.layer_idx, "attn", execute, n, positions)
         else:
             x = x + self._attn_out(self._attention(positions, h))
         if "mlp" in self.routers and "mlp" not in decided:  # the MLP router reads the post-attention stream
             decided.update(self._decide(x, ("mlp",), state.threshold))
         if "mlp" in decided:
-            x_in = x
-            x, n = _gather_add(x, decided["mlp"], x, self._mlp_out)
-            x = self._substitute_add("mlp", x, decided["mlp"], x_in)
-            state.record(self.layer_idx, "mlp", decided["mlp"], n, positions)
+            (execute, n), x_in = decided["mlp"], x
+            x = self._branch_add("mlp", x, execute, n, x, self._mlp_out, x_in)
+            state.record(self.layer_idx, "mlp", execute, n, positions)
         else:
             x = x + self._mlp_out(x)
         return x
@@ -343,6 +384,11 @@ class SkipGPTLlamaModel(LlamaModel):
         """input_ids/positions (N,) -> final-normed hidden states (N, d)."""
         state = self.skipgpt_state
         x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        if not state.routing:  # the dense model as vLLM runs it (fused residual adds), no statistics
+            residual = None
+            for layer in self.layers[self.start_layer : self.end_layer]:
+                x, residual = LlamaDecoderLayer.forward(layer, positions, x, residual)
+            return self.norm(x, residual)[0]
         state.begin(positions)
         for layer in self.layers[self.start_layer : self.end_layer]:
             x = layer.routed(positions, x, state)
@@ -418,4 +464,7 @@ class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
         with torch.no_grad():
             for key, (_, p) in own.items():
                 p.copy_(tensors[key])
+        for layer in self.model.layers[self.model.start_layer : self.model.end_layer]:
+            if layer._fused is not None:
+                layer._fused.refresh()
         return {full for full, _ in own.values()}
