@@ -326,3 +326,24 @@ def test_margin_decision_equals_probability_at_threshold(router_hidden, count):
         routers[0].net[-1].bias.copy_(torch.tensor([0.0, -50.0]))  # the first router now always skips
     assert not fused.execute(x, 0.5)[..., 0].any()
     assert fused.execute_one(x[0, 0], 0.5)[0] is False
+
+
+def test_frozen_fused_routers_keep_their_weights_until_refreshed():
+    """A server's ``FusedRouters(frozen=True)`` skips the per-call check for new weights, follows
+    a new θ at once, and new weights after ``refresh()``."""
+    from skipgpt.router import FusedRouters, Router
+
+    torch.manual_seed(0)
+    routers = [Router(16, 0, init="paper") for _ in range(2)]
+    frozen, live = FusedRouters(routers, frozen=True), FusedRouters(routers)
+    x = torch.randn(4, 16)
+    assert torch.equal(frozen.execute(x, 0.5), live.execute(x, 0.5))
+    assert torch.equal(frozen.execute(x, 0.9), live.execute(x, 0.9))  # θ is never stale
+    before = frozen.execute(x, 0.5)
+    with torch.no_grad():
+        routers[0].net[-1].bias.copy_(torch.tensor([0.0, -50.0]))  # the first router now always skips
+    assert not live.execute(x, 0.5)[:, 0].any()
+    assert torch.equal(frozen.execute(x, 0.5), before)  # frozen: the weights it built
+    frozen.refresh()
+    assert torch.equal(frozen.execute(x, 0.5), live.execute(x, 0.5))
+    assert frozen.execute_one(x[0], 0.5)[0] is False
