@@ -4,10 +4,11 @@
         --out results/serve_load.json
 
 For each variant (``dense``: the first model's base weights on vLLM's stock Llama; then every
-``--model`` routed at its own θ) it starts ``skipgpt serve`` (bf16, eager), and for each
-concurrency C in ``--concurrency`` sends ``--requests`` streamed completions (``--max-tokens`` output
-tokens each, greedy, ``ignore_eos``) with C in flight, then stops the server. Reported per
-(variant, C): output tokens/s (all output tokens / wall time of the batch), TTFT p50/p99,
+``--model`` routed at its own θ) it starts ``skipgpt serve`` (bf16, eager), all servers at once;
+then ``--rounds`` times, for each concurrency C in ``--concurrency`` and each variant (their order
+alternating between rounds), it sends ``--requests`` streamed completions (``--max-tokens`` output
+tokens each, greedy, ``ignore_eos``) with C in flight. Reported per (variant, C), the median over
+the rounds of: output tokens/s (all output tokens / wall time of the batch), TTFT p50/p99,
 inter-token latency p50/p99 (gaps between streamed chunks of one request), and for routed variants
 the realised sparsity (skipped / routed decisions over all tokens the server computed in that
 window, prompts included) and the ideal speedup (dense FLOPs / (dense - skipped FLOPs), ``skipgpt.costs``
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,6 +179,17 @@ def _window(before: dict | None, after: dict | None) -> dict:
     }
 
 
+def _median_row(rounds: list[dict]) -> dict:
+    """One (variant, C): the median over rounds of every figure, and the rounds' tokens/s."""
+    row = {k: v for k, v in rounds[0].items() if not isinstance(v, float)}
+    for k, v in rounds[0].items():
+        if isinstance(v, float):
+            row[k] = statistics.median(r[k] for r in rounds)
+    row.pop("round", None)
+    row["rounds_output_tok_s"] = [r["output_tok_s"] for r in rounds]
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -189,6 +203,14 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-gib", type=float, default=2)
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--request-timeout", type=float, default=300)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every (variant, C) this many times, variants alternating in order between "
+        "rounds with all servers up; the table gives the median of each figure (2 shared cores "
+        "make one run noisy: +-15%% between runs)",
+    )
     p.add_argument("--out", default="results/serve_load.json")
     args = p.parse_args(argv)
     from skipgpt.serving.vllm_llama import STATS_INTERVAL_S
@@ -202,20 +224,28 @@ def main(argv=None) -> int:
     ]
     work = Path(tempfile.mkdtemp(prefix="serve_load."))  # server logs and stats files
     print(f"server logs in {work}", flush=True)
-    rows = []
-    for name, model, dense in variants:
-        stats = None if dense else work / f"{name}.stats.json"
-        log = work / f"{name}.log"
-        with Server(model, dense, stats, log, args) as server:
-            asyncio.run(_batch(server.url, 2, 2, 8, args.request_timeout))  # warm-up
+    servers, runs = {}, {}
+    with contextlib.ExitStack() as stack:
+        for name, model, dense in variants:  # all up at once: rounds interleave the variants
+            stats = None if dense else work / f"{name}.stats.json"
+            servers[name] = (
+                stack.enter_context(Server(model, dense, stats, work / f"{name}.log", args)),
+                stats,
+            )
+            asyncio.run(_batch(servers[name][0].url, 2, 2, 8, args.request_timeout))  # warm-up
+        for r in range(args.rounds):
+            order = variants if r % 2 == 0 else variants[::-1]
             for c in args.concurrency:
                 n = args.requests_c1 if c == 1 else args.requests
-                before = _stats(server.url, stats, STATS_INTERVAL_S)
-                row = asyncio.run(_batch(server.url, n, c, args.max_tokens, args.request_timeout))
-                row.update(_window(before, _stats(server.url, stats, STATS_INTERVAL_S)))
-                row.update(variant=name, concurrency=c)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for name, _, _ in order:
+                    server, stats = servers[name]
+                    before = _stats(server.url, stats, STATS_INTERVAL_S)
+                    row = asyncio.run(_batch(server.url, n, c, args.max_tokens, args.request_timeout))
+                    row.update(_window(before, _stats(server.url, stats, STATS_INTERVAL_S)))
+                    row.update(variant=name, concurrency=c, round=r)
+                    runs.setdefault((name, c), []).append(row)
+                    print(json.dumps(row), flush=True)
+    rows = [_median_row(runs[(name, c)]) for name, _, _ in variants for c in args.concurrency]
     dense_tps = {r["concurrency"]: r["output_tok_s"] for r in rows if r["variant"] == "dense"}
     lines = [
         "| variant | θ | C | out tok/s | vs dense | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
@@ -242,12 +272,12 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": vars(args),
         "rows": rows,
+        "rounds": [row for rs in runs.values() for row in rs],
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(
-        f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs, client and server on the same machine)\n\n"
-        + table
-        + "\n"
+        f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs, client and servers on the same machine; "
+        f"median of {args.rounds} rounds, variants alternating)\n\n" + table + "\n"
     )
     return 0
 

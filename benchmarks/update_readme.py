@@ -102,12 +102,17 @@ SECTIONS = {
     "serve-load": (
         "results/serve_load.md",
         ".venv-serve/bin/python benchmarks/serve_load.py --model runs/rt100-m25 --model runs/rt100-m40 "
-        "--out results/serve_load.json",
+        "--rounds 1 --out results/serve_load.json",
     ),
     "serve-load-demo": (
         "results/serve_load_demo.md",
         f"{DEMO} && .venv-serve/bin/python benchmarks/serve_load.py "
         "--model runs/demo/routers --out results/serve_load_demo.json",
+    ),
+    "serve-ab-demo": (
+        "results/serve_ab_demo.md",
+        f"{DEMO} && .venv-serve/bin/python benchmarks/serve_ab.py --model runs/demo/routers "
+        "--threshold 0.7578125 --threshold 0.95 --out results/serve_ab_demo.json",
     ),
     "train-loss-curve": (
         "results/train_loss_curve.md",
