@@ -61,6 +61,14 @@ def interrupted_and_resumed(blocks, out, loop, tuning=None, stop_after: int = 3,
     return train_routers(resumed, blocks, out, loop, resume=True, progress=False, **extra)["history"]
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The KV cache as ``model`` takes it: ``cache=`` since transformers 5.24 (``past_key_values=``
+    is deprecated there and goes in 5.40), ``past_key_values=`` before."""
+    from skipgpt.adapters import model_cache_argument
+
+    return {model_cache_argument(model): cache, "use_cache": True}
+
+
 def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

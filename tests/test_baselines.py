@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, random_ids, tiny
+from conftest import ARCHS, cache_kwargs, random_ids, tiny
 
 from skipgpt.baselines.llm_drop import build_llm_drop, llm_drop_prune, module_importance, save_llm_drop
 from skipgpt.baselines.mod import topk_override, topk_routing, train_mod
@@ -233,7 +233,7 @@ def test_dropped_attention_writes_no_kv_cache():
     cache = DynamicCache(config=routed.config)
     ids = _blocks(routed, n=1, t=8)
     with torch.no_grad():
-        routed(input_ids=ids, past_key_values=cache, use_cache=True)
+        routed(input_ids=ids, **cache_kwargs(routed, cache))
     filled = [layer.keys is not None and layer.keys.numel() > 0 for layer in cache.layers]
     assert sum(filled) == n - 1
 

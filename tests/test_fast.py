@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import cache_kwargs
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -169,11 +170,11 @@ def decode_logits(model, ids, mask, steps: int, chunk: int = 1, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
     new = torch.randint(1, VOCAB, (ids.shape[0], steps), generator=g)
     cache = DynamicCache(config=model.config)
-    out = [model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits]
+    out = [model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache)).logits]
     for s in range(0, steps, chunk):
         tok = new[:, s : s + chunk]
         mask = torch.cat([mask, torch.ones_like(tok)], 1)
-        out.append(model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True).logits)
+        out.append(model(input_ids=tok, attention_mask=mask, **cache_kwargs(model, cache)).logits)
     keys = [layer.keys for layer in cache.layers]
     return torch.cat(out, 1), keys
 
@@ -334,10 +335,10 @@ def test_decode_step_that_skips_runs_only_kv():
     ids, mask = batch(None, B=1, T=6)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache))
         seen, hooks = count_rows(model, ["q", "k", "o", "mlp"])
         with model.routing(override=lambda i, m, h: torch.zeros(h.shape[:2], dtype=torch.bool)):
-            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
     for h in hooks:
         h.remove()
     assert seen == {"q": 0, "k": 1, "o": 0, "mlp": 0}
@@ -381,9 +382,9 @@ def test_static_cache_prefill_and_decode(arch):
 
     def go():
         cache = StaticCache(config=model.config, max_cache_len=20)
-        out = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits]
+        out = [model(input_ids=ids, **cache_kwargs(model, cache)).logits]
         for s in range(5):
-            out.append(model(input_ids=new[:, s : s + 1], past_key_values=cache, use_cache=True).logits)
+            out.append(model(input_ids=new[:, s : s + 1], **cache_kwargs(model, cache)).logits)
         return torch.cat(out, 1)
 
     for p in (0.5, 1.0):
@@ -585,10 +586,10 @@ def test_batched_decode_runs_all_rows_only_when_many_execute(executing, rows):
     cache = DynamicCache(config=model.config)
     execute = torch.arange(8) < executing
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache))
         seen, hooks = count_rows(model, ["q", "k", "o", "mlp"])
         with model.routing(override=lambda i, m, h: execute.view(8, 1).expand(h.shape[:2])):
-            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
     for h in hooks:
         h.remove()
     assert seen == {"q": rows, "k": 8, "o": rows, "mlp": rows}
