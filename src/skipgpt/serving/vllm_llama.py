@@ -314,7 +314,8 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
 
     def _branch_add(self, module: str, x, execute, n: int, inputs, fn, x_in) -> torch.Tensor:
         """``x`` (N, d) + ``fn(inputs)`` on the ``n`` rows that execute ``module`` (``execute``
-        (N,) bool, None when n is 0 or N) and + its substitute of the block state ``x_in`` on the rows that skip it."""
+        (N,) bool, None when n is 0 or N), + its substitute of the block state ``x_in`` on the
+        rows that skip it."""
         N = x.shape[0]
         x = _rows_add(x, execute, n, inputs, fn)
         if module not in self.substitutes or n == N:
