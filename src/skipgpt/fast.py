@@ -371,6 +371,8 @@ def fast_attn_residual(
     single token's decision may come as a Python bool (already read on the host); on the device
     path the decisions come as a ``HostPlan``.
     """
+    if execute is True:  # batch-1 decode, executing: the model's own attention, no checks needed
+        return hidden_states + layer.attn_branch(hidden_states, **kwargs)
     attn = layer.part("attn")
     cache = layer.kv_cache(kwargs)  # raises if a cache is in use under a name we do not know
     reason = _unsupported(attn, kwargs)
