@@ -124,7 +124,6 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "argv": sys.argv,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -132,17 +131,16 @@ def main(argv=None) -> int:
         "rows": rows,
         "rounds": [r for rs in runs.values() for r in rs],
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(
-        f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs; one vLLM engine in one process, dense = "
-        f"routing off on the same weights; median of {args.rounds} rounds, variants alternating; "
-        f"{args.max_tokens} greedy tokens per prompt, C prompts at once)\n\n" + table + "\n"
-    )
-    os.replace(tmp, md)
+    from skipgpt.outputs import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(
+            f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs; one vLLM engine in one process, dense = "
+            f"routing off on the same weights; median of {args.rounds} rounds, variants alternating; "
+            f"{args.max_tokens} greedy tokens per prompt, C prompts at once)\n\n" + table + "\n"
+        )
     return 0
 
 
