@@ -32,6 +32,18 @@ SECTIONS = {
         f"{DEMO} && python benchmarks/bench_speed.py --model runs/demo/routers --repeats 5 "
         "--out results/bench_demo.json",
     ),
+    "frontier-budget": (
+        "results/frontier_budget.md",
+        f"{DEMO} && skipgpt train-router --model smollm2-135m --recipe frontier --target-sparsity 0.25 "
+        "--max-steps 110 --batch-size 8 --seq-len 256 --output runs/rt25-frontier "
+        "&& OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m --routers runs/demo/routers "
+        "--routers runs/rt25-frontier --thetas 0.5,0.7,0.8,0.9,0.95 --max-layers 8 "
+        "--baselines shortgpt,llm-drop,substitute --max-windows 4 --repeats 3 --scenarios prefill_1x1024 "
+        "--statistic min --output runs/frontier-budget "
+        "&& cp runs/frontier-budget/frontier.md results/frontier_budget.md "
+        "&& cp runs/frontier-budget/frontier.json results/frontier_budget.json "
+        "&& cp runs/frontier-budget/frontier.png results/frontier_budget.png",
+    ),
     "frontier-demo": (
         "results/frontier_demo.md",
         f"{DEMO} && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
