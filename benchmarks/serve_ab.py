@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import PROMPTS, _window  # noqa: E402
+from serve_load import PROMPTS, _median_row, _window  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -103,13 +103,9 @@ def main(argv=None) -> int:
     for c in args.concurrency:
         dense = statistics.median(r["output_tok_s"] for r in runs[("dense", c)])
         for name, _ in variants:
-            rs = runs[(name, c)]
-            tps = statistics.median(r["output_tok_s"] for r in rs)
-            row = {"variant": name, "concurrency": c, "output_tok_s": tps, "vs_dense": tps / dense}
-            row["rounds_output_tok_s"] = [r["output_tok_s"] for r in rs]
-            for k in ("realised_sparsity", "realised_sparsity_params", "ideal_speedup"):
-                if k in rs[0]:
-                    row[k] = statistics.median(r[k] for r in rs)
+            row = _median_row(runs[(name, c)])
+            tps = row["output_tok_s"]
+            row["vs_dense"] = tps / dense
             rows.append(row)
             sp = (
                 f"{row['realised_sparsity']:.1%} / {row['realised_sparsity_params']:.1%}"

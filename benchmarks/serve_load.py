@@ -274,11 +274,15 @@ def main(argv=None) -> int:
         "rows": rows,
         "rounds": [row for rs in runs.values() for row in rs],
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(
-        f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs, client and servers on the same machine; "
-        f"median of {args.rounds} rounds, variants alternating)\n\n" + table + "\n"
-    )
+    from skipgpt.outputs import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(
+            f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs, client and servers on the same machine; "
+            f"median of {args.rounds} rounds, variants alternating)\n\n" + table + "\n"
+        )
     return 0
 
 
