@@ -46,6 +46,12 @@ def add_model_and_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="trained routers: execute iff p >= θ")
 
 
+def _router_config(router_hidden: int):
+    from skipgpt import SkipGPTConfig
+
+    return SkipGPTConfig(router_hidden=router_hidden)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_and_routing_args(p)
@@ -63,6 +69,13 @@ def main(argv=None) -> int:
         help="HF KV cache: dynamic (grows by concatenation) or static (preallocated, written in place)",
     )
     p.add_argument("--no-router-overhead", action="store_true", help="random routing: do not run the routers")
+    p.add_argument(
+        "--router-hidden",
+        type=int,
+        default=None,
+        help="random routing on a plain model: width of the routers it runs (0: linear; default: "
+        "SkipGPTConfig's, the default router)",
+    )
     p.add_argument("--out", default="results/bench.json")
     args = p.parse_args(argv)
 
@@ -87,6 +100,7 @@ def main(argv=None) -> int:
         router_overhead=not args.no_router_overhead,
         cache=args.cache,
         progress=True,
+        router_config=None if args.router_hidden is None else _router_config(args.router_hidden),
     )
     result["settings"]["model"] = args.model
     result["settings"]["command"] = " ".join(

@@ -20,9 +20,9 @@ train() {  # name, flags...
   local name=$1; shift
   [[ -f runs/$name/skipgpt_config.json ]] || skipgpt train-router "${common[@]}" "$@" --output "runs/$name"
 }
-train rt100-params25 --budget params --target-sparsity 0.25
-train rt100-adapter "${sub[@]}" --budget params --target-sparsity 0.25
-train rt100-mlponly "${sub[@]}" --modules mlp --budget modules --target-sparsity 0.35
+train rt100-params25 --budget params --target-sparsity 0.25 --router-hidden 144
+train rt100-adapter "${sub[@]}" --budget params --target-sparsity 0.25 --router-hidden 144
+train rt100-mlponly "${sub[@]}" --modules mlp --budget modules --target-sparsity 0.35 --router-hidden 144
 train rt100-mlponly-lin "${sub[@]}" --modules mlp --budget modules --target-sparsity 0.35 --router-hidden 0
 train rt100-lin --budget params --target-sparsity 0.25 --router-hidden 0
 train rt100-adapter-lin "${sub[@]}" --budget params --target-sparsity 0.25 --router-hidden 0

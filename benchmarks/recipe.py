@@ -110,6 +110,7 @@ def variant_settings(args, name: str) -> dict:
             **dense_settings(args),
             "target": args.target,
             "budget": args.budget,
+            "router_hidden": args.router_hidden,
             "train_data": "calib",
             "steps": args.steps,
             "batch_size": args.batch_size,
@@ -272,7 +273,12 @@ def run_variant(res: Resources, name: str, settings: dict, out: Path, save_every
             curve, progress_step = list(progress.get("curve", [])), int(progress.get("step", 0))
 
     def make_model():
-        config = SkipGPTConfig(target_sparsity=args.target, budget=args.budget, **config_changes)
+        config = SkipGPTConfig(
+            target_sparsity=args.target,
+            budget=args.budget,
+            router_hidden=args.router_hidden,
+            **config_changes,
+        )
         return get_skipgpt_model(res.base(), config, base_spec=args.model)
 
     train = res.train()
@@ -366,6 +372,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--target", type=float, default=0.25)
     p.add_argument("--budget", choices=["modules", "params"], default="modules")
+    p.add_argument(
+        "--router-hidden",
+        type=int,
+        default=0,
+        help="router width (0, the default router: linear; the tables before 2026-12-07 used 144 = d/4)",
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)

@@ -176,7 +176,14 @@ class _Bench:
     """The model, batch and step functions the variants share."""
 
     def __init__(
-        self, model_spec: str, dataset: str, batch_size: int, seq_len: int, top_k: int, max_blocks: int | None
+        self,
+        model_spec: str,
+        dataset: str,
+        batch_size: int,
+        seq_len: int,
+        top_k: int,
+        max_blocks: int | None,
+        router_hidden: int | None = 0,
     ):
         from skipgpt import SkipGPTConfig, get_skipgpt_model
         from skipgpt.data import load_blocks
@@ -186,7 +193,8 @@ class _Bench:
 
         torch.manual_seed(0)
         base, tokenizer = load_base_model(model_spec)
-        config = SkipGPTConfig(target_sparsity=0.25)  # the dataclasses' defaults are the CLI recipe
+        # the dataclasses' defaults are the CLI recipe
+        config = SkipGPTConfig(target_sparsity=0.25, router_hidden=router_hidden)
         self.model = get_skipgpt_model(base, config, base_spec=model_spec)
         self.model.mark_only_routers_trainable()
         self.model.train()
@@ -342,11 +350,12 @@ def run_benchmark(
     top_k: int = 64,
     progress: bool = True,
     max_blocks: int | None = None,
+    router_hidden: int | None = 0,
 ) -> dict:
     """Interleaved repetitions of every variant; returns the rows (medians) and the settings."""
     from tqdm.auto import tqdm
 
-    bench = _Bench(model, dataset, batch_size, seq_len, top_k, max_blocks)
+    bench = _Bench(model, dataset, batch_size, seq_len, top_k, max_blocks, router_hidden)
     bench.snapshot()
     for v in variants:  # the teacher caches filled, so that the hit variants count a hit's matmuls
         if v.teacher_cache and not v.cold:
@@ -471,7 +480,7 @@ def format_table(result: dict) -> str:
 
 
 def loss_curves(
-    model_spec: str, dataset: str, batch_size: int, seq_len: int, steps: int, log=None
+    model_spec: str, dataset: str, batch_size: int, seq_len: int, steps: int, log=None, router_hidden=0
 ) -> dict[str, list[dict]]:
     """Stage-1 runs of ``steps`` steps with the CLI recipe: fp32 and bf16 autocast at seed 0, and
     fp32 at seed 1 (the noise scale: other batches order and Gumbel noise). Per-step history."""
@@ -490,7 +499,7 @@ def loss_curves(
         torch.manual_seed(seed)
         base, tokenizer = load_base_model(model_spec)
         blocks = load_blocks(dataset, tokenizer, seq_len) if blocks is None else blocks
-        config = SkipGPTConfig(target_sparsity=0.25)
+        config = SkipGPTConfig(target_sparsity=0.25, router_hidden=router_hidden)
         model = get_skipgpt_model(base, config, base_spec=model_spec)
         loop = LoopArgs(
             max_steps=steps,
@@ -563,6 +572,12 @@ def main() -> int:
         "--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS)
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--router-hidden",
+        type=int,
+        default=0,
+        help="router width (0, the default router: linear; the tables before 2026-12-07 used 144 = d/4)",
+    )
     p.add_argument("--quick", action="store_true", help="random:llama, 2×64, 1 repetition (a smoke test)")
     p.add_argument(
         "--out", default=None, help="also write the table here (markdown) and the rows beside (.json)"
@@ -581,7 +596,9 @@ def main() -> int:
         torch.set_num_threads(a.threads)
     if a.loss_curve:
         log = open(Path(a.out).with_suffix(".jsonl"), "w") if a.out else None  # noqa: SIM115
-        histories = loss_curves(a.model, a.dataset, a.batch_size, a.seq_len, a.loss_curve, log=log)
+        histories = loss_curves(
+            a.model, a.dataset, a.batch_size, a.seq_len, a.loss_curve, log=log, router_hidden=a.router_hidden
+        )
         settings = (
             f"{a.model}, {a.dataset}, {a.loss_curve} steps of {a.batch_size}×{a.seq_len}, CLI recipe; "
             f"{_machine()}"
@@ -605,6 +622,7 @@ def main() -> int:
         [VARIANTS[n] for n in names],
         a.top_k,
         max_blocks=a.max_blocks,
+        router_hidden=a.router_hidden,
     )
     table = format_table(result)
     print(table)

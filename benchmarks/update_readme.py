@@ -15,10 +15,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # the demo of 0.1.x (default recipe, module target 0.25, 150 steps x 4 blocks, fp32): the routers
-# of the speed, sweep and zero-shot tables
+# of the speed, sweep and zero-shot tables. Tables made before 2026-12-07, when the default router
+# was d/4 (Linear(d, d/4) -> ReLU -> Linear(d/4, 2)), name it: --router-hidden 144 (d = 576)
+OLD_ROUTER = "--router-hidden 144"
 OLD_DEMO = (
     "skipgpt demo --recipe default --budget modules --target-sparsity 0.25 --max-steps 150 --batch-size 4 "
-    "--mixed-precision no --output runs/demo"
+    f"--mixed-precision no {OLD_ROUTER} --output runs/demo"
 )
 # the demo of today (runs/demo/routers: the routers of the demo, bench-demo, frontier-demo and
 # serve-load-demo sections)
@@ -61,23 +63,24 @@ SECTIONS = {
     "demo-params": (
         "results/demo_params.md",
         "skipgpt demo --recipe default --budget params --target-sparsity 0.167 --max-steps 150 --batch-size 4 "
-        "--mixed-precision no --output runs/demo-params && cp runs/demo-params/results.md results/demo_params.md",
+        f"--mixed-precision no {OLD_ROUTER} --output runs/demo-params && cp runs/demo-params/results.md results/demo_params.md",
     ),
     "recipe": (
         "results/recipe.md",
-        "python benchmarks/recipe.py --steps 100 --batch-size 4 --eval-windows 16 --out runs/recipe-100x4 "
+        f"python benchmarks/recipe.py --steps 100 --batch-size 4 --eval-windows 16 {OLD_ROUTER} --out runs/recipe-100x4 "
         "&& cp runs/recipe-100x4/recipe.md results/recipe.md",
     ),
     "recipe-curve": (
         "results/recipe_curve.md",
         "python benchmarks/recipe.py --variants dense-init+distill+curriculum --steps 300 --batch-size 8 "
-        "--eval-windows 16 --curve-every 50 --out runs/recipe-curve "
+        f"--eval-windows 16 --curve-every 50 {OLD_ROUTER} --out runs/recipe-curve "
         "&& cp runs/recipe-curve/recipe.md results/recipe_curve.md "
         "&& cp runs/recipe-curve/dense-init+distill+curriculum.curve.png results/",
     ),
     "bench": (
         "results/bench.md",
-        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --repeats 7 --out results/bench.json",
+        "python benchmarks/bench_speed.py --model smollm2-135m --random-routing 0.4 --repeats 7 "
+        f"{OLD_ROUTER} --out results/bench.json",
     ),
     "bench-trained": (
         "results/bench_trained40.md",
@@ -96,7 +99,7 @@ SECTIONS = {
     ),
     "lora": (
         "results/lora.md",
-        "skipgpt train-router --model smollm2-135m --max-steps 100 --batch-size 4 --output runs/rt100 "
+        f"skipgpt train-router --model smollm2-135m --max-steps 100 --batch-size 4 {OLD_ROUTER} --output runs/rt100 "
         "&& python benchmarks/lora_table.py --routers runs/rt100 --stage2-distill-weight 1 --steps 50 --batch-size 4 "
         "--eval-windows 16 "
         "--out runs/lora-rt100-kd && cp runs/lora-rt100-kd/lora.md results/lora.md",
@@ -104,12 +107,12 @@ SECTIONS = {
     "compare": (
         "results/compare.md",
         "skipgpt compare --model smollm2-135m --target-sparsity 0.25 --max-steps 100 --batch-size 4 "
-        "--max-windows 16 --output runs/compare-100x4 && cp runs/compare-100x4/compare.md results/compare.md",
+        f"--max-windows 16 {OLD_ROUTER} --output runs/compare-100x4 && cp runs/compare-100x4/compare.md results/compare.md",
     ),
     "train-throughput": (
         "results/train_throughput.md",
         "python benchmarks/train_throughput.py --threads 2 --repeats 2 "
-        "--variants floor,floor-bf16,today,fp32,bf16,cache,bf16-cache --out results/train_throughput.md",
+        f"--variants floor,floor-bf16,today,fp32,bf16,cache,bf16-cache {OLD_ROUTER} --out results/train_throughput.md",
     ),
     "serve-load": (
         "results/serve_load.md",
@@ -129,12 +132,16 @@ SECTIONS = {
     "train-loss-curve": (
         "results/train_loss_curve.md",
         "python benchmarks/train_throughput.py --loss-curve 100 --batch-size 2 --seq-len 128 --threads 1 "
-        "--out results/train_loss_curve.md",
+        f"{OLD_ROUTER} --out results/train_loss_curve.md",
     ),
     "train-throughput-bf16": (
         "results/train_throughput_bf16_2x128.md",
         "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --threads 1 --repeats 2 --batch-size 2 "
-        "--seq-len 128 --out results/train_throughput_bf16_2x128.md",
+        f"--seq-len 128 {OLD_ROUTER} --out results/train_throughput_bf16_2x128.md",
+    ),
+    "router-cost": (
+        "results/router_cost.md",
+        "OMP_NUM_THREADS=2 python benchmarks/router_cost.py --widths 144,0 --repeats 5 --out results/router_cost.md",
     ),
     "zeroshot": (
         "results/zeroshot.md",

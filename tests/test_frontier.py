@@ -237,7 +237,8 @@ def test_resume_reuses_points_adds_router_sets_refuses_other_settings(tmp_path, 
     assert low["settings"]["statistic"] == "min"
     for p in low["points"][1:]:
         for name, t in p["times_s"].items():
-            assert p["speedup"][name] == pytest.approx(min(t["dense"]) / min(t["point"]), rel=1e-3)
+            # speedups are stored to 4 decimals (a loaded machine can make one tiny)
+            assert p["speedup"][name] == pytest.approx(min(t["dense"]) / min(t["point"]), rel=1e-3, abs=1e-4)
     calls.clear()
     other = [*argv, "--repeats", "2"]
     assert main(other) == 2 and calls == []  # other settings: refused in one line

@@ -509,7 +509,11 @@ def test_export_without_merge_keeps_the_adapter(tmp_path, capsys):
     (tmp_path / "e").rename(moved)  # an export is self-contained: it can move
     loaded, _ = load_model(str(moved))
     logits, stats = _logits_and_stats(loaded, ids)
-    assert torch.equal(logits, ref) and stats == ref_stats
+    # the same decisions exactly; the logits within float rounding: the export's weights are
+    # bitwise the same tensors loaded at other addresses, and a CPU GEMM may block them otherwise
+    # (seen: 1.5e-7 apart)
+    assert stats == ref_stats
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -67,9 +67,10 @@ class SkipGPTConfig:
         metadata={"help": "fraction of routed decisions to skip, in (0, 1)", "type": "probability"},
     )
     router_hidden: int | None = field(
-        default=None,
+        default=0,
         metadata={
-            "help": "router hidden width (None: hidden_size // 4, as the paper's code; 0: a linear router)"
+            "help": "router hidden width: 0 (default) a linear router Linear(d, 2); N > 0 Linear(d, N) -> "
+            "ReLU -> Linear(N, 2) (the paper's code: N = d/4; None in Python means d/4)"
         },
     )
     sparsity_weight: float = field(
@@ -226,6 +227,8 @@ class SkipGPTConfig:
         """The config of a saved ``router_config``; keys of older versions are migrated
         (``RENAMED_KEYS``: ``alpha`` became ``sparsity_weight``), unknown keys refused."""
         d = dict(d)
+        # saved before linear routers became the default: those configs meant d/4 when silent
+        d.setdefault("router_hidden", None)
         for old, new in RENAMED_KEYS.items():
             if old in d:
                 if new in d:

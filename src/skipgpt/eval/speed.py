@@ -314,11 +314,13 @@ def run_bench(
     cache: str = "dynamic",
     text: str | None = None,
     progress: bool = True,
+    router_config: SkipGPTConfig | None = None,
 ) -> dict:
     """Tokens/s of dense, masked and fast execution per scenario, with the ideal speedup.
 
     ``model``: a ``SkipGPTModel`` (its routers decide, at ``threshold``) or a plain HF causal
-    LM, which is then wrapped for the run (and unwrapped after) and needs ``random_routing``.
+    LM, which is then wrapped for the run (and unwrapped after) with ``router_config``'s routers
+    (default ``SkipGPTConfig()``: the default router) and needs ``random_routing``.
     ``random_routing``: force each (token, module) to skip with this probability.
     Returns the ``bench`` JSON of DESIGN.md: ``scenarios``, ``sparsity``, ``cost_model``,
     ``machine``, ``settings``.
@@ -339,7 +341,7 @@ def run_bench(
                 "this model has no routers: pass random_routing (e.g. --random-routing 0.4) "
                 "or a skipgpt output folder with trained routers"
             )
-        model = get_skipgpt_model(model, SkipGPTConfig())
+        model = get_skipgpt_model(model, router_config or SkipGPTConfig())
     was_training = model.training
     model.eval()
     routing = VariantRouting(model, random_routing, threshold, seed, router_overhead)
