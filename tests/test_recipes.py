@@ -219,6 +219,27 @@ def test_old_config_with_alpha_loads(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_default_router_is_linear_and_older_configs_keep_d4(tmp_path):
+    from skipgpt.train.recipes import RECIPES
+
+    assert SkipGPTConfig().router_hidden == 0 and RECIPES["default"].config().router_hidden == 0
+    assert RECIPES["paper"].config().router_hidden is None  # the paper's code: d/4
+    # a folder saved before linear routers became the default has no router_hidden: it meant d/4
+    base, _ = load_base_model("random:llama")
+    model = get_skipgpt_model(
+        base.eval(), SkipGPTConfig(router_hidden=None, router_init="paper"), base_spec="random:llama"
+    ).eval()
+    model.save_pretrained(tmp_path / "m")
+    record = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    del record["router_config"]["router_hidden"]
+    (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(record))
+    loaded = SkipGPTModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.skipgpt_config.router_hidden is None
+    ids = torch.randint(3, base.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 # -- cli: optional dependencies --------------------------------------------------------------------
 def test_missing_optional_dependency_names_its_extra(monkeypatch, capsys):
     import skipgpt.commands.analyze as analyze
