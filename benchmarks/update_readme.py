@@ -141,7 +141,8 @@ SECTIONS = {
     ),
     "router-cost": (
         "results/router_cost.md",
-        "OMP_NUM_THREADS=2 python benchmarks/router_cost.py --widths 144,0 --repeats 5 --out results/router_cost.md",
+        "OMP_NUM_THREADS=2 python benchmarks/router_cost.py --widths 144,0 --repeats 5 "
+        "--scenarios decode_b1,prefill_1x1024 --out results/router_cost.md",
     ),
     "zeroshot": (
         "results/zeroshot.md",
