@@ -46,6 +46,18 @@ SECTIONS = {
         "&& cp runs/frontier-budget/frontier.json results/frontier_budget.json "
         "&& cp runs/frontier-budget/frontier.png results/frontier_budget.png",
     ),
+    "frontier-300": (
+        "results/frontier_300.md",
+        f"{DEMO} && for t in 25 35; do skipgpt train-router --model smollm2-135m --recipe frontier "
+        "--target-sparsity 0.$t --max-steps 300 --batch-size 8 --seq-len 256 --output runs/rt$t-frontier-300; done "
+        "&& OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m --routers runs/demo/routers "
+        "--routers runs/rt25-frontier-300 --routers runs/rt35-frontier-300 --thetas 0.5,0.8,0.9,0.95 --max-layers 9 "
+        "--baselines shortgpt,llm-drop,substitute --max-windows 4 --repeats 3 --scenarios prefill_1x1024,decode_b1 "
+        "--statistic min --output runs/frontier-final "
+        "&& cp runs/frontier-final/frontier.md results/frontier_300.md "
+        "&& cp runs/frontier-final/frontier.json results/frontier_300.json "
+        "&& cp runs/frontier-final/frontier.png results/frontier_300.png",
+    ),
     "frontier-demo": (
         "results/frontier_demo.md",
         f"{DEMO} && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
