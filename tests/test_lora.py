@@ -511,8 +511,8 @@ def test_export_without_merge_keeps_the_adapter(tmp_path, capsys):
     logits, stats = _logits_and_stats(loaded, ids)
     # the same decisions exactly; the logits within float rounding: the export's weights are
     # bitwise equal but loaded from safetensors at another alignment (layer 0's gate_proj at 40
-    # mod 64 bytes, the trained model's at 0), and a CPU matrix-vector product (a token that a
-    # gather leaves alone in its row block) sums in another order there: 9e-8 apart for one row,
+    # mod 64 bytes, the trained model's at 0), and where one token alone executes a module (layer
+    # 0's MLP here) its one-row product sums in another order at that alignment: 9e-8 apart,
     # reproduced with an unaligned copy of the same weight; ~1.5e-7 in these logits
     assert stats == ref_stats
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
