@@ -26,12 +26,12 @@ def measure(spec: str, widths: list[int], scenarios: list[str], repeats: int) ->
 
     base, tokenizer = load_base_model(spec)
     base.eval()
-    rows, machine = [], None
+    rows, machine, settings = [], None, None
     for width in widths:
         model = get_skipgpt_model(base, SkipGPTConfig(router_hidden=width), base_spec=spec)
         params = sum(p.numel() for p in model.routed_layers[0].routers.parameters())
         result = run_bench(model, tokenizer, scenarios=scenarios, repeats=repeats, progress=True)
-        machine = result["machine"]
+        machine, settings = result["machine"], result["settings"]
         for sc in result["scenarios"]:
             rows.append(
                 {
@@ -45,7 +45,7 @@ def measure(spec: str, widths: list[int], scenarios: list[str], repeats: int) ->
                 }
             )
         model.unwrap()
-    return {"rows": rows, "machine": machine, "repeats": repeats, "model": spec}
+    return {"rows": rows, "machine": machine, "settings": settings, "model": spec}
 
 
 def describe(width: int, default: int | None) -> str:
@@ -67,13 +67,15 @@ def format_table(result: dict) -> str:
             f"| {r['dense_tok_s']:.1f} | {r['masked_over_dense']:.3f} | {r['fast_over_dense']:.3f} "
             f"| {r['skipped_module']:.1%} |"
         )
+    s = result["settings"]
     lines.append("")
     lines.append(
         f"Model `{result['model']}`, fresh dense-start routers (every token executes, so nothing is "
         "skipped: the ratios are the cost of routing alone). masked = every module on every token, "
         "output gated (the paper's code); fast = skipgpt's skipping path. Tokens/s against the dense "
-        f"model timed alternately in the same run, median of {result['repeats']} runs after 1 warm-up; "
-        f"decode: 64 steps after 384 context tokens (DynamicCache). Machine: {result['machine']}."
+        f"model timed alternately in the same run, {s['statistic']} of {s['repeats']} runs after "
+        f"{s['warmup']} warm-up; decode: {s['decode_steps']} steps after {s['decode_context']} context "
+        f"tokens ({s['cache']}). Machine: {result['machine']}."
     )
     return "\n".join(lines)
 
@@ -109,7 +111,6 @@ def main(argv=None) -> int:
         from skipgpt.outputs import atomic_path
 
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             tmp.write_text(table + "\n")
         with atomic_path(out.with_suffix(".json")) as tmp:
