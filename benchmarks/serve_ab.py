@@ -12,6 +12,9 @@ C, ``--rounds`` times with the variants alternating in order, it generates ``--m
 tokens (``ignore_eos``) for C prompts at once and times the whole call. Reported per (variant, C):
 median output tokens/s, its ratio to dense, the realised sparsity of the routed runs (modules and
 parameters) and the ideal speedup (FLOPs, ``skipgpt.costs``), from the model's own counters.
+Routed variants keep the model's dense window (``serving.vllm_llama.DENSE_TOKENS``: forwards of
+that many tokens run every module, and count as nothing skipped); ``--route-all`` adds each θ with
+every forward routed, the cost of routing where it cannot pay.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def main(argv=None) -> int:
         action="append",
         help="θ of a routed variant (repeat; default: the folder's)",
     )
+    p.add_argument(
+        "--route-all",
+        action="store_true",
+        help="also measure each θ with every forward routed (no dense window: --dense-tokens none)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
@@ -61,12 +69,19 @@ def main(argv=None) -> int:
         max_num_seqs=max(args.concurrency),
         seed=0,
     )
-    theta0 = llm.apply_model(lambda m: m.skipgpt_state.threshold)[0]
-    variants = [("dense", None)] + [(f"routed θ={t:.4g}", t) for t in (args.threshold or [theta0])]
+    theta0, window = llm.apply_model(lambda m: (m.skipgpt_state.threshold, m.skipgpt_state.dense_tokens))[0]
+    # (name, θ or None for dense, dense window); the model's window unless --route-all adds None
+    windows = [window, None] if args.route_all and window else [window]
+    variants = [("dense", None, None)] + [
+        (f"routed θ={t:.4g}" + ("" if w else ", every forward routed" if window else ""), t, w)
+        for t in (args.threshold or [theta0])
+        for w in windows
+    ]
 
-    def use(theta):
+    def use(theta, w):
         def apply(m):
             m.skipgpt_state.routing = theta is not None
+            m.skipgpt_state.dense_tokens = w
             if theta is not None:
                 m.skipgpt_state.threshold = theta
 
@@ -79,12 +94,12 @@ def main(argv=None) -> int:
     runs: dict[tuple[str, int], list[dict]] = {}
     for c in args.concurrency:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
-        for _, theta in variants:  # warm-up
-            use(theta)
+        for _, theta, w in variants:  # warm-up
+            use(theta, w)
             llm.generate(prompts, sampling, use_tqdm=False)
         for r in range(args.rounds):
-            for name, theta in variants if r % 2 == 0 else variants[::-1]:
-                use(theta)
+            for name, theta, w in variants if r % 2 == 0 else variants[::-1]:
+                use(theta, w)
                 before = stats()
                 start = time.perf_counter()
                 outs = llm.generate(prompts, sampling, use_tqdm=False)
@@ -102,7 +117,7 @@ def main(argv=None) -> int:
     rows = []
     for c in args.concurrency:
         dense = statistics.median(r["output_tok_s"] for r in runs[("dense", c)])
-        for name, _ in variants:
+        for name, _, _ in variants:
             row = _median_row(runs[(name, c)])
             tps = row["output_tok_s"]
             row["vs_dense"] = tps / dense
@@ -131,11 +146,17 @@ def main(argv=None) -> int:
 
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+    windowing = (
+        f"; routed forwards of {window[0]}-{window[1]} tokens run dense (the model's default window) "
+        "unless 'every forward routed'"
+        if window
+        else ""
+    )
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(
             f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs; one vLLM engine in one process, dense = "
             f"routing off on the same weights; median of {args.rounds} rounds, variants alternating; "
-            f"{args.max_tokens} greedy tokens per prompt, C prompts at once)\n\n" + table + "\n"
+            f"{args.max_tokens} greedy tokens per prompt, C prompts at once{windowing})\n\n" + table + "\n"
         )
     return 0
 

@@ -65,6 +65,35 @@ def test_unknown_options_go_to_vllm_and_threshold_becomes_an_override(monkeypatc
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "2"}  # a bounded KV cache, not 92% of the machine
 
 
+def test_dense_window_is_an_override_and_a_bad_one_is_refused(monkeypatch, capsys):
+    def overrides(argv):
+        cmd, _ = vllm_command(_parse(["--model", "r", *argv]), "r/vllm")
+        return json.loads(cmd[cmd.index("--hf-overrides") + 1]) if "--hf-overrides" in cmd else {}
+
+    assert overrides([]) == {}  # the model's default window
+    assert overrides(["--dense-tokens", "4:8"]) == {"skipgpt_dense_tokens": [4, 8]}
+    assert overrides(["--dense-tokens", "none"]) == {"skipgpt_dense_tokens": None}
+    assert overrides(["--dense", "--dense-tokens", "4:8"]) == {"architectures": ["LlamaForCausalLM"]}
+    for bad in ("8:4", "0:3", "4", "a:b"):
+        with pytest.raises(SystemExit):
+            _parse(["--model", "r", "--dense-tokens", bad])
+        assert "expected LO:HI with 1 <= LO <= HI, or none" in capsys.readouterr().err
+
+
+@needs_vllm
+def test_dense_window_of_the_model_config():
+    from types import SimpleNamespace
+
+    from skipgpt.serving.vllm_llama import DENSE_TOKENS, _dense_tokens
+
+    assert _dense_tokens(SimpleNamespace()) == DENSE_TOKENS
+    assert _dense_tokens(SimpleNamespace(skipgpt_dense_tokens=None)) is None
+    assert _dense_tokens(SimpleNamespace(skipgpt_dense_tokens=[3, 9])) == (3, 9)
+    for bad in ([9, 3], [0, 2], [1], "2:8", [1.0, 2]):
+        with pytest.raises(SkipGPTError, match="skipgpt_dense_tokens must be null or"):
+            _dense_tokens(SimpleNamespace(skipgpt_dense_tokens=bad))
+
+
 def test_kv_cache_size_is_an_option_and_the_environment_wins(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     _, env = vllm_command(_parse(["--model", "r", "--kv-cache-gib", "0.5"]), "r/vllm")
@@ -136,6 +165,7 @@ def llm(routed_dir):
 
     engine = LLM(
         model=str(routed_dir[1]),
+        hf_overrides={"skipgpt_dense_tokens": None},  # route every forward (the tests' decisions)
         dtype="float32",
         enforce_eager=True,
         enable_prefix_caching=False,  # a cached prefix is not recomputed: the trace would miss it
@@ -264,6 +294,64 @@ def test_batched_requests_give_the_tokens_of_single_ones(llm):
     assert together == alone
 
 
+def _with_state(llm, **values):
+    """Set ``skipgpt_state`` fields of the engine's model; returns their previous values."""
+
+    def apply(model):
+        old = {k: getattr(model.skipgpt_state, k) for k in values}
+        for k, v in values.items():
+            setattr(model.skipgpt_state, k, v)
+        return old
+
+    return llm.apply_model(apply)[0]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_masking_and_gathering_take_the_same_decisions_and_tokens(llm):
+    """Few skipping tokens: the module runs on every row and the skipping rows are masked off;
+    more: only the executing rows are gathered. Both ways, over prefill chunks and decode steps."""
+    results = {}
+    for name, cut in (("gather", 1), ("mask", 10**6)):
+        old = _with_state(llm, gather_min_skips={"attn": cut, "mlp": cut})
+        try:
+            results[name] = _vllm_greedy(llm, PROMPTS, trace=True)
+        finally:
+            _with_state(llm, **old)
+    (gathered, g_trace), (masked, m_trace) = results["gather"], results["mask"]
+    assert gathered == masked
+    disagree = total = partial = 0
+    for g, m in zip(g_trace, m_trace, strict=True):
+        for key, execute in g["execute"].items():
+            disagree += int((execute != m["execute"][key]).sum())
+            total += execute.numel()
+            partial += bool(0 < int(execute.sum()) < execute.numel())
+    assert disagree / total <= MAX_DECISION_DISAGREEMENT
+    assert partial > 0  # some modules were executed by part of a forward's tokens: both paths ran
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_forwards_in_the_dense_window_run_every_module_and_count_as_dense(llm):
+    old = _with_state(llm, routing=False)
+    try:
+        dense, _ = _vllm_greedy(llm, PROMPTS)
+    finally:
+        _with_state(llm, **old)
+    before = llm.apply_model(lambda m: m.skipgpt_state.stats())[0]
+    old = _with_state(llm, dense_tokens=(1, 10**6))
+    try:
+        windowed, _ = _vllm_greedy(llm, PROMPTS)
+    finally:
+        _with_state(llm, **old)
+    after = llm.apply_model(lambda m: m.skipgpt_state.stats())[0]
+    assert windowed == dense
+    forwards = after["forwards"] - before["forwards"]
+    assert forwards > 0 and after["dense_forwards"] - before["dense_forwards"] == forwards
+    assert after["tokens"] > before["tokens"]  # counted: the realised sparsity includes them
+    assert after["skipped_decisions"] == before["skipped_decisions"]
+
+
 # -- the server ------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -281,6 +369,7 @@ def server(routed_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "server.log"
     cmd = [sys.executable, "-m", "skipgpt", "serve", "--model", str(routed_dir[0]), "--port", str(port)]
     cmd += ["--dtype", "float32", "--threshold", str(THETA), "--stats-file", str(stats)]
+    cmd += ["--dense-tokens", "none"]  # routes every forward, as the offline engine it is compared with
     cmd += ["--served-model-name", "routed", "--max-model-len", "512", "--max-num-seqs", "4"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     with open(log, "w") as out:

@@ -135,11 +135,16 @@ class FusedRouters:
         the logit margin (θ of 0 or 1, where the logit is infinite, take the probabilities)."""
         if not 0.0 < threshold < 1.0:
             return self.execute_probability(hidden) >= threshold
+        return self.margins(hidden, threshold) >= 0
+
+    def margins(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B, T, d) -> (B, T, R) float32 ``logit p(execute) - logit θ`` of every router: a token
+        executes a router's module iff its margin is >= 0. θ strictly between 0 and 1."""
         w = self._margin_weights(threshold)
         h = F.linear(hidden.to(w[0].dtype), w[0], w[1])
         if len(w) == 4:
             h = F.linear(F.relu(h), w[2], w[3])
-        return h >= 0
+        return h
 
     def execute_one(self, hidden: torch.Tensor, threshold: float) -> list[bool]:
         """The decisions of ``execute`` for a single token (hidden of d elements) as Python bools,

@@ -13,7 +13,20 @@ import argparse
 
 from .common import add_model_arg, unit_interval
 
-__all__ = ["add_parser", "run", "vllm_command"]
+__all__ = ["add_parser", "run", "vllm_command", "dense_window"]
+
+
+def dense_window(text: str) -> list[int]:
+    """``LO:HI`` (1 <= LO <= HI) -> [LO, HI]; ``none`` -> [] (route every forward)."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with 1 <= LO <= HI, or none; got {text!r}")
+    return [lo, hi]
 
 
 def add_parser(sub) -> None:
@@ -30,6 +43,15 @@ def add_parser(sub) -> None:
         type=unit_interval,
         default=None,
         help="execute iff p(execute) >= θ (default: the folder's)",
+    )
+    p.add_argument(
+        "--dense-tokens",
+        type=dense_window,
+        default=None,
+        metavar="LO:HI|none",
+        help="forwards of LO..HI tokens run every module, routing the rest (default 2:16: on a CPU, "
+        "decode steps of a few sequences cost about the same for any number of executing tokens, so "
+        "routing them costs more than it saves); none routes every forward",
     )
     p.add_argument(
         "--dense", action="store_true", help="serve the base weights with vLLM's stock Llama (no routers)"
@@ -98,8 +120,11 @@ def vllm_command(args: argparse.Namespace, folder: str) -> tuple[list[str], dict
         raise SkipGPTError(f"--hf-overrides is not valid JSON ({e.msg})") from None
     if args.dense:
         overrides["architectures"] = ["LlamaForCausalLM"]
-    elif args.threshold is not None:
-        overrides["skipgpt_threshold"] = args.threshold
+    else:
+        if args.threshold is not None:
+            overrides["skipgpt_threshold"] = args.threshold
+        if args.dense_tokens is not None:
+            overrides["skipgpt_dense_tokens"] = args.dense_tokens or None
     # vLLM's own CLI through a shim: the CPU build's `vllm` script cannot start (see serving.launch)
     cmd = [sys.executable, "-m", "skipgpt.serving.launch", "serve", folder, "--host", args.host]
     cmd += ["--port", str(args.port)]

@@ -15,13 +15,20 @@ for the block input ``x`` (N, d):
   computes the attention of every query: its metadata (query start offsets, slot mapping, the
   sequences' lengths) is built by the model runner for all N scheduled tokens before the model
   runs, and a sub-batch of queries would need metadata the model cannot rebuild. Only the
-  executing tokens' attention outputs go through ``o_proj`` and are added to the residual stream
-  (``index_add``); a skipping token's stream is unchanged;
-* MLP: only the executing tokens are gathered, normed (``post_attention_layernorm``), run through
-  the MLP and added back;
-* substitutes (a folder trained with ``skip_to=adapter``): the tokens that skip a module are
-  gathered, normed as the module would norm them, run through its low-rank substitute (float32,
-  skipgpt's ``Substitute``) and added back, from the same block state the module reads.
+  executing tokens' attention outputs go through ``o_proj`` and are added to the residual stream;
+  a skipping token's stream is unchanged;
+* MLP: the block state is normed (``post_attention_layernorm``) and only the executing tokens run
+  the MLP and are added back;
+* substitutes (a folder trained with ``skip_to=adapter``): the tokens that skip a module run its
+  low-rank substitute (float32, skipgpt's ``Substitute``) on the module's normed input, added back
+  from the same block state the module reads.
+
+"Only the executing tokens" is a gather, run and ``index_add`` when at least ``GATHER_MIN_SKIPS``
+tokens of the forward skip the module; with fewer, the module runs on every token and the skipping
+rows are masked off (``torch.where``: the same result, without index ops that would cost more than
+the rows they save). Forwards of ``DENSE_TOKENS`` tokens (decode steps of 2-16 sequences; ``skipgpt
+serve --dense-tokens``) run every module of every token: on a CPU such a step costs about the same
+whatever the number of executing tokens, so routing it would cost more than it saves.
 
 vLLM's Llama layer passes ``(hidden, residual)`` pairs and fuses the residual add into the next
 RMSNorm; this model keeps the plain residual stream instead (``x`` in, ``x`` out), so a skip is
@@ -51,6 +58,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
@@ -66,10 +74,32 @@ from ..router import FusedRouters, Router
 from ..substitutes import SUBSTITUTE_PREFIX, Substitute
 from .prepare import ROUTERS_SUBDIR
 
-__all__ = ["SkipGPTLlamaForCausalLM", "ServeRoutingState", "STATS_ENV", "STATS_INTERVAL_S"]
+__all__ = [
+    "SkipGPTLlamaForCausalLM",
+    "ServeRoutingState",
+    "STATS_ENV",
+    "STATS_INTERVAL_S",
+    "GATHER_MIN_SKIPS",
+    "DENSE_TOKENS",
+]
 
 STATS_ENV = "SKIPGPT_STATS_FILE"
 STATS_INTERVAL_S = 0.5
+# A module runs on the gathered executing tokens only when at least this many tokens of the forward
+# skip it; with fewer it runs on every token and the skipping tokens' rows are masked off (the same
+# result, no index ops). Measured in vLLM on a 2-core AVX-512 BF16 CPU, SmolLM2-135M in bf16: a
+# gather + scatter costs ~15 us, one row ~13-15 us of the MLP (95 us for 1 row, 173 for 8, 483
+# for 32) but only ~2 us of o_proj (28 us for 8 rows, 42 for 16).
+GATHER_MIN_SKIPS = {"attn": 16, "mlp": 2}
+# Up to this many tokens in a forward, the routers' decisions are read to the host as margins and
+# counted there (one read, no comparison or sum ops: a decode step pays ~10 us per small op here)
+HOST_DECIDE_MAX_TOKENS = 64
+# Forwards of this many tokens (lo, hi inclusive) run the dense layers (every token executes every
+# module), because routing them costs more than it saves: decode steps of 2-16 sequences on a CPU,
+# where a GEMM's cost is mostly reading the weights (an MLP: 95 us for 1 row, 173 us for 8), so a
+# skipping token saves little while the routers, substitutes and masks cost the same per layer.
+# ``--dense-tokens none`` (hf override ``skipgpt_dense_tokens: null``) routes every forward.
+DENSE_TOKENS = (2, 16)
 
 
 def _router_config(hf_config) -> SkipGPTConfig:
@@ -87,6 +117,21 @@ def _threshold(hf_config) -> float:
     return SkipGPTConfig(threshold=value).threshold
 
 
+def _dense_tokens(hf_config) -> tuple[int, int] | None:
+    """``DENSE_TOKENS``, or ``--hf-overrides {"skipgpt_dense_tokens": [lo, hi] | null}`` (``skipgpt serve --dense-tokens``)."""
+    value = getattr(hf_config, "skipgpt_dense_tokens", DENSE_TOKENS)
+    if value is None or value is DENSE_TOKENS:
+        return value
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not 1 <= value[0] <= value[1]
+    ):
+        raise SkipGPTError(f"skipgpt_dense_tokens must be null or [lo, hi] with 1 <= lo <= hi, got {value!r}")
+    return (value[0], value[1])
+
+
 @dataclass
 class ServeRoutingState:
     """What all routed layers of one served model share.
@@ -101,6 +146,8 @@ class ServeRoutingState:
     modules: tuple[str, ...]
     cost: CostModel
     routing: bool = True  # False: vLLM's own Llama layers on the same weights (the dense model)
+    dense_tokens: tuple[int, int] | None = DENSE_TOKENS  # forwards of lo..hi tokens run dense
+    dense_forwards: int = 0  # forwards that the window ran dense (counted in tokens, nothing skipped)
     stats_file: str | None = None
     trace: list[dict] | None = None
     forwards: int = 0
@@ -110,7 +157,10 @@ class ServeRoutingState:
     skipped: dict[str, list[int]] = field(default_factory=dict)
     skipped_context: list[float] = field(default_factory=list)  # per layer, attention skips only
     kv_only: int = 0  # (forward, layer) pairs whose attention was a K/V write alone (no token executed it)
+    gather_min_skips: dict[str, int] = field(default_factory=lambda: dict(GATHER_MIN_SKIPS))
     _forward_context: float = 0.0  # the current forward's share of context_sum
+    _positions: torch.Tensor | None = None
+    _partial_attn: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, execute (N,))
     _current: dict | None = None
     _last_write: float = 0.0
 
@@ -118,33 +168,42 @@ class ServeRoutingState:
         self.skipped = {m: [0] * self.num_layers for m in self.modules}
         self.skipped_context = [0.0] * self.num_layers
 
+    def routes(self, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` tokens is routed (outside the dense window)."""
+        window = self.dense_tokens
+        return window is None or not window[0] <= tokens <= window[1]
+
     def begin(self, positions: torch.Tensor) -> None:
         self.forwards += 1
         self.tokens += positions.numel()
         self._forward_context = float(positions.sum()) + positions.numel()
         self.context_sum += self._forward_context
+        self._positions = positions
         self._current = (
             {"positions": positions.cpu().clone(), "execute": {}} if self.trace is not None else None
         )
 
-    def record(
-        self, layer: int, module: str, execute: torch.Tensor | None, n_exec: int, positions: torch.Tensor
-    ):
-        """``n_exec`` of the forward's tokens execute ``module`` of ``layer``; ``execute``: the (N,)
-        mask, None when all or none execute."""
-        n = positions.numel()
+    def record(self, layer: int, module: str, execute: torch.Tensor | None, n_exec: int, n: int) -> None:
+        """``n_exec`` of the forward's ``n`` tokens execute ``module`` of ``layer``; ``execute``: the
+        (N,) mask, None when all or none execute. No tensor op: the context that partly skipped
+        attentions save is summed once per forward, in ``end``."""
         self.skipped[module][layer] += n - n_exec
         if module == "attn" and n_exec == 0:
             self.skipped_context[layer] += self._forward_context
         elif module == "attn" and n_exec < n:
-            skipped_pos = positions[~execute]
-            self.skipped_context[layer] += float(skipped_pos.sum()) + skipped_pos.numel()
+            self._partial_attn.append((layer, execute))
         if self._current is not None:
             self._current["execute"][(layer, module)] = (
                 execute.cpu() if execute is not None else torch.full((n,), n_exec == n)
             )
 
     def end(self) -> None:
+        if self._partial_attn:  # sum of (position + 1) over the skipping tokens, per layer
+            skips = ~torch.stack([mask for _, mask in self._partial_attn])
+            context = (skips.to(torch.float64) @ (self._positions.to(torch.float64) + 1)).tolist()
+            for (layer, _), c in zip(self._partial_attn, context, strict=True):
+                self.skipped_context[layer] += c
+            self._partial_attn.clear()
         if self._current is not None:
             self.trace.append(self._current)
             self._current = None
@@ -174,6 +233,8 @@ class ServeRoutingState:
             "decisions": decisions,
             "skipped_decisions": sum(sum(v) for v in self.skipped.values()),
             "attention_kv_only": self.kv_only,
+            "dense_tokens": list(self.dense_tokens) if self.dense_tokens else None,
+            "dense_forwards": self.dense_forwards,
             "skipped": {m: list(v) for m, v in self.skipped.items()},  # a copy: counters move on
             # parameters of one module of one layer (FLOPs / 2), for a parameter-weighted sparsity
             "module_params": {"attn": (c.q_o + c.k_v) // 2, "mlp": c.mlp // 2},
@@ -189,19 +250,17 @@ class ServeRoutingState:
         os.replace(tmp, path)
 
 
-def _rows_add(x: torch.Tensor, rows: torch.Tensor | None, n: int, inputs: torch.Tensor, fn) -> torch.Tensor:
-    """``x + fn(inputs)`` on the rows where ``rows`` (N,) is True; other rows unchanged.
+def _substitute_fn(sub: Substitute):
+    """``sub.forward`` as one function of its tensors, without the three module calls (which a
+    decode step on a CPU pays per layer)."""
+    down, up, bias = sub.down.weight, sub.up.weight, sub.up.bias
+    act = None if isinstance(sub.act, nn.Identity) else sub.act
 
-    x, inputs: (N, d_x), (N, d_in); fn maps (n, d_in) -> (n, d_x); ``n``: how many rows are True
-    (known from the layer's one host read), so the all-or-nothing cases cost no index op and
-    need no mask (``rows`` may then be None).
-    """
-    if n == x.shape[0]:
-        return x + fn(inputs)
-    if n == 0:
-        return x
-    idx = rows.nonzero().squeeze(1)
-    return x.index_add(0, idx, fn(inputs.index_select(0, idx)))
+    def forward(normed: torch.Tensor) -> torch.Tensor:
+        h = F.linear(normed.to(down.dtype), down)
+        return F.linear(h if act is None else act(h), up, bias).to(normed.dtype)
+
+    return forward
 
 
 class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
@@ -225,6 +284,7 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         self.routers = nn.ModuleDict(
             {m: Router(hf_config.hidden_size, width, rc.router_init, rc.execute_bias) for m in rc.modules}
         ).to(torch.float32)
+        self._names = tuple(self.routers)
         shared = self.mlp_reads_block_input or len(self.routers) == 1
         # frozen: a server's routers do not change after loading (``_load_routers`` refreshes)
         self._fused = (
@@ -249,27 +309,40 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         self.substitutes = nn.ModuleDict(
             {m: Substitute(hf_config.hidden_size, rank, rc.substitute_activation) for m in rc.substituted}
         ).to(torch.float32)
+        # module -> the substitute's forward over its (loaded in place) tensors: no module calls
+        self._substitute_fns = {m: _substitute_fn(sub) for m, sub in self.substitutes.items()}
 
     def _decide(
         self, hidden: torch.Tensor, modules: Iterable[str], threshold: float
     ) -> dict[str, tuple[torch.Tensor | None, int]]:
-        """Execute masks (N,) of ``modules`` for hidden states (N, d), each with its count of
-        executing tokens (one host read per call for all modules). A single token (batch-1
-        decode) gets no mask, only its count: its decisions come as Python bools from
-        matrix-vector products (``FusedRouters.execute_one``), no bool tensor."""
-        if self._fused is not None and hidden.shape[0] == 1:
+        """For hidden states (N, d), each of ``modules`` -> (its execute mask (N,), None when all
+        or none of the tokens execute it; how many do). One host read for all modules. Few tokens
+        (decode) are decided on the host from the routers' margins, so that a layer whose
+        decisions are all alike makes no bool tensor; a single token reads Python bools from
+        matrix-vector products (``FusedRouters.execute_one``)."""
+        N = hidden.shape[0]
+        if self._fused is not None and N == 1:
             flags = self._fused.execute_one(hidden, threshold)
-            return {m: (None, int(f)) for m, f in zip(self.routers, flags, strict=True) if m in modules}
-        if self._fused is not None:
-            execute = self._fused.execute(hidden, threshold)  # (N, R)
-            names = list(self.routers)
+            return {m: (None, int(f)) for m, f in zip(self._names, flags, strict=True) if m in modules}
+        if self._fused is not None and 0.0 < threshold < 1.0 and N <= HOST_DECIDE_MAX_TOKENS:
+            margins = self._fused.margins(hidden, threshold)  # (N, R): execute iff >= 0
+            counts = [sum(v >= 0 for v in router) for router in zip(*margins.tolist(), strict=True)]
+            execute = None if all(c in (0, N) for c in counts) else margins >= 0
+            names = self._names
+        elif self._fused is not None:
+            execute, names = self._fused.execute(hidden, threshold), self._names  # (N, R)
+            counts = execute.sum(0).tolist()
         else:
-            names = [m for m in self.routers if m in modules]
+            names = [m for m in self._names if m in modules]
             execute = torch.stack(
                 [self.routers[m].execute_probability(hidden) >= threshold for m in names], dim=-1
             )
-        counts = execute.sum(0).tolist()
-        return {m: (execute[:, i], counts[i]) for i, m in enumerate(names) if m in modules}
+            counts = execute.sum(0).tolist()
+        return {
+            m: (execute[:, i] if 0 < counts[i] < N else None, counts[i])
+            for i, m in enumerate(names)
+            if m in modules
+        }
 
     def _attention(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """positions (N,), normed block input h (N, d) -> attention output before ``o_proj``
@@ -304,52 +377,57 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
     def _attn_out(self, o: torch.Tensor) -> torch.Tensor:
         return self.self_attn.o_proj(o)[0]
 
-    def _mlp_out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.post_attention_layernorm(x))
+    def _merge(self, module: str, x, execute, n: int, inputs, fn, normed, state) -> torch.Tensor:
+        """The block state x (N, d) after ``module``: + ``fn(inputs)`` on the ``n`` rows that
+        execute it (``execute`` (N,) bool, None when n is 0 or N), + its substitute of ``normed``
+        (N, d), the module's normed input, on the rows that skip it (when it has one).
 
-    def _substitute(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        """``module``'s substitute of the block state x (n, d): what a skipping token adds."""
-        norm = self.input_layernorm if module == "attn" else self.post_attention_layernorm
-        return self.substitutes[module](norm(x))
-
-    def _branch_add(self, module: str, x, execute, n: int, inputs, fn, x_in) -> torch.Tensor:
-        """``x`` (N, d) + ``fn(inputs)`` on the ``n`` rows that execute ``module`` (``execute``
-        (N,) bool, None when n is 0 or N), + its substitute of the block state ``x_in`` on the
-        rows that skip it."""
+        Few skipping rows (``state.gather_min_skips``): ``fn`` runs on every row and the skipping
+        rows take the substitute's output or nothing instead (``torch.where``). More: only the
+        executing rows are gathered and run, the substitute runs on the skipping rows, and one
+        ``index_add`` scatters both back."""
         N = x.shape[0]
-        x = _rows_add(x, execute, n, inputs, fn)
-        if module not in self.substitutes or n == N:
-            return x
-        skip = None if n == 0 else ~execute  # all rows skip: no mask needed
-        return _rows_add(x, skip, N - n, x_in, lambda h: self._substitute(module, h))
+        sub = self._substitute_fns.get(module)
+        if n == N:
+            return x + fn(inputs)
+        if n == 0:
+            return x if sub is None else x + sub(normed)
+        if N - n < state.gather_min_skips[module]:
+            keep, y = execute.unsqueeze(1), fn(inputs)
+            return torch.where(keep, x + y, x) if sub is None else x + torch.where(keep, y, sub(normed))
+        order = torch.argsort(execute, descending=True, stable=True)  # executing rows first
+        y = fn(inputs.index_select(0, order[:n]))
+        if sub is None:
+            return x.index_add(0, order[:n], y)
+        return x.index_add(0, order, torch.cat([y, sub(normed.index_select(0, order[n:]))]))
 
     def routed(self, positions: torch.Tensor, x: torch.Tensor, state: ServeRoutingState) -> torch.Tensor:
         """positions (N,), block input x (N, d) -> block output (N, d)."""
+        N = x.shape[0]
         decided = self._decide(
             x, ("attn", "mlp") if self.mlp_reads_block_input else ("attn",), state.threshold
         )
         h = self.input_layernorm(x)
-        if "attn" in decided:
-            (execute, n), x_in = decided["attn"], x
+        if "attn" not in decided:
+            x = x + self._attn_out(self._attention(positions, h))
+        else:
+            execute, n = decided["attn"]
             if n == 0 and self._kv_only_possible():
                 self._write_kv_only(positions, h)
                 state.kv_only += 1
-                x = self._branch_add("attn", x, execute, 0, None, None, x_in)
-            else:
-                x = self._branch_add(
-                    "attn", x, execute, n, self._attention(positions, h), self._attn_out, x_in
-                )
-            state.record(self.layer_idx, "attn", execute, n, positions)
-        else:
-            x = x + self._attn_out(self._attention(positions, h))
-        if "mlp" in self.routers and "mlp" not in decided:  # the MLP router reads the post-attention stream
+                o = None
+            else:  # every token's K/V go into the cache, even when no token executes the attention
+                o = self._attention(positions, h)
+            x = self._merge("attn", x, execute, n, o, self._attn_out, h, state)
+            state.record(self.layer_idx, "attn", execute, n, N)
+        if "mlp" not in self.routers:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        if "mlp" not in decided:  # the MLP router reads the post-attention stream
             decided.update(self._decide(x, ("mlp",), state.threshold))
-        if "mlp" in decided:
-            (execute, n), x_in = decided["mlp"], x
-            x = self._branch_add("mlp", x, execute, n, x, self._mlp_out, x_in)
-            state.record(self.layer_idx, "mlp", execute, n, positions)
-        else:
-            x = x + self._mlp_out(x)
+        execute, n = decided["mlp"]
+        hn = self.post_attention_layernorm(x) if n or "mlp" in self._substitute_fns else None
+        x = self._merge("mlp", x, execute, n, hn, self.mlp, hn, state)
+        state.record(self.layer_idx, "mlp", execute, n, N)
         return x
 
     def forward(self, positions, hidden_states, residual):
@@ -369,6 +447,7 @@ class SkipGPTLlamaModel(LlamaModel):
         rc = _router_config(hf_config)
         self.skipgpt_state = ServeRoutingState(
             threshold=_threshold(hf_config),
+            dense_tokens=_dense_tokens(hf_config),
             num_layers=hf_config.num_hidden_layers,
             modules=tuple(rc.modules),
             cost=CostModel.from_config(
@@ -385,16 +464,25 @@ class SkipGPTLlamaModel(LlamaModel):
         """input_ids/positions (N,) -> final-normed hidden states (N, d)."""
         state = self.skipgpt_state
         x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        if not state.routing:  # the dense model as vLLM runs it (fused residual adds), no statistics
-            residual = None
-            for layer in self.layers[self.start_layer : self.end_layer]:
-                x, residual = LlamaDecoderLayer.forward(layer, positions, x, residual)
-            return self.norm(x, residual)[0]
+        if not state.routing:  # the dense model, no statistics
+            return self._dense(positions, x)
         state.begin(positions)
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            x = layer.routed(positions, x, state)
+        if state.routes(positions.numel()):
+            for layer in self.layers[self.start_layer : self.end_layer]:
+                x = layer.routed(positions, x, state)
+            x = self.norm(x)
+        else:  # in the dense window: its tokens count, none skipped
+            state.dense_forwards += 1
+            x = self._dense(positions, x)
         state.end()
-        return self.norm(x)
+        return x
+
+    def _dense(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The dense model as vLLM runs it (vLLM's own layers, fused residual adds)."""
+        residual = None
+        for layer in self.layers[self.start_layer : self.end_layer]:
+            x, residual = LlamaDecoderLayer.forward(layer, positions, x, residual)
+        return self.norm(x, residual)[0]
 
 
 class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
