@@ -190,11 +190,44 @@ def _median_row(rounds: list[dict]) -> dict:
     return row
 
 
+def _write_table(record: dict, path: Path) -> None:
+    """The Markdown table of a run's record (``--out``'s JSON), with the command that made it."""
+    rows = record["rows"]
+    dense_tps = {r["concurrency"]: r["output_tok_s"] for r in rows if r["variant"] == "dense"}
+    lines = [
+        "| variant | θ | C | out tok/s | vs dense | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+        "| skipped (modules / params) | ideal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        theta = f"{r['threshold']:.4g}" if "threshold" in r else "–"
+        sp = (
+            f"{r['realised_sparsity']:.1%} / {r['realised_sparsity_params']:.1%}"
+            if "realised_sparsity" in r
+            else "0% / 0%"
+        )
+        ideal = f"{r['ideal_speedup']:.2f}x" if "ideal_speedup" in r else "1.00x"
+        lines.append(
+            f"| {r['variant']} | {theta} | {r['concurrency']} | {r['output_tok_s']:.1f} | "
+            f"{r['output_tok_s'] / dense_tps[r['concurrency']]:.2f}x | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {sp} | {ideal} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    from skipgpt.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(
+            f"Command: `{' '.join(record['argv'])}` ({record['machine']['cpus']} CPUs, client and servers on "
+            f"the same machine; median of {record['settings']['rounds']} rounds, variants alternating)\n\n"
+            + table
+            + "\n"
+        )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model", action="append", required=True, help="skipgpt folder (repeat); the first gives dense"
-    )
+    p.add_argument("--model", action="append", help="skipgpt folder (repeat); the first gives dense")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--requests-c1", type=int, default=8, help="requests at concurrency 1 (bounded time)")
@@ -212,7 +245,20 @@ def main(argv=None) -> int:
         "make one run noisy: +-15%% between runs)",
     )
     p.add_argument("--out", default="results/serve_load.json")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: write the table of --out's JSON (an earlier run)",
+    )
     args = p.parse_args(argv)
+    if args.render:
+        out = Path(args.out)
+        if not out.is_file():
+            raise SystemExit(f"error: --render needs the JSON of an earlier run; {out} does not exist")
+        _write_table(json.loads(out.read_text()), out.with_suffix(".md"))
+        return 0
+    if not args.model:
+        p.error("--model is required (unless --render)")
     from skipgpt.serving.vllm_llama import STATS_INTERVAL_S
 
     out = Path(args.out)
@@ -246,27 +292,6 @@ def main(argv=None) -> int:
                     runs.setdefault((name, c), []).append(row)
                     print(json.dumps(row), flush=True)
     rows = [_median_row(runs[(name, c)]) for name, _, _ in variants for c in args.concurrency]
-    dense_tps = {r["concurrency"]: r["output_tok_s"] for r in rows if r["variant"] == "dense"}
-    lines = [
-        "| variant | θ | C | out tok/s | vs dense | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
-        "| skipped (modules / params) | ideal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        theta = f"{r['threshold']:.3g}" if "threshold" in r else "–"
-        sp = (
-            f"{r['realised_sparsity']:.1%} / {r['realised_sparsity_params']:.1%}"
-            if "realised_sparsity" in r
-            else "0% / 0%"
-        )
-        ideal = f"{r['ideal_speedup']:.2f}x" if "ideal_speedup" in r else "1.00x"
-        lines.append(
-            f"| {r['variant']} | {theta} | {r['concurrency']} | {r['output_tok_s']:.1f} | "
-            f"{r['output_tok_s'] / dense_tps[r['concurrency']]:.2f}x | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {sp} | {ideal} |"
-        )
-    table = "\n".join(lines)
-    print(table)
     record = {
         "argv": sys.argv,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -278,11 +303,7 @@ def main(argv=None) -> int:
 
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(
-            f"Command: `{' '.join(sys.argv)}` ({os.cpu_count()} CPUs, client and servers on the same machine; "
-            f"median of {args.rounds} rounds, variants alternating)\n\n" + table + "\n"
-        )
+    _write_table(record, out.with_suffix(".md"))
     return 0
 
 

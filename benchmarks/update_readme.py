@@ -133,13 +133,18 @@ SECTIONS = {
     ),
     "serve-load-demo": (
         "results/serve_load_demo.md",
-        f"{DEMO} && .venv-serve/bin/python benchmarks/serve_load.py "
-        "--model runs/demo/routers --out results/serve_load_demo.json",
+        f"{DEMO} && skipgpt calibrate --model runs/demo/routers --target-sparsity 0.25 --output runs/demo-cal25 "
+        "&& skipgpt calibrate --model runs/demo/routers --target-sparsity 0.40 --output runs/demo-cal40 "
+        "&& .venv-serve/bin/python benchmarks/serve_load.py --model runs/demo/routers "
+        "--model runs/demo-cal25 --model runs/demo-cal40 --out results/serve_load_demo.json",
     ),
     "serve-ab-demo": (
         "results/serve_ab_demo.md",
-        f"{DEMO} && .venv-serve/bin/python benchmarks/serve_ab.py --model runs/demo/routers "
-        "--threshold 0.7578125 --threshold 0.95 --out results/serve_ab_demo.json",
+        f"{DEMO} && skipgpt calibrate --model runs/demo/routers --target-sparsity 0.25 --output runs/demo-cal25 "
+        "&& skipgpt calibrate --model runs/demo/routers --target-sparsity 0.40 --output runs/demo-cal40 "
+        "&& .venv-serve/bin/python benchmarks/serve_ab.py --model runs/demo/routers "
+        "--threshold 0.7578125 --threshold 0.987523078918457 --threshold 0.9998875260353088 "
+        "--route-all --rounds 7 --statistic best --out results/serve_ab_demo.json",
     ),
     "train-loss-curve": (
         "results/train_loss_curve.md",
