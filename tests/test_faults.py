@@ -150,7 +150,9 @@ def test_overwrite_killed_mid_write_leaves_the_old_model_or_the_new_one(tmp_path
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path, text):
     out = tmp_path / "out"
-    env = {**ENV, "SKIPGPT_TEST_PAUSE_AT": "step#2", "SKIPGPT_TEST_PAUSE_SECONDS": "120"}
+    # paused far longer than the three refusals take even on a loaded 2-core machine (each starts a
+    # Python with torch); the first writer is killed as soon as they are done
+    env = {**ENV, "SKIPGPT_TEST_PAUSE_AT": "step#2", "SKIPGPT_TEST_PAUSE_SECONDS": "900"}
     argv = [sys.executable, "-m", "skipgpt", "train-router", *ARGS, "--dataset", str(text)]
     first = subprocess.Popen(
         [*argv, "--output", str(out)], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
