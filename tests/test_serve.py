@@ -352,6 +352,100 @@ def test_forwards_in_the_dense_window_run_every_module_and_count_as_dense(llm):
     assert after["skipped_decisions"] == before["skipped_decisions"]
 
 
+# what a subprocess runs for the Qwen2 test: one prompt at a time, greedy tokens and the trace
+_QWEN2_VLLM = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+folder, prompts, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
+          enable_prefix_caching=False, hf_overrides={"skipgpt_dense_tokens": None})
+def start(model):
+    model.skipgpt_state.trace = []
+def take(model):
+    trace, model.skipgpt_state.trace = model.skipgpt_state.trace, []
+    return [{"positions": f["positions"].tolist(),
+             "execute": {f"{l}.{m}": e.tolist() for (l, m), e in f["execute"].items()}} for f in trace]
+llm.apply_model(start)
+out = []
+for prompt in prompts:
+    [o] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens), use_tqdm=False)
+    out.append({"prompt_ids": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids),
+                "forwards": llm.apply_model(take)[0]})
+print("RESULT " + json.dumps(out))
+"""
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_routed_qwen2_takes_skipgpts_decisions_and_tokens(tmp_path):
+    """A small random Qwen2 (q/k/v biases, tied embeddings) with routers and MLP substitutes: vLLM's
+    routed Qwen2 (``SkipGPTQwen2ForCausalLM``, in a subprocess: one engine per process here)
+    takes skipgpt's decisions and greedy tokens, prompt by prompt."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from skipgpt import SkipGPTConfig, get_skipgpt_model, load_model
+    from skipgpt.serving.prepare import prepare_serving_folder
+    from skipgpt.specs import load_base_model
+
+    _, tok = load_base_model("smollm2-135m")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        tie_word_embeddings=True, initializer_range=0.1,
+    )  # fmt: skip
+    base_dir = tmp_path / "base"
+    Qwen2ForCausalLM(config).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    base, _ = load_base_model(str(base_dir))
+    model = get_skipgpt_model(
+        base,
+        SkipGPTConfig(
+            router_init="paper", threshold=THETA, seed=1, mlp_skip_to="adapter", substitute_rank=16
+        ),
+        base_spec=str(base_dir),
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.routed_layers:
+            for p in layer.substitutes.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(tmp_path / "routed")
+    prepared = prepare_serving_folder(tmp_path / "routed")
+    assert json.loads((prepared / "config.json").read_text())["architectures"] == ["SkipGPTQwen2ForCausalLM"]
+    run = subprocess.run(
+        [sys.executable, "-c", _QWEN2_VLLM, str(prepared), json.dumps(PROMPTS), str(NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        timeout=600,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULT ") :])
+    served, _ = load_model(str(tmp_path / "routed"))
+    layers, modules = served.state.num_layers, served.skipgpt_config.modules
+    disagree = total = skipped = 0
+    for r in results:
+        assert r["tokens"] == _hf_greedy(served, r["prompt_ids"])
+        seq = r["prompt_ids"] + r["tokens"][:-1]
+        assert [p for f in r["forwards"] for p in f["positions"]] == list(range(len(seq)))
+        served.reset_stats()
+        with torch.no_grad(), served.routing(keep_decisions=True):
+            served(torch.tensor([seq]))
+        for layer in range(layers):
+            for module in modules:
+                ours = served.state.decisions[(layer, module)][0].reshape(-1)
+                theirs = torch.tensor([e for f in r["forwards"] for e in f["execute"][f"{layer}.{module}"]])
+                disagree += int((ours != theirs).sum())
+                total += ours.numel()
+                skipped += int((~theirs).sum())
+    assert disagree / total <= MAX_DECISION_DISAGREEMENT, f"{disagree} of {total} decisions differ"
+    assert 0.2 < skipped / total < 0.8
+    assert len({t for r in results for t in r["tokens"]}) > len(PROMPTS)  # not one token repeated
+
+
 # -- the server ------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

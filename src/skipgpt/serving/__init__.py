@@ -2,7 +2,8 @@
 
 ``register`` is the ``vllm.general_plugins`` entry point: vLLM calls it in every process it
 starts, before loading a model, and it names ``SkipGPTLlamaForCausalLM`` (``serving.vllm_llama``)
-lazily, so importing this package never imports vLLM. ``serving.prepare`` turns a skipgpt folder
+and ``SkipGPTQwen2ForCausalLM`` (``serving.vllm_qwen2``) lazily, so importing this package never
+imports vLLM. ``serving.prepare`` turns a skipgpt folder
 into a folder vLLM can load (plain HF weights + config naming that architecture + the routers).
 """
 
@@ -12,12 +13,18 @@ __all__ = ["register", "ARCHITECTURE", "ROUTED_ARCHITECTURES"]
 
 ARCHITECTURE = "SkipGPTLlamaForCausalLM"
 # model_type of the base -> the architecture the prepared folder names
-ROUTED_ARCHITECTURES = {"llama": ARCHITECTURE}
+ROUTED_ARCHITECTURES = {"llama": ARCHITECTURE, "qwen2": "SkipGPTQwen2ForCausalLM"}
+_CLASSES = {
+    ARCHITECTURE: "skipgpt.serving.vllm_llama:SkipGPTLlamaForCausalLM",
+    "SkipGPTQwen2ForCausalLM": "skipgpt.serving.vllm_qwen2:SkipGPTQwen2ForCausalLM",
+}
 
 
 def register() -> None:
-    """Register the routed Llama class with vLLM's model registry (idempotent)."""
+    """Register the routed classes with vLLM's model registry (idempotent)."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "skipgpt.serving.vllm_llama:SkipGPTLlamaForCausalLM")
+    supported = ModelRegistry.get_supported_archs()
+    for name, where in _CLASSES.items():
+        if name not in supported:
+            ModelRegistry.register_model(name, where)

@@ -1,5 +1,9 @@
 """``SkipGPTLlamaForCausalLM``: vLLM's Llama with a router before every attention and MLP.
 
+The routing lives in three mixins (``RoutedLayerMixin``, ``RoutedModelMixin``,
+``RoutedCausalLMMixin``) placed before vLLM's own classes; ``serving.vllm_qwen2`` puts the same
+mixins before vLLM's Qwen2 classes.
+
 vLLM runs a model on a *flattened* batch: ``positions`` (N,) and hidden states (N, d) hold the
 tokens of every scheduled sequence (prefill chunks and decode steps together). Per decoder layer,
 for the block input ``x`` (N, d):
@@ -263,20 +267,14 @@ def _substitute_fn(sub: Substitute):
     return forward
 
 
-class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer plus routers ``routers.{attn,mlp}`` (float32, skipgpt's ``Router``)."""
+class RoutedLayerMixin:
+    """The routing of a vLLM decoder layer with Llama's parts (``self_attn.{qkv_proj, rotary_emb,
+    attn, o_proj}``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``): routers
+    ``routers.{attn,mlp}`` (float32, skipgpt's ``Router``), the K/V-only projection and the
+    substitutes. A model's routed layer is this mixin before vLLM's layer class, whose
+    ``__init__`` it calls and then ``_init_routing``."""
 
-    def __init__(
-        self,
-        vllm_config: VllmConfig,
-        prefix: str = "",
-        config=None,
-        attn_layer_type: type[nn.Module] = LlamaAttention,
-    ) -> None:
-        super().__init__(
-            vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=attn_layer_type
-        )
-        hf_config = config or vllm_config.model_config.hf_config
+    def _init_routing(self, hf_config, prefix: str) -> None:
         rc = _router_config(hf_config)
         self.layer_idx = extract_layer_index(prefix)
         self.mlp_reads_block_input = rc.mlp_router_input == "block_input"
@@ -435,12 +433,30 @@ class SkipGPTLlamaDecoderLayer(LlamaDecoderLayer):
         return self.routed(positions, x, self.skipgpt_state), None
 
 
-@ignore_torch_compile
-class SkipGPTLlamaModel(LlamaModel):
-    """LlamaModel over routed layers; the residual stream stays one tensor (no fused add+norm)."""
+class SkipGPTLlamaDecoderLayer(RoutedLayerMixin, LlamaDecoderLayer):
+    """vLLM's Llama decoder layer, routed."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        prefix: str = "",
+        config=None,
+        attn_layer_type: type[nn.Module] = LlamaAttention,
+    ) -> None:
+        super().__init__(
+            vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=attn_layer_type
+        )
+        self._init_routing(config or vllm_config.model_config.hf_config, prefix)
+
+
+class RoutedModelMixin:
+    """The forward of a vLLM decoder-only model over routed layers: the residual stream stays one
+    tensor (no fused add+norm); forwards outside the routing (``routing`` off, the dense window)
+    run ``dense_layer_type``'s own forward. ``_init_routing_state`` after vLLM's ``__init__``."""
+
+    dense_layer_type: type[nn.Module]
+
+    def _init_routing_state(self, vllm_config: VllmConfig) -> None:
         if get_pp_group().world_size > 1:
             raise SkipGPTError("the routed vLLM model does not support pipeline parallelism")
         hf_config = vllm_config.model_config.hf_config
@@ -481,19 +497,25 @@ class SkipGPTLlamaModel(LlamaModel):
         """The dense model as vLLM runs it (vLLM's own layers, fused residual adds)."""
         residual = None
         for layer in self.layers[self.start_layer : self.end_layer]:
-            x, residual = LlamaDecoderLayer.forward(layer, positions, x, residual)
+            x, residual = self.dense_layer_type.forward(layer, positions, x, residual)
         return self.norm(x, residual)[0]
 
 
-class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's LlamaForCausalLM whose decoder layers are routed (``architectures`` of a prepared folder)."""
+@ignore_torch_compile
+class SkipGPTLlamaModel(RoutedModelMixin, LlamaModel):
+    """LlamaModel over routed layers."""
+
+    dense_layer_type = LlamaDecoderLayer
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
-        self._model_path = vllm_config.model_config.model
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self._init_routing_state(vllm_config)
 
-    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
-        return SkipGPTLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+class RoutedCausalLMMixin:
+    """The causal LM around a ``RoutedModelMixin`` model: its routing state, the logits count, and
+    the weights vLLM does not know (routers, substitutes, the K/V-only projection) at load.
+    ``self._model_path`` (the prepared folder) is set before vLLM's ``__init__``."""
 
     @property
     def skipgpt_state(self) -> ServeRoutingState:
@@ -557,3 +579,14 @@ class SkipGPTLlamaForCausalLM(LlamaForCausalLM):
             if layer._fused is not None:
                 layer._fused.refresh()
         return {full for full, _ in own.values()}
+
+
+class SkipGPTLlamaForCausalLM(RoutedCausalLMMixin, LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM whose decoder layers are routed (``architectures`` of a prepared folder)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
+        self._model_path = vllm_config.model_config.model
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=SkipGPTLlamaDecoderLayer):
+        return SkipGPTLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
