@@ -216,6 +216,22 @@ def _hf_greedy(model, prompt_ids) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def _compare_decisions(model, seq: list[int], served: dict) -> tuple[int, int, int]:
+    """skipgpt's decisions over ``seq`` against vLLM's, ``served[(layer, module)]`` (T,) bool:
+    (decisions that differ, decisions, decisions vLLM skipped)."""
+    model.reset_stats()
+    with torch.no_grad(), model.routing(keep_decisions=True):
+        model(torch.tensor([seq]))
+    disagree = total = skipped = 0
+    for layer in range(model.state.num_layers):
+        for module in model.skipgpt_config.modules:
+            ours, theirs = model.state.decisions[(layer, module)][0].reshape(-1), served[(layer, module)]
+            disagree += int((ours != theirs).sum())
+            total += ours.numel()
+            skipped += int((~theirs).sum())
+    return disagree, total, skipped
+
+
 @needs_vllm
 @pytest.mark.slow
 def test_theta_zero_equals_hf_dense_greedy(llm, hf_routed):
@@ -257,7 +273,7 @@ def test_routing_off_runs_vllms_own_layers_and_equals_hf_dense_greedy(llm, hf_ro
 @pytest.mark.slow
 def test_routed_vllm_takes_skipgpts_decisions_and_tokens(llm, hf_routed):
     model, _ = hf_routed
-    layers, modules = model.state.num_layers, model.skipgpt_config.modules
+    layers = model.state.num_layers
     disagree = total = skipped = kv_only = 0
     for prompt in PROMPTS:  # one request at a time: the trace's rows are that sequence's positions
         before = llm.apply_model(lambda m: m.skipgpt_state.kv_only)[0]
@@ -270,16 +286,9 @@ def test_routed_vllm_takes_skipgpts_decisions_and_tokens(llm, hf_routed):
         positions = torch.cat([f["positions"] for f in forwards])
         seq = prompt_ids + tokens[:-1]  # the last token is never fed back
         assert positions.tolist() == list(range(len(seq)))
-        model.reset_stats()
-        with torch.no_grad(), model.routing(keep_decisions=True):
-            model(torch.tensor([seq]))
-        for layer in range(layers):
-            for module in modules:
-                ours = model.state.decisions[(layer, module)][0].reshape(-1)
-                theirs = torch.cat([f["execute"][(layer, module)] for f in forwards])
-                disagree += int((ours != theirs).sum())
-                total += ours.numel()
-                skipped += int((~theirs).sum())
+        served = {key: torch.cat([f["execute"][key] for f in forwards]) for key in forwards[0]["execute"]}
+        counts = _compare_decisions(model, seq, served)
+        disagree, total, skipped = (a + b for a, b in zip((disagree, total, skipped), counts, strict=True))
     assert disagree / total <= MAX_DECISION_DISAGREEMENT, f"{disagree} of {total} decisions differ"
     assert 0.2 < skipped / total < 0.8  # the routers really skip
     assert kv_only > 0  # and the K/V-only attention ran, with the same tokens
@@ -424,23 +433,19 @@ def test_routed_qwen2_takes_skipgpts_decisions_and_tokens(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     results = json.loads(lines[-1][len("RESULT ") :])
-    served, _ = load_model(str(tmp_path / "routed"))
-    layers, modules = served.state.num_layers, served.skipgpt_config.modules
+    model, _ = load_model(str(tmp_path / "routed"))
     disagree = total = skipped = 0
     for r in results:
-        assert r["tokens"] == _hf_greedy(served, r["prompt_ids"])
+        assert r["tokens"] == _hf_greedy(model, r["prompt_ids"])
         seq = r["prompt_ids"] + r["tokens"][:-1]
         assert [p for f in r["forwards"] for p in f["positions"]] == list(range(len(seq)))
-        served.reset_stats()
-        with torch.no_grad(), served.routing(keep_decisions=True):
-            served(torch.tensor([seq]))
-        for layer in range(layers):
-            for module in modules:
-                ours = served.state.decisions[(layer, module)][0].reshape(-1)
-                theirs = torch.tensor([e for f in r["forwards"] for e in f["execute"][f"{layer}.{module}"]])
-                disagree += int((ours != theirs).sum())
-                total += ours.numel()
-                skipped += int((~theirs).sum())
+        keys = [(int(k.split(".")[0]), k.split(".")[1]) for k in r["forwards"][0]["execute"]]
+        served = {
+            (i, m): torch.tensor([e for f in r["forwards"] for e in f["execute"][f"{i}.{m}"]])
+            for i, m in keys
+        }
+        counts = _compare_decisions(model, seq, served)
+        disagree, total, skipped = (a + b for a, b in zip((disagree, total, skipped), counts, strict=True))
     assert disagree / total <= MAX_DECISION_DISAGREEMENT, f"{disagree} of {total} decisions differ"
     assert 0.2 < skipped / total < 0.8
     assert len({t for r in results for t in r["tokens"]}) > len(PROMPTS)  # not one token repeated
