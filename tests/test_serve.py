@@ -105,9 +105,12 @@ def test_kv_cache_size_is_an_option_and_the_environment_wins(monkeypatch):
     assert "VLLM_CPU_KVCACHE_SPACE" not in env  # the user's own setting is left alone
 
 
-def test_dense_serves_the_stock_llama_and_bad_overrides_are_one_line_errors():
+def test_dense_serves_the_stock_class_and_bad_overrides_are_one_line_errors(tmp_path):
     cmd, _ = vllm_command(_parse(["--model", "r", "--dense", "--stats-file", "s.json"]), "r/vllm")
     assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"architectures": ["LlamaForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))  # a prepared Qwen2 folder
+    cmd, _ = vllm_command(_parse(["--model", "r", "--dense"]), str(tmp_path))
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"architectures": ["Qwen2ForCausalLM"]}
     with pytest.raises(SkipGPTError, match="--hf-overrides is not valid JSON"):
         vllm_command(_parse(["--model", "r", "--hf-overrides", "{nope"]), "r/vllm")
 

@@ -54,7 +54,9 @@ def add_parser(sub) -> None:
         "routing them costs more than it saves); none routes every forward",
     )
     p.add_argument(
-        "--dense", action="store_true", help="serve the base weights with vLLM's stock Llama (no routers)"
+        "--dense",
+        action="store_true",
+        help="serve the base weights with vLLM's stock class (Llama, Qwen2), no routers",
     )
     p.add_argument("--dtype", default="bfloat16", help="vLLM --dtype (default bfloat16)")
     p.add_argument(
@@ -118,8 +120,12 @@ def vllm_command(args: argparse.Namespace, folder: str) -> tuple[list[str], dict
         overrides = json.loads(given) if given else {}
     except json.JSONDecodeError as e:
         raise SkipGPTError(f"--hf-overrides is not valid JSON ({e.msg})") from None
-    if args.dense:
-        overrides["architectures"] = ["LlamaForCausalLM"]
+    if args.dense:  # vLLM's stock class of the folder's model_type (Llama when not yet prepared)
+        from ..serving import DENSE_ARCHITECTURES
+
+        config = Path(folder) / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else "llama"
+        overrides["architectures"] = [DENSE_ARCHITECTURES.get(model_type, "LlamaForCausalLM")]
     else:
         if args.threshold is not None:
             overrides["skipgpt_threshold"] = args.threshold

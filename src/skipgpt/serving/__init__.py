@@ -9,11 +9,13 @@ into a folder vLLM can load (plain HF weights + config naming that architecture 
 
 from __future__ import annotations
 
-__all__ = ["register", "ARCHITECTURE", "ROUTED_ARCHITECTURES"]
+__all__ = ["register", "ARCHITECTURE", "ROUTED_ARCHITECTURES", "DENSE_ARCHITECTURES"]
 
 ARCHITECTURE = "SkipGPTLlamaForCausalLM"
 # model_type of the base -> the architecture the prepared folder names
 ROUTED_ARCHITECTURES = {"llama": ARCHITECTURE, "qwen2": "SkipGPTQwen2ForCausalLM"}
+# model_type -> vLLM's stock class for the same weights (``skipgpt serve --dense``)
+DENSE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _CLASSES = {
     ARCHITECTURE: "skipgpt.serving.vllm_llama:SkipGPTLlamaForCausalLM",
     "SkipGPTQwen2ForCausalLM": "skipgpt.serving.vllm_qwen2:SkipGPTQwen2ForCausalLM",
