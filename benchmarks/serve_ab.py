@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     # (name, θ or None for dense, dense window); the model's window unless --route-all adds None
     windows = [window, None] if args.route_all and window else [window]
     variants = [("dense", None, None)] + [
-        (f"routed θ={t:.4g}" + ("" if w else ", every forward routed" if window else ""), t, w)
+        (f"routed θ={t:.4g}" + (", every forward routed" if window and w is None else ""), t, w)
         for t in (args.threshold or [theta0])
         for w in windows
     ]
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|---|---:|---:|",
     ]
     rows = []
+    pick = max if args.statistic == "best" else statistics.median
     for c in args.concurrency:
-        pick = max if args.statistic == "best" else statistics.median
         dense = pick(r["output_tok_s"] for r in runs[("dense", c)])
         for name, _, _ in variants:
             row = _median_row(runs[(name, c)])
