@@ -94,6 +94,91 @@ def test_dense_window_of_the_model_config():
             _dense_tokens(SimpleNamespace(skipgpt_dense_tokens=bad))
 
 
+@needs_vllm
+def test_a_tuned_window_serves_its_own_threshold_and_an_override_wins():
+    from types import SimpleNamespace
+
+    from skipgpt.serving.vllm_llama import DENSE_TOKENS, _dense_tokens
+
+    def config(tuned_window, **overrides):
+        tuned = [{"threshold": 0.5, "dense_tokens": tuned_window}, {"threshold": 0.7, "dense_tokens": [2, 3]}]
+        return SimpleNamespace(skipgpt={"threshold": 0.5, "tuned_windows": tuned}, **overrides)
+
+    assert _dense_tokens(config([3, 40])) == (3, 40)
+    assert _dense_tokens(config(None)) is None  # routing paid at every measured size
+    assert _dense_tokens(config([3, 40], skipgpt_threshold=0.6)) == DENSE_TOKENS  # tuned for another θ
+    assert _dense_tokens(config([3, 40], skipgpt_threshold=0.5)) == (3, 40)
+    assert _dense_tokens(config([3, 40], skipgpt_threshold=0.7)) == (2, 3)
+    assert _dense_tokens(config([3, 40], skipgpt_dense_tokens=[2, 4])) == (2, 4)
+    assert _dense_tokens(config([3, 40], skipgpt_dense_tokens=None)) is None
+    with pytest.raises(SkipGPTError, match=r"skipgpt.tuned_windows\[\].dense_tokens must be null or"):
+        _dense_tokens(config([40, 3]))
+
+
+def test_serve_says_which_dense_window_it_uses():
+    from skipgpt.commands.serve import _window_line
+
+    tuned = [{"threshold": 0.5, "dense_tokens": [2, 40], "date": "2026-12-07"}]
+    tuned.append({"threshold": 0.9, "dense_tokens": None, "date": "2026-12-07"})
+    entry = {"threshold": 0.5, "tuned_windows": tuned}
+    assert _window_line(entry, None).startswith("dense window: forwards of 2-40 tokens run dense")
+    assert _window_line(entry, 0.9).startswith("dense window: every forward routed")
+    assert _window_line(entry, 0.6) == (
+        "dense window: the default (no `skipgpt serve-tune` record for θ = 0.6; tuned θ: 0.5, 0.9)"
+    )
+    assert "tuned θ: none" in _window_line({"threshold": 0.5}, None)
+
+
+def test_serve_tune_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from skipgpt.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # argparse
+        main(["serve-tune", "--model", str(tmp_path), "--sizes", "8", "0"])
+    assert exit_.value.code == 2 and "--sizes: 0 must be >= 1" in capsys.readouterr().err
+    assert main(["serve-tune", "--model", str(tmp_path), "--kv-cache-gib", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "--kv-cache-gib must be > 0" if HAS_VLLM else "vLLM is not installed in this environment"
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_window_holds_the_sizes_where_routing_loses():
+    from skipgpt.serving.tune import choose_window
+
+    assert choose_window({1: 1.2, 8: 1.01, 64: 1.3}) is None
+    # losing at 2-8: the boundaries halfway to the winning sizes, a tie to dense
+    assert choose_window({1: 1.1, 2: 0.9, 4: 0.8, 8: 0.95, 16: 1.01, 32: 1.1}) == (2, 12)
+    assert choose_window({2: 1.1, 4: 0.9, 8: 1.1}) == (3, 6)
+    assert choose_window({2: 0.9, 4: 1.1}) == (1, 3)  # below the smallest size: as the smallest
+    assert choose_window({1: 1.2, 64: 0.9}) == (33, 64)  # above the largest: routed
+    assert choose_window({1: 1.1, 2: 0.9, 4: 1.2, 8: 0.9, 16: 1.1}) == (2, 12)  # one range
+
+
+def test_the_tuned_window_is_written_into_a_prepared_folder_only(tmp_path):
+    from skipgpt.serving.tune import tuned_record, tuned_window_for, write_tuned_window
+
+    results = {1: {"dense_ms": 20.0, "routed_ms": 16.0, "ratio": 1.25, "forwards": 9}}
+    results[8] = {"dense_ms": 24.0, "routed_ms": 30.0, "ratio": 0.8, "forwards": 9}
+    record = tuned_record(0.75, results, {"steps": 4})
+    assert record["threshold"] == 0.75 and record["dense_tokens"] == [5, 8]
+    assert record["sizes"]["8"]["ratio"] == 0.8 and record["machine"]["cpus"] >= 1
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "skipgpt": {"threshold": 0.75}}))
+    write_tuned_window(tmp_path, record)
+    write_tuned_window(tmp_path, {**record, "threshold": 0.5})
+    again = {**record, "dense_tokens": None}
+    write_tuned_window(tmp_path, again)  # the same θ: replaces its record
+    entry = json.loads((tmp_path / "config.json").read_text())["skipgpt"]
+    assert entry["tuned_windows"] == [{**record, "threshold": 0.5}, again]
+    assert tuned_window_for(entry, 0.75) == again and tuned_window_for(entry, 0.6) is None
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SkipGPTError, match="not a prepared vLLM folder"):
+        write_tuned_window(plain, record)
+    assert (plain / "config.json").read_text() == '{"model_type": "llama"}'
+    assert sorted(p.name for p in plain.iterdir()) == ["config.json"]
+
+
 def test_kv_cache_size_is_an_option_and_the_environment_wins(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     _, env = vllm_command(_parse(["--model", "r", "--kv-cache-gib", "0.5"]), "r/vllm")
@@ -362,6 +447,22 @@ def test_forwards_in_the_dense_window_run_every_module_and_count_as_dense(llm):
     assert forwards > 0 and after["dense_forwards"] - before["dense_forwards"] == forwards
     assert after["tokens"] > before["tokens"]  # counted: the realised sparsity includes them
     assert after["skipped_decisions"] == before["skipped_decisions"]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_tuning_alternates_routed_and_dense_forwards_and_leaves_the_engine_as_it_was(llm):
+    from skipgpt.serving.tune import measure
+
+    before, _ = _vllm_greedy(llm, PROMPTS)
+    results = measure(llm, sizes=(1, 3), steps=4, rounds=1, progress=False)
+    assert sorted(results) == [1, 3]
+    for r in results.values():
+        assert r["forwards"] >= 2  # 4 decode forwards alternate: 2 routed, 2 dense
+        assert r["dense_ms"] > 0 and r["routed_ms"] > 0
+        assert r["ratio"] > 0
+    assert llm.apply_model(lambda m: m.skipgpt_state.ab_seconds)[0] is None
+    assert _vllm_greedy(llm, PROMPTS)[0] == before
 
 
 # what a subprocess runs for the Qwen2 test: one prompt at a time, greedy tokens and the trace

@@ -28,6 +28,7 @@ COMMANDS = {
     "compare": "skipgpt.commands.compare",
     "analyze": "skipgpt.commands.analyze",
     "serve": "skipgpt.commands.serve",
+    "serve-tune": "skipgpt.commands.serve_tune",
     "frontier": "skipgpt.commands.frontier",
 }
 

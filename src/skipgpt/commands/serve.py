@@ -49,16 +49,17 @@ def add_parser(sub) -> None:
         type=dense_window,
         default=None,
         metavar="LO:HI|none",
-        help="forwards of LO..HI tokens run every module, routing the rest (default 2:16: on a CPU, "
-        "decode steps of a few sequences cost about the same for any number of executing tokens, so "
-        "routing them costs more than it saves); none routes every forward",
+        help="forwards of LO..HI tokens run every module, routing the rest; none routes every forward "
+        "(default: the window `skipgpt serve-tune` measured on this machine for the served θ, else 2:16: "
+        "on a CPU, decode steps of a few sequences cost about the same for any number of executing "
+        "tokens, so routing them costs more than it saves)",
     )
     p.add_argument(
         "--dense",
         action="store_true",
         help="serve the base weights with vLLM's stock class (Llama, Qwen2), no routers",
     )
-    p.add_argument("--dtype", default="bfloat16", help="vLLM --dtype (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", help="vLLM --dtype")
     p.add_argument(
         "--served-model-name", default=None, help="model name clients send (default: the folder's name)"
     )
@@ -151,6 +152,22 @@ def vllm_command(args: argparse.Namespace, folder: str) -> tuple[list[str], dict
     return cmd + extra, env
 
 
+def _window_line(entry: dict, threshold: float | None) -> str:
+    """Which dense window the server will use, and why (a prepared folder's ``skipgpt`` entry)."""
+    from ..serving.tune import tuned_window_for
+
+    theta = entry.get("threshold") if threshold is None else threshold
+    tuned = tuned_window_for(entry, theta) if theta is not None else None
+    if tuned is None:
+        measured = ", ".join(f"{r['threshold']:.6g}" for r in entry.get("tuned_windows") or []) or "none"
+        return (
+            f"dense window: the default (no `skipgpt serve-tune` record for θ = {theta}; tuned θ: {measured})"
+        )
+    window = tuned["dense_tokens"]
+    where = f"forwards of {window[0]}-{window[1]} tokens run dense" if window else "every forward routed"
+    return f"dense window: {where} (skipgpt serve-tune for θ = {theta:.6g}, {tuned['date']})"
+
+
 def run(args) -> int:
     import importlib.util
     import os
@@ -158,7 +175,7 @@ def run(args) -> int:
     import sys
 
     from ..errors import SkipGPTError
-    from ..serving.prepare import prepare_serving_folder
+    from ..serving.prepare import prepare_serving_folder, serving_record
 
     if importlib.util.find_spec("vllm") is None:
         raise SkipGPTError(
@@ -167,6 +184,8 @@ def run(args) -> int:
         )
     folder = prepare_serving_folder(args.model, args.prepared_dir)
     cmd, env = vllm_command(args, str(folder))
+    if not args.dense and args.dense_tokens is None:
+        print(_window_line(serving_record(folder), args.threshold), file=sys.stderr)
     print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0

@@ -30,9 +30,11 @@ for the block input ``x`` (N, d):
 "Only the executing tokens" is a gather, run and ``index_add`` when at least ``GATHER_MIN_SKIPS``
 tokens of the forward skip the module; with fewer, the module runs on every token and the skipping
 rows are masked off (``torch.where``: the same result, without index ops that would cost more than
-the rows they save). Forwards of ``DENSE_TOKENS`` tokens (decode steps of 2-16 sequences; ``skipgpt
-serve --dense-tokens``) run every module of every token: on a CPU such a step costs about the same
-whatever the number of executing tokens, so routing it would cost more than it saves.
+the rows they save). Forwards of the dense window's sizes run every module of every token: on a CPU
+such a step costs about the same whatever the number of executing tokens, so routing it would cost
+more than it saves. The window is the one ``skipgpt serve-tune`` measured on this machine for the
+served θ (``serving.tune``), else ``DENSE_TOKENS`` (decode steps of 2-16 sequences); ``skipgpt
+serve --dense-tokens`` overrides both.
 
 vLLM's Llama layer passes ``(hidden, residual)`` pairs and fuses the residual add into the next
 RMSNorm; this model keeps the plain residual stream instead (``x`` in, ``x`` out), so a skip is
@@ -77,6 +79,7 @@ from ..errors import SkipGPTError
 from ..router import FusedRouters, Router
 from ..substitutes import SUBSTITUTE_PREFIX, Substitute
 from .prepare import ROUTERS_SUBDIR
+from .tune import tuned_window_for
 
 __all__ = [
     "SkipGPTLlamaForCausalLM",
@@ -122,17 +125,26 @@ def _threshold(hf_config) -> float:
 
 
 def _dense_tokens(hf_config) -> tuple[int, int] | None:
-    """``DENSE_TOKENS``, or ``--hf-overrides {"skipgpt_dense_tokens": [lo, hi] | null}`` (``skipgpt serve --dense-tokens``)."""
-    value = getattr(hf_config, "skipgpt_dense_tokens", DENSE_TOKENS)
-    if value is None or value is DENSE_TOKENS:
-        return value
+    """The dense window: ``--hf-overrides {"skipgpt_dense_tokens": [lo, hi] | null}`` (``skipgpt serve
+    --dense-tokens``), else the window ``skipgpt serve-tune`` measured for the served θ (config.json
+    ``skipgpt.tuned_windows``), else ``DENSE_TOKENS``."""
+    if hasattr(hf_config, "skipgpt_dense_tokens"):
+        value, name = hf_config.skipgpt_dense_tokens, "skipgpt_dense_tokens"
+    else:
+        entry = getattr(hf_config, "skipgpt", None)
+        tuned = tuned_window_for(entry, _threshold(hf_config)) if entry else None
+        if tuned is None:
+            return DENSE_TOKENS
+        value, name = tuned.get("dense_tokens"), "skipgpt.tuned_windows[].dense_tokens"
+    if value is None:
+        return None
     if (
         not isinstance(value, list | tuple)
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         or not 1 <= value[0] <= value[1]
     ):
-        raise SkipGPTError(f"skipgpt_dense_tokens must be null or [lo, hi] with 1 <= lo <= hi, got {value!r}")
+        raise SkipGPTError(f"{name} must be null or [lo, hi] with 1 <= lo <= hi, got {value!r}")
     return (value[0], value[1])
 
 
@@ -167,6 +179,10 @@ class ServeRoutingState:
     _partial_attn: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, execute (N,))
     _current: dict | None = None
     _last_write: float = 0.0
+    # ``serving.tune``: when set, forwards alternate routed (every forward, no window) and dense,
+    # and each one's seconds are appended to ``ab_seconds[(routed, tokens)]``
+    ab_seconds: dict[tuple[bool, int], list[float]] | None = None
+    _ab_routed_next: bool = True
 
     def __post_init__(self) -> None:
         self.skipped = {m: [0] * self.num_layers for m in self.modules}
@@ -482,15 +498,34 @@ class RoutedModelMixin:
         x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         if not state.routing:  # the dense model, no statistics
             return self._dense(positions, x)
+        if state.ab_seconds is not None:
+            return self._ab_forward(positions, x, state)
         state.begin(positions)
         if state.routes(positions.numel()):
-            for layer in self.layers[self.start_layer : self.end_layer]:
-                x = layer.routed(positions, x, state)
-            x = self.norm(x)
+            x = self._routed(positions, x, state)
         else:  # in the dense window: its tokens count, none skipped
             state.dense_forwards += 1
             x = self._dense(positions, x)
         state.end()
+        return x
+
+    def _routed(self, positions: torch.Tensor, x: torch.Tensor, state: ServeRoutingState) -> torch.Tensor:
+        for layer in self.layers[self.start_layer : self.end_layer]:
+            x = layer.routed(positions, x, state)
+        return self.norm(x)
+
+    def _ab_forward(self, positions: torch.Tensor, x: torch.Tensor, state: ServeRoutingState) -> torch.Tensor:
+        """``serving.tune``: this forward routed (every forward, counted) or dense, alternately;
+        its seconds go to ``state.ab_seconds[(routed, N)]``."""
+        routed, state._ab_routed_next = state._ab_routed_next, not state._ab_routed_next
+        start = time.perf_counter()
+        if routed:
+            state.begin(positions)
+            x = self._routed(positions, x, state)
+            state.end()
+        else:
+            x = self._dense(positions, x)
+        state.ab_seconds.setdefault((routed, positions.numel()), []).append(time.perf_counter() - start)
         return x
 
     def _dense(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
