@@ -13,9 +13,10 @@ tokens (``ignore_eos``) for C prompts at once and times the whole call. Reported
 output tokens/s (the median of the rounds, or with ``--statistic best`` the best round), its ratio
 to dense, the realised sparsity of the routed runs (modules and
 parameters) and the ideal speedup (FLOPs, ``skipgpt.costs``), from the model's own counters.
-Routed variants keep the model's dense window (``serving.vllm_llama.DENSE_TOKENS``: forwards of
-that many tokens run every module, and count as nothing skipped); ``--route-all`` adds each θ with
-every forward routed, the cost of routing where it cannot pay.
+Routed variants keep the dense window the served model would use at their θ (the one ``skipgpt
+serve-tune`` measured for it, else ``serving.vllm_llama.DENSE_TOKENS``: forwards of those sizes run
+every module, and count as nothing skipped); ``--route-all`` adds each θ with every forward
+routed, the cost of routing where it cannot pay.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    from skipgpt.serving.prepare import prepare_serving_folder
+    from skipgpt.serving.prepare import prepare_serving_folder, serving_record
+    from skipgpt.serving.tune import tuned_window_for
+    from skipgpt.serving.vllm_llama import DENSE_TOKENS
 
     folder = prepare_serving_folder(args.model)
     llm = LLM(
@@ -77,14 +80,25 @@ def main(argv=None) -> int:
         max_num_seqs=max(args.concurrency),
         seed=0,
     )
-    theta0, window = llm.apply_model(lambda m: (m.skipgpt_state.threshold, m.skipgpt_state.dense_tokens))[0]
-    # (name, θ or None for dense, dense window); the model's window unless --route-all adds None
-    windows = [window, None] if args.route_all and window else [window]
-    variants = [("dense", None, None)] + [
-        (f"routed θ={t:.4g}" + (", every forward routed" if window and w is None else ""), t, w)
-        for t in (args.threshold or [theta0])
-        for w in windows
-    ]
+    theta0 = llm.apply_model(lambda m: m.skipgpt_state.threshold)[0]
+    entry = serving_record(folder)
+
+    def window_of(theta):  # as the served model: `skipgpt serve-tune`'s window for θ, else the default
+        tuned = tuned_window_for(entry, theta)
+        return (
+            DENSE_TOKENS
+            if tuned is None
+            else (tuple(tuned["dense_tokens"]) if tuned["dense_tokens"] else None)
+        )
+
+    def label(theta, w):
+        return f"routed θ={theta:.4g}" + (f", {w[0]}-{w[1]} tokens dense" if w else ", every forward routed")
+
+    # (name, θ or None for dense, dense window); θ's window, and with --route-all also no window
+    variants = [("dense", None, None)]
+    for t in args.threshold or [theta0]:
+        windows = [window_of(t), None] if args.route_all and window_of(t) else [window_of(t)]
+        variants += [(label(t, w), t, w) for w in windows]
 
     def use(theta, w):
         def apply(m):
@@ -156,10 +170,8 @@ def main(argv=None) -> int:
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     windowing = (
-        f"; routed forwards of {window[0]}-{window[1]} tokens run dense (the model's default window) "
-        "unless 'every forward routed'"
-        if window
-        else ""
+        "; a routed variant runs the forwards of its dense window's sizes dense (the window "
+        f"`skipgpt serve-tune` measured for its θ, else the default {DENSE_TOKENS[0]}-{DENSE_TOKENS[1]})"
     )
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(

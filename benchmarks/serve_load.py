@@ -176,6 +176,7 @@ def _window(before: dict | None, after: dict | None) -> dict:
         "realised_sparsity_params": skipped_params / max(all_params, 1),
         "ideal_speedup": d["dense_flops"] / max(d["dense_flops"] - d["skipped_flops"], 1.0),
         "threshold": after["threshold"],
+        "dense_tokens": after.get("dense_tokens"),  # the server's dense window ([lo, hi] or None)
     }
 
 
@@ -195,12 +196,16 @@ def _write_table(record: dict, path: Path) -> None:
     rows = record["rows"]
     dense_tps = {r["concurrency"]: r["output_tok_s"] for r in rows if r["variant"] == "dense"}
     lines = [
-        "| variant | θ | C | out tok/s | vs dense | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+        "| variant | θ | dense window | C | out tok/s | vs dense | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
         "| skipped (modules / params) | ideal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         theta = f"{r['threshold']:.4g}" if "threshold" in r else "–"
+        window = r.get("dense_tokens", "–")  # "–": dense, or a record from before the column
+        window = (
+            "none" if window is None else window if isinstance(window, str) else f"{window[0]}-{window[1]}"
+        )
         sp = (
             f"{r['realised_sparsity']:.1%} / {r['realised_sparsity_params']:.1%}"
             if "realised_sparsity" in r
@@ -208,7 +213,7 @@ def _write_table(record: dict, path: Path) -> None:
         )
         ideal = f"{r['ideal_speedup']:.2f}x" if "ideal_speedup" in r else "1.00x"
         lines.append(
-            f"| {r['variant']} | {theta} | {r['concurrency']} | {r['output_tok_s']:.1f} | "
+            f"| {r['variant']} | {theta} | {window} | {r['concurrency']} | {r['output_tok_s']:.1f} | "
             f"{r['output_tok_s'] / dense_tps[r['concurrency']]:.2f}x | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
             f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {sp} | {ideal} |"
         )

@@ -135,13 +135,25 @@ SECTIONS = {
         "results/serve_load_demo.md",
         f"{DEMO} && skipgpt calibrate --model runs/demo/routers --target-sparsity 0.25 --output runs/demo-cal25 "
         "&& skipgpt calibrate --model runs/demo/routers --target-sparsity 0.40 --output runs/demo-cal40 "
-        "&& .venv-serve/bin/python benchmarks/serve_load.py --model runs/demo/routers "
+        "&& for m in runs/demo/routers runs/demo-cal25 runs/demo-cal40; do .venv-serve/bin/skipgpt serve-tune "
+        "--model $m; done && .venv-serve/bin/python benchmarks/serve_load.py --model runs/demo/routers "
         "--model runs/demo-cal25 --model runs/demo-cal40 --out results/serve_load_demo.json",
+    ),
+    "serve-tune-demo": (
+        "results/serve_tune_demo.md",
+        f"{DEMO} && skipgpt calibrate --model runs/demo/routers --target-sparsity 0.25 --output runs/demo-cal25 "
+        "&& skipgpt calibrate --model runs/demo/routers --target-sparsity 0.40 --output runs/demo-cal40 "
+        "&& for t in 0.7578125 0.987523078918457 0.9998875260353088; do .venv-serve/bin/skipgpt serve-tune "
+        "--model runs/demo/routers --threshold $t; done "
+        "&& .venv-serve/bin/python benchmarks/serve_tune_table.py --model runs/demo/routers "
+        "--out results/serve_tune_demo.md",
     ),
     "serve-ab-demo": (
         "results/serve_ab_demo.md",
         f"{DEMO} && skipgpt calibrate --model runs/demo/routers --target-sparsity 0.25 --output runs/demo-cal25 "
         "&& skipgpt calibrate --model runs/demo/routers --target-sparsity 0.40 --output runs/demo-cal40 "
+        "&& for t in 0.7578125 0.987523078918457 0.9998875260353088; do .venv-serve/bin/skipgpt serve-tune "
+        "--model runs/demo/routers --threshold $t; done "
         "&& .venv-serve/bin/python benchmarks/serve_ab.py --model runs/demo/routers "
         "--threshold 0.7578125 --threshold 0.987523078918457 --threshold 0.9998875260353088 "
         "--route-all --rounds 7 --statistic best --out results/serve_ab_demo.json",
