@@ -58,6 +58,7 @@ class Variant:
     distill: bool = True
     cold: bool = False  # a new (empty) teacher cache every step: the first epoch's cost
     plain_kl: bool = False  # the full KL as one (B, T, V) expression, as before the chunked KL
+    fused_topk: bool = True  # with a teacher cache: LM and top-k KL in one pass (train.fused_loss)
 
 
 VARIANTS = {
@@ -74,6 +75,13 @@ VARIANTS = {
         Variant("cache", "stage-1 step, fp32, teacher cache (hit)", teacher_cache=64),
         Variant("cache-miss", "stage-1 step, fp32, teacher cache (miss)", teacher_cache=64, cold=True),
         Variant("bf16-cache", "stage-1 step, bf16 + teacher cache", precision="bf16", teacher_cache=64),
+        Variant(
+            "bf16-cache-separate",
+            "stage-1 step, bf16 + teacher cache, LM and top-k KL as two losses (before the fused loss)",
+            precision="bf16",
+            teacher_cache=64,
+            fused_topk=False,
+        ),
     )
 }
 BASELINE, FLOOR = "today", "floor"
@@ -89,18 +97,20 @@ def plain_distillation_loss(student_logits, teacher_logits, temperature=1.0, att
 
 
 @contextmanager
-def _plain_kl(on: bool):
-    """The stage-1 step's KL is ``plain_distillation_loss`` inside (the step function calls it
+def _losses(plain_kl: bool, fused_topk: bool):
+    """Inside, the stage-1 step's KL is ``plain_distillation_loss`` (``plain_kl``) and, with a
+    teacher cache, LM and the top-k KL are one fused loss or two (the step function calls them
     through ``train.objectives``)."""
     import skipgpt.train.objectives as objectives
 
-    chunked = objectives.distillation_loss
-    if on:
+    chunked, fused = objectives.distillation_loss, objectives.FUSED_TOPK_LOSS
+    if plain_kl:
         objectives.distillation_loss = plain_distillation_loss
+    objectives.FUSED_TOPK_LOSS = fused_topk
     try:
         yield
     finally:
-        objectives.distillation_loss = chunked
+        objectives.distillation_loss, objectives.FUSED_TOPK_LOSS = chunked, fused
 
 
 class _RssPeak:
@@ -251,7 +261,7 @@ class _Bench:
         torch.manual_seed(1234 + step)
         self._timers = timers
         metrics: dict = {}
-        with _RssPeak() as mem, _plain_kl(v.plain_kl):
+        with _RssPeak() as mem, _losses(v.plain_kl, v.fused_topk):
             t0 = time.perf_counter()
             if v.kind == "floor":
                 loss = self._floor(forward, v)

@@ -50,7 +50,7 @@ def test_quick_benchmark_prints_its_table(tmp_path):
     for row in (plain, fp32):
         cells = [c.strip() for c in rows[row].split("|")[1:-1]]
         assert cells[header.split("|")[1:-1].index(" bf16 matmuls ")].startswith("0/")
-    assert out.read_text().count("| stage-1 step") == 7 and out.with_suffix(".json").is_file()
+    assert out.read_text().count("| stage-1 step") == 8 and out.with_suffix(".json").is_file()
 
 
 @pytest.mark.parametrize("teacher_cache", [0, 16])

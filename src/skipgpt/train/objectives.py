@@ -32,6 +32,11 @@ def dense_teacher(model: torch.nn.Module) -> ExitStack:
     return stack
 
 
+# LM and the cached teacher's top-k KL from one pass over the logits (``train.fused_loss``); False
+# computes the two losses separately (``benchmarks/train_throughput.py`` times both)
+FUSED_TOPK_LOSS = True
+
+
 def lm_and_distillation(
     model, forward, input_ids: torch.Tensor, weights, *, teacher_cache=None, **forward_kwargs
 ):
@@ -42,7 +47,8 @@ def lm_and_distillation(
     ``lm_weight·LM + distill_weight·KD`` (0.0 when both terms are off) and the terms' values
     under ``lm`` / ``kd``. With a ``teacher_cache`` (``train.teacher_cache.TeacherCache``) the
     teacher runs only for blocks it has not seen, under ``inference_mode``, and KD is the top-k
-    KL (``topk_distillation_loss``).
+    KL (``topk_distillation_loss``), computed with LM in one pass over the logits
+    (``train.fused_loss``).
     """
     teacher = None
     if weights.distill_weight > 0 and teacher_cache is not None:
@@ -60,6 +66,15 @@ def lm_and_distillation(
         with torch.no_grad(), dense_teacher(model):
             teacher = forward(input_ids=input_ids, **forward_kwargs).logits
     logits = forward(input_ids=input_ids, **forward_kwargs).logits
+    if teacher is not None and teacher_cache is not None and FUSED_TOPK_LOSS:  # one pass over the logits
+        from .fused_loss import lm_and_topk_kl
+
+        w = weights
+        loss, lm, kd = lm_and_topk_kl(
+            logits, input_ids, teacher, w.lm_weight, w.distill_weight, w.distill_temperature
+        )
+        metrics = {"lm": float(lm.detach())} if w.lm_weight > 0 else {}
+        return loss, {**metrics, "kd": float(kd.detach())}
     loss, metrics = 0.0, {}
     if weights.lm_weight > 0:
         lm = shifted_lm_loss(logits, input_ids)

@@ -1,0 +1,116 @@
+"""Next-token cross-entropy and the cached teacher's top-k KL from one pass over the logits.
+
+``shifted_lm_loss`` and ``teacher_cache.topk_distillation_loss`` each read the (B, T, V) logits
+into float32, reduce them over the vocabulary and keep what their backward needs; on SmolLM2
+(V = 49152) a batch of 8×256 makes 400 MB per float32 copy, and the two losses with their
+backward passes cost about as much as the rest of the step's loss-free work beside the floor.
+``lm_and_topk_kl`` computes both from row chunks of the logits (one float32 chunk at a time),
+keeps only the per-row log-sum-exps, and writes the gradient of both terms in one pass:
+
+* CE at temperature 1: ``d/dz = (softmax(z) - onehot(label)) / n_labels``;
+* KL_k at temperature t over the teacher's k tokens S plus the tail (``teacher_cache`` docstring),
+  with q = softmax(z/t), P_S/Q_S the teacher's/student's mass on S, P_tail = 1 - P_S,
+  Q_tail = 1 - Q_S: ``dKL/du_j = q_j (P_S - P_tail Q_S / Q_tail)`` off S and that plus
+  ``q_j P_tail / Q_tail - p_j`` on S (u = z/t); the loss's t² and the chain rule's 1/t give t.
+
+Both terms equal the separate functions' values and gradients (tests); the result is a (3,)
+tensor (weighted loss, LM, KD) whose every component is differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["lm_and_topk_kl"]
+
+CHUNK_ROWS = 256  # rows of the logits in float32 at a time (256 × 49152 × 4 B = 50 MB)
+
+
+def _kd_parts(zt_chunk, values, indices, lse_teacher, lse_student, has_tail):
+    """Per row of a chunk: the KL, p on S (k), q on S (k), and the gradient's two coefficients."""
+    log_q = zt_chunk.gather(-1, indices) - lse_student.unsqueeze(-1)
+    log_p = values - lse_teacher.unsqueeze(-1)
+    p, q = log_p.exp(), log_q.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    p_s, q_s = p.sum(-1), q.sum(-1)
+    if has_tail:
+        p_tail = (1 - p_s).clamp_min(0)
+        q_tail = (1 - q_s).clamp_min(torch.finfo(torch.float32).tiny)
+        kl = kl + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
+        ratio = p_tail / q_tail
+    else:
+        ratio = torch.zeros_like(p_s)
+    return kl, p, q, p_s - ratio * q_s, ratio
+
+
+class _LMTopKKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, values, indices, lse_teacher, lm_weight, kd_weight, t):
+        rows = logits.reshape(-1, logits.shape[-1])
+        labels, values = labels.reshape(-1), values.reshape(-1, values.shape[-1])
+        indices, lse_teacher = indices.reshape(-1, indices.shape[-1]), lse_teacher.reshape(-1)
+        has_tail = indices.shape[-1] < rows.shape[-1]
+        lse1 = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        lse_t = lse1 if t == 1.0 else torch.empty_like(lse1)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+        valid = labels != -100
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            sl = slice(start, start + CHUNK_ROWS)
+            z = rows[sl].float()
+            lse1[sl] = torch.logsumexp(z, dim=-1)
+            safe = labels[sl].clamp_min(0).unsqueeze(-1)
+            ce = lse1[sl] - z.gather(-1, safe).squeeze(-1)
+            ce_sum += ce.masked_fill(~valid[sl], 0).sum(dtype=torch.float64)
+            zt = z if t == 1.0 else z / t
+            if t != 1.0:
+                lse_t[sl] = torch.logsumexp(zt, dim=-1)
+            kl = _kd_parts(zt, values[sl], indices[sl], lse_teacher[sl], lse_t[sl], has_tail)[0]
+            kl_sum += kl.sum(dtype=torch.float64)
+        n_lm = max(int(valid.sum()), 1)
+        lm = (ce_sum / n_lm).float()
+        kd = (kl_sum / rows.shape[0]).float() * t * t
+        ctx.save_for_backward(logits, labels, values, indices, lse_teacher, lse1, lse_t)
+        ctx.consts = (lm_weight, kd_weight, t, n_lm, has_tail)
+        return torch.stack([lm_weight * lm + kd_weight * kd, lm, kd])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, values, indices, lse_teacher, lse1, lse_t = ctx.saved_tensors
+        lm_weight, kd_weight, t, n_lm, has_tail = ctx.consts
+        g_lm = float(grad_out[0] * lm_weight + grad_out[1]) / n_lm
+        g_kd = float(grad_out[0] * kd_weight + grad_out[2]) * t / labels.numel()  # t² · (1/t)
+        rows = logits.reshape(-1, logits.shape[-1])
+        grad = torch.empty_like(rows)
+        valid = labels != -100
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            sl = slice(start, start + CHUNK_ROWS)
+            z = rows[sl].float()
+            q1 = (z - lse1[sl].unsqueeze(-1)).exp_()
+            zt = z if t == 1.0 else z / t
+            _, p, q_s, c_out, ratio = _kd_parts(
+                zt, values[sl], indices[sl], lse_teacher[sl], lse_t[sl], has_tail
+            )
+            qt = q1 if t == 1.0 else (zt - lse_t[sl].unsqueeze(-1)).exp_()
+            # KD off S everywhere, then CE (where the row has a label)
+            g = qt * (g_kd * c_out).unsqueeze(-1) if t != 1.0 else None
+            lm_scale = (g_lm * valid[sl].float()).unsqueeze(-1)
+            if g is None:  # t = 1: one product for both terms
+                g = q1 * (lm_scale + (g_kd * c_out).unsqueeze(-1))
+            else:
+                g.add_(q1 * lm_scale)
+            g.scatter_add_(-1, indices[sl], g_kd * (q_s * ratio.unsqueeze(-1) - p))
+            safe = labels[sl].clamp_min(0).unsqueeze(-1)
+            g.scatter_add_(-1, safe, -lm_scale)
+            grad[sl] = g
+        return grad.view_as(logits), None, None, None, None, None, None, None
+
+
+def lm_and_topk_kl(logits, input_ids, teacher, lm_weight: float, kd_weight: float, temperature: float = 1.0):
+    """logits (B, T, V), input_ids (B, T), ``TeacherTargets`` (B, T, k) -> (3,) float32 tensor:
+    ``lm_weight·LM + kd_weight·KD``, LM (next-token cross-entropy, ``losses.shifted_lm_loss``)
+    and KD (``teacher_cache.topk_distillation_loss`` at ``temperature``), no padding."""
+    labels = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
+    return _LMTopKKL.apply(
+        logits, labels, teacher.values, teacher.indices, teacher.lse, lm_weight, kd_weight, float(temperature)
+    )
