@@ -58,7 +58,7 @@ class Variant:
     distill: bool = True
     cold: bool = False  # a new (empty) teacher cache every step: the first epoch's cost
     plain_kl: bool = False  # the full KL as one (B, T, V) expression, as before the chunked KL
-    fused_topk: bool = True  # with a teacher cache: LM and top-k KL in one pass (train.fused_loss)
+    fused: bool = True  # LM and KL in one pass over the logits (train.fused_loss)
 
 
 VARIANTS = {
@@ -66,11 +66,17 @@ VARIANTS = {
     for v in (
         Variant("floor", "floor: frozen fwd+bwd, fp32", kind="floor"),
         Variant("floor-bf16", "floor: frozen fwd+bwd, bf16", kind="floor", precision="bf16"),
-        Variant("today", "stage-1 step, fp32, plain KL (the default before #19)", plain_kl=True),
-        Variant("fp32", "stage-1 step, fp32, chunked KL"),
+        Variant("today", "stage-1 step, fp32, plain KL (the default before #19)", plain_kl=True, fused=False),
+        Variant("fp32", "stage-1 step, fp32, LM + KL fused"),
         Variant("no-kd", "stage-1 step, fp32, no distillation", distill=False),
         Variant(
-            "bf16", "stage-1 step, bf16 autocast, chunked KL (default with native bf16)", precision="bf16"
+            "bf16", "stage-1 step, bf16 autocast, LM + KL fused (default with native bf16)", precision="bf16"
+        ),
+        Variant(
+            "bf16-separate",
+            "stage-1 step, bf16 autocast, LM and chunked KL as two losses (before the fused loss)",
+            precision="bf16",
+            fused=False,
         ),
         Variant("cache", "stage-1 step, fp32, teacher cache (hit)", teacher_cache=64),
         Variant("cache-miss", "stage-1 step, fp32, teacher cache (miss)", teacher_cache=64, cold=True),
@@ -80,7 +86,7 @@ VARIANTS = {
             "stage-1 step, bf16 + teacher cache, LM and top-k KL as two losses (before the fused loss)",
             precision="bf16",
             teacher_cache=64,
-            fused_topk=False,
+            fused=False,
         ),
     )
 }
@@ -97,20 +103,19 @@ def plain_distillation_loss(student_logits, teacher_logits, temperature=1.0, att
 
 
 @contextmanager
-def _losses(plain_kl: bool, fused_topk: bool):
-    """Inside, the stage-1 step's KL is ``plain_distillation_loss`` (``plain_kl``) and, with a
-    teacher cache, LM and the top-k KL are one fused loss or two (the step function calls them
-    through ``train.objectives``)."""
+def _losses(plain_kl: bool, fused: bool):
+    """Inside, the stage-1 step's KL is ``plain_distillation_loss`` (``plain_kl``) and LM and the KL
+    are one fused loss or two (the step function calls them through ``train.objectives``)."""
     import skipgpt.train.objectives as objectives
 
-    chunked, fused = objectives.distillation_loss, objectives.FUSED_TOPK_LOSS
+    chunked, fused_before = objectives.distillation_loss, objectives.FUSED_LOSSES
     if plain_kl:
         objectives.distillation_loss = plain_distillation_loss
-    objectives.FUSED_TOPK_LOSS = fused_topk
+    objectives.FUSED_LOSSES = fused
     try:
         yield
     finally:
-        objectives.distillation_loss, objectives.FUSED_TOPK_LOSS = chunked, fused
+        objectives.distillation_loss, objectives.FUSED_LOSSES = chunked, fused_before
 
 
 class _RssPeak:
@@ -261,7 +266,7 @@ class _Bench:
         torch.manual_seed(1234 + step)
         self._timers = timers
         metrics: dict = {}
-        with _RssPeak() as mem, _losses(v.plain_kl, v.fused_topk):
+        with _RssPeak() as mem, _losses(v.plain_kl, v.fused):
             t0 = time.perf_counter()
             if v.kind == "floor":
                 loss = self._floor(forward, v)

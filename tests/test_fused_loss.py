@@ -1,4 +1,4 @@
-"""``train.fused_loss.lm_and_topk_kl`` against the two losses it replaces (values and gradients)."""
+"""``train.fused_loss`` against the two losses each function replaces (values and gradients)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from skipgpt.train import fused_loss
-from skipgpt.train.fused_loss import lm_and_topk_kl
-from skipgpt.train.losses import shifted_lm_loss
+from skipgpt.train.fused_loss import lm_and_kl, lm_and_topk_kl
+from skipgpt.train.losses import distillation_loss, shifted_lm_loss
 from skipgpt.train.teacher_cache import teacher_targets, topk_distillation_loss
 
 
@@ -42,3 +42,28 @@ def test_equals_the_separate_losses_and_their_gradients(monkeypatch, vocab, k, t
     assert fused_grad.dtype == dtype
     torch.testing.assert_close(fused_grad.float(), logits.grad.float(), rtol=0, atol=tol)
     assert logits.grad.abs().max() > 10 * tol  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize(
+    ("temperature", "dtype"), [(1.0, torch.float32), (2.0, torch.float32), (1.0, torch.bfloat16)]
+)
+def test_live_teacher_equals_the_separate_losses_and_their_gradients(monkeypatch, temperature, dtype):
+    monkeypatch.setattr(fused_loss, "CHUNK_ROWS", 5)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (2, 7), generator=gen)
+    teacher = (torch.randn(2, 7, 40, generator=gen) * 2).to(dtype)
+    logits = (torch.randn(2, 7, 40, generator=gen) * 2).to(dtype).requires_grad_()
+
+    loss, lm, kd = lm_and_kl(logits, ids, teacher, 0.6, 1.1, temperature)
+    (loss - 0.3 * lm + 0.2 * kd).backward()
+    fused_grad, logits.grad = logits.grad.clone(), None
+
+    ref_lm, ref_kd = shifted_lm_loss(logits, ids), distillation_loss(logits, teacher, temperature)
+    ref_loss = 0.6 * ref_lm + 1.1 * ref_kd
+    (ref_loss - 0.3 * ref_lm + 0.2 * ref_kd).backward()
+
+    for got, want in ((loss, ref_loss), (lm, ref_lm), (kd, ref_kd)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(fused_grad.float(), logits.grad.float(), rtol=0, atol=tol)
+    assert logits.grad.abs().max() > 10 * tol

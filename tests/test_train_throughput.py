@@ -40,8 +40,8 @@ def test_quick_benchmark_prints_its_table(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "---" not in line}
     plain, fp32, bf16_row = (
         "stage-1 step, fp32, plain KL (the default before #19)",
-        "stage-1 step, fp32, chunked KL",
-        "stage-1 step, bf16 autocast, chunked KL (default with native bf16)",
+        "stage-1 step, fp32, LM + KL fused",
+        "stage-1 step, bf16 autocast, LM + KL fused (default with native bf16)",
     )
     assert {"floor: frozen fwd+bwd, fp32", "floor: frozen fwd+bwd, bf16", plain, fp32} <= rows.keys()
     cells = [c.strip() for c in rows[bf16_row].split("|")[1:-1]]
@@ -50,7 +50,7 @@ def test_quick_benchmark_prints_its_table(tmp_path):
     for row in (plain, fp32):
         cells = [c.strip() for c in rows[row].split("|")[1:-1]]
         assert cells[header.split("|")[1:-1].index(" bf16 matmuls ")].startswith("0/")
-    assert out.read_text().count("| stage-1 step") == 8 and out.with_suffix(".json").is_file()
+    assert out.read_text().count("| stage-1 step") == 9 and out.with_suffix(".json").is_file()
 
 
 @pytest.mark.parametrize("teacher_cache", [0, 16])

@@ -1,17 +1,19 @@
-"""Next-token cross-entropy and the cached teacher's top-k KL from one pass over the logits.
+"""Next-token cross-entropy and the teacher's KL from one pass over the logits.
 
-``shifted_lm_loss`` and ``teacher_cache.topk_distillation_loss`` each read the (B, T, V) logits
-into float32, reduce them over the vocabulary and keep what their backward needs; on SmolLM2
-(V = 49152) a batch of 8×256 makes 400 MB per float32 copy, and the two losses with their
-backward passes cost about as much as the rest of the step's loss-free work beside the floor.
-``lm_and_topk_kl`` computes both from row chunks of the logits (one float32 chunk at a time),
-keeps only the per-row log-sum-exps, and writes the gradient of both terms in one pass:
+``shifted_lm_loss`` and the distillation loss each read the (B, T, V) logits into float32,
+reduce them over the vocabulary and keep what their backward needs; on SmolLM2 (V = 49152) a
+batch of 8×256 makes 400 MB per float32 copy, and the separate losses with their backward
+passes cost seconds of a stage-1 step. ``lm_and_topk_kl`` (a cached teacher's top-k targets) and
+``lm_and_kl`` (the live teacher's logits) compute both terms from row chunks of the logits (one
+float32 chunk at a time), keep only per-row log-sum-exps, and write the gradient of both terms
+in one pass:
 
 * CE at temperature 1: ``d/dz = (softmax(z) - onehot(label)) / n_labels``;
 * KL_k at temperature t over the teacher's k tokens S plus the tail (``teacher_cache`` docstring),
   with q = softmax(z/t), P_S/Q_S the teacher's/student's mass on S, P_tail = 1 - P_S,
   Q_tail = 1 - Q_S: ``dKL/du_j = q_j (P_S - P_tail Q_S / Q_tail)`` off S and that plus
-  ``q_j P_tail / Q_tail - p_j`` on S (u = z/t); the loss's t² and the chain rule's 1/t give t.
+  ``q_j P_tail / Q_tail - p_j`` on S (u = z/t); the loss's t² and the chain rule's 1/t give t;
+* the full KL at temperature t (``losses.distillation_loss``): ``dKL/du = q - p``.
 
 Both terms equal the separate functions' values and gradients (tests); the result is a (3,)
 tensor (weighted loss, LM, KD) whose every component is differentiable.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lm_and_topk_kl"]
+__all__ = ["lm_and_topk_kl", "lm_and_kl"]
 
 CHUNK_ROWS = 256  # rows of the logits in float32 at a time (256 × 49152 × 4 B = 50 MB)
 
@@ -106,11 +108,87 @@ class _LMTopKKL(torch.autograd.Function):
         return grad.view_as(logits), None, None, None, None, None, None, None
 
 
+class _LMKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, teacher, lm_weight, kd_weight, t):
+        rows, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        teacher = teacher.reshape(-1, teacher.shape[-1])
+        lse1 = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        lse_t = lse1 if t == 1.0 else torch.empty_like(lse1)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+        valid = labels != -100
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            sl = slice(start, start + CHUNK_ROWS)
+            z = rows[sl].float()
+            lse1[sl] = torch.logsumexp(z, dim=-1)
+            ce = lse1[sl] - z.gather(-1, labels[sl].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            ce_sum += ce.masked_fill(~valid[sl], 0).sum(dtype=torch.float64)
+            zt = z if t == 1.0 else z / t
+            if t != 1.0:
+                lse_t[sl] = torch.logsumexp(zt, dim=-1)
+            log_p = torch.log_softmax(teacher[sl].float() / t, dim=-1)
+            kl = (log_p.exp() * (log_p - zt + lse_t[sl].unsqueeze(-1))).sum(-1)
+            kl_sum += kl.sum(dtype=torch.float64)
+        n_lm = max(int(valid.sum()), 1)
+        lm = (ce_sum / n_lm).float()
+        kd = (kl_sum / rows.shape[0]).float() * t * t
+        ctx.save_for_backward(logits, labels, teacher, lse1, lse_t)
+        ctx.consts = (lm_weight, kd_weight, t, n_lm)
+        return torch.stack([lm_weight * lm + kd_weight * kd, lm, kd])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, teacher, lse1, lse_t = ctx.saved_tensors
+        lm_weight, kd_weight, t, n_lm = ctx.consts
+        g_lm = float(grad_out[0] * lm_weight + grad_out[1]) / n_lm
+        g_kd = float(grad_out[0] * kd_weight + grad_out[2]) * t / labels.numel()  # t² · (1/t)
+        rows = logits.reshape(-1, logits.shape[-1])
+        grad = torch.empty_like(rows)
+        valid = labels != -100
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            sl = slice(start, start + CHUNK_ROWS)
+            z = rows[sl].float()
+            lm_scale = (g_lm * valid[sl].float()).unsqueeze(-1)
+            p = torch.softmax(teacher[sl].float() / t, dim=-1)
+            if t == 1.0:  # one softmax for both terms
+                g = (z - lse1[sl].unsqueeze(-1)).exp_().mul_(lm_scale + g_kd)
+            else:
+                g = (z - lse1[sl].unsqueeze(-1)).exp_().mul_(lm_scale)
+                g.add_((z / t - lse_t[sl].unsqueeze(-1)).exp_().mul_(g_kd))
+            g.sub_(p.mul_(g_kd))
+            g.scatter_add_(-1, labels[sl].clamp_min(0).unsqueeze(-1), -lm_scale)
+            grad[sl] = g
+        return grad.view_as(logits), None, None, None, None, None
+
+
+def _shifted_labels(input_ids):
+    """(B, T) -> the next token of each position, -100 at the last."""
+    return torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
+
+
+def lm_and_kl(
+    logits, input_ids, teacher_logits, lm_weight: float, kd_weight: float, temperature: float = 1.0
+):
+    """logits and teacher_logits (B, T, V), input_ids (B, T) -> (3,) float32 tensor:
+    ``lm_weight·LM + kd_weight·KD``, LM (``losses.shifted_lm_loss``) and KD
+    (``losses.distillation_loss`` at ``temperature``), no padding; the teacher gets no gradient."""
+    return _LMKL.apply(
+        logits, _shifted_labels(input_ids), teacher_logits.detach(), lm_weight, kd_weight, float(temperature)
+    )
+
+
 def lm_and_topk_kl(logits, input_ids, teacher, lm_weight: float, kd_weight: float, temperature: float = 1.0):
     """logits (B, T, V), input_ids (B, T), ``TeacherTargets`` (B, T, k) -> (3,) float32 tensor:
     ``lm_weight·LM + kd_weight·KD``, LM (next-token cross-entropy, ``losses.shifted_lm_loss``)
     and KD (``teacher_cache.topk_distillation_loss`` at ``temperature``), no padding."""
-    labels = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
     return _LMTopKKL.apply(
-        logits, labels, teacher.values, teacher.indices, teacher.lse, lm_weight, kd_weight, float(temperature)
+        logits,
+        _shifted_labels(input_ids),
+        teacher.values,
+        teacher.indices,
+        teacher.lse,
+        lm_weight,
+        kd_weight,
+        float(temperature),
     )

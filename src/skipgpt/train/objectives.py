@@ -32,9 +32,10 @@ def dense_teacher(model: torch.nn.Module) -> ExitStack:
     return stack
 
 
-# LM and the cached teacher's top-k KL from one pass over the logits (``train.fused_loss``); False
-# computes the two losses separately (``benchmarks/train_throughput.py`` times both)
-FUSED_TOPK_LOSS = True
+# LM and the teacher's KL (live, or the cache's top-k) from one pass over the logits
+# (``train.fused_loss``); False computes the two losses separately (``benchmarks/train_throughput.py``
+# times both). Inputs with an attention mask (padding) always take the separate losses.
+FUSED_LOSSES = True
 
 
 def lm_and_distillation(
@@ -47,7 +48,7 @@ def lm_and_distillation(
     ``lm_weight·LM + distill_weight·KD`` (0.0 when both terms are off) and the terms' values
     under ``lm`` / ``kd``. With a ``teacher_cache`` (``train.teacher_cache.TeacherCache``) the
     teacher runs only for blocks it has not seen, under ``inference_mode``, and KD is the top-k
-    KL (``topk_distillation_loss``), computed with LM in one pass over the logits
+    KL (``topk_distillation_loss``). Without padding both terms come from one pass over the logits
     (``train.fused_loss``).
     """
     teacher = None
@@ -66,13 +67,12 @@ def lm_and_distillation(
         with torch.no_grad(), dense_teacher(model):
             teacher = forward(input_ids=input_ids, **forward_kwargs).logits
     logits = forward(input_ids=input_ids, **forward_kwargs).logits
-    if teacher is not None and teacher_cache is not None and FUSED_TOPK_LOSS:  # one pass over the logits
-        from .fused_loss import lm_and_topk_kl
+    if teacher is not None and FUSED_LOSSES and not forward_kwargs:  # one pass over the logits
+        from .fused_loss import lm_and_kl, lm_and_topk_kl
 
         w = weights
-        loss, lm, kd = lm_and_topk_kl(
-            logits, input_ids, teacher, w.lm_weight, w.distill_weight, w.distill_temperature
-        )
+        fused = lm_and_topk_kl if teacher_cache is not None else lm_and_kl
+        loss, lm, kd = fused(logits, input_ids, teacher, w.lm_weight, w.distill_weight, w.distill_temperature)
         metrics = {"lm": float(lm.detach())} if w.lm_weight > 0 else {}
         return loss, {**metrics, "kd": float(kd.detach())}
     loss, metrics = 0.0, {}
