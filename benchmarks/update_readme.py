@@ -123,8 +123,8 @@ SECTIONS = {
     ),
     "train-throughput": (
         "results/train_throughput.md",
-        "python benchmarks/train_throughput.py --threads 2 --repeats 2 "
-        f"--variants floor,floor-bf16,today,fp32,bf16,cache,bf16-cache {OLD_ROUTER} --out results/train_throughput.md",
+        "python benchmarks/train_throughput.py --threads 2 --repeats 3 --variants "
+        "floor,floor-bf16,today,bf16,bf16-separate,bf16-cache,bf16-cache-separate --out results/train_throughput.md",
     ),
     "serve-load": (
         "results/serve_load.md",
