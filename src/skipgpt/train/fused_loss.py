@@ -45,74 +45,50 @@ def _kd_parts(zt_chunk, values, indices, lse_teacher, lse_student, has_tail):
     return kl, p, q, p_s - ratio * q_s, ratio
 
 
-class _LMTopKKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, values, indices, lse_teacher, lm_weight, kd_weight, t):
-        rows = logits.reshape(-1, logits.shape[-1])
-        labels, values = labels.reshape(-1), values.reshape(-1, values.shape[-1])
-        indices, lse_teacher = indices.reshape(-1, indices.shape[-1]), lse_teacher.reshape(-1)
-        has_tail = indices.shape[-1] < rows.shape[-1]
-        lse1 = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-        lse_t = lse1 if t == 1.0 else torch.empty_like(lse1)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
-        kl_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
-        valid = labels != -100
-        for start in range(0, rows.shape[0], CHUNK_ROWS):
-            sl = slice(start, start + CHUNK_ROWS)
-            z = rows[sl].float()
-            lse1[sl] = torch.logsumexp(z, dim=-1)
-            safe = labels[sl].clamp_min(0).unsqueeze(-1)
-            ce = lse1[sl] - z.gather(-1, safe).squeeze(-1)
-            ce_sum += ce.masked_fill(~valid[sl], 0).sum(dtype=torch.float64)
-            zt = z if t == 1.0 else z / t
-            if t != 1.0:
-                lse_t[sl] = torch.logsumexp(zt, dim=-1)
-            kl = _kd_parts(zt, values[sl], indices[sl], lse_teacher[sl], lse_t[sl], has_tail)[0]
-            kl_sum += kl.sum(dtype=torch.float64)
-        n_lm = max(int(valid.sum()), 1)
-        lm = (ce_sum / n_lm).float()
-        kd = (kl_sum / rows.shape[0]).float() * t * t
-        ctx.save_for_backward(logits, labels, values, indices, lse_teacher, lse1, lse_t)
-        ctx.consts = (lm_weight, kd_weight, t, n_lm, has_tail)
-        return torch.stack([lm_weight * lm + kd_weight * kd, lm, kd])
+class _TopKTeacher:
+    """The teacher as the cache holds it (``TeacherTargets``), per row: top-k values / t, their
+    ids, log-sum-exp / t."""
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, labels, values, indices, lse_teacher, lse1, lse_t = ctx.saved_tensors
-        lm_weight, kd_weight, t, n_lm, has_tail = ctx.consts
-        g_lm = float(grad_out[0] * lm_weight + grad_out[1]) / n_lm
-        g_kd = float(grad_out[0] * kd_weight + grad_out[2]) * t / labels.numel()  # t² · (1/t)
-        rows = logits.reshape(-1, logits.shape[-1])
-        grad = torch.empty_like(rows)
-        valid = labels != -100
-        for start in range(0, rows.shape[0], CHUNK_ROWS):
-            sl = slice(start, start + CHUNK_ROWS)
-            z = rows[sl].float()
-            q1 = (z - lse1[sl].unsqueeze(-1)).exp_()
-            zt = z if t == 1.0 else z / t
-            _, p, q_s, c_out, ratio = _kd_parts(
-                zt, values[sl], indices[sl], lse_teacher[sl], lse_t[sl], has_tail
-            )
-            qt = q1 if t == 1.0 else (zt - lse_t[sl].unsqueeze(-1)).exp_()
-            # KD off S everywhere, then CE (where the row has a label)
-            g = qt * (g_kd * c_out).unsqueeze(-1) if t != 1.0 else None
-            lm_scale = (g_lm * valid[sl].float()).unsqueeze(-1)
-            if g is None:  # t = 1: one product for both terms
-                g = q1 * (lm_scale + (g_kd * c_out).unsqueeze(-1))
-            else:
-                g.add_(q1 * lm_scale)
-            g.scatter_add_(-1, indices[sl], g_kd * (q_s * ratio.unsqueeze(-1) - p))
-            safe = labels[sl].clamp_min(0).unsqueeze(-1)
-            g.scatter_add_(-1, safe, -lm_scale)
-            grad[sl] = g
-        return grad.view_as(logits), None, None, None, None, None, None, None
+    def __init__(self, targets):
+        k = targets.values.shape[-1]
+        self.values, self.indices = targets.values.reshape(-1, k), targets.indices.reshape(-1, k)
+        self.lse = targets.lse.reshape(-1)
+
+    def _parts(self, sl, zt, lse_t):
+        has_tail = self.indices.shape[-1] < zt.shape[-1]
+        return _kd_parts(zt, self.values[sl], self.indices[sl], self.lse[sl], lse_t, has_tail)
+
+    def kl(self, sl, zt, lse_t):
+        return self._parts(sl, zt, lse_t)[0]
+
+    def grad(self, sl, zt, qt, lse_t, scale):
+        """``scale`` · dKL/du of the chunk's rows (u = z/t, qt = softmax(u))."""
+        _, p, q_s, c_out, ratio = self._parts(sl, zt, lse_t)
+        g = qt * (scale * c_out).unsqueeze(-1)
+        return g.scatter_add_(-1, self.indices[sl], scale * (q_s * ratio.unsqueeze(-1) - p))
 
 
-class _LMKL(torch.autograd.Function):
+class _LogitsTeacher:
+    """The live teacher's logits (N, V), at temperature t."""
+
+    def __init__(self, logits, t):
+        self.logits, self.t = logits.reshape(-1, logits.shape[-1]), t
+
+    def kl(self, sl, zt, lse_t):
+        log_p = torch.log_softmax(self.logits[sl].float() / self.t, dim=-1)
+        return (log_p.exp() * (log_p - zt + lse_t.unsqueeze(-1))).sum(-1)
+
+    def grad(self, sl, zt, qt, lse_t, scale):
+        return (qt - torch.softmax(self.logits[sl].float() / self.t, dim=-1)).mul_(scale)
+
+
+class _LMAndKL(torch.autograd.Function):
+    """(3,): lm_weight·LM + kd_weight·KD, LM, KD, over row chunks of the logits; ``teacher`` (a
+    ``_TopKTeacher`` or ``_LogitsTeacher``) gives a chunk's KL and its gradient."""
+
     @staticmethod
     def forward(ctx, logits, labels, teacher, lm_weight, kd_weight, t):
         rows, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        teacher = teacher.reshape(-1, teacher.shape[-1])
         lse1 = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
         lse_t = lse1 if t == 1.0 else torch.empty_like(lse1)
         ce_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
@@ -127,19 +103,17 @@ class _LMKL(torch.autograd.Function):
             zt = z if t == 1.0 else z / t
             if t != 1.0:
                 lse_t[sl] = torch.logsumexp(zt, dim=-1)
-            log_p = torch.log_softmax(teacher[sl].float() / t, dim=-1)
-            kl = (log_p.exp() * (log_p - zt + lse_t[sl].unsqueeze(-1))).sum(-1)
-            kl_sum += kl.sum(dtype=torch.float64)
+            kl_sum += teacher.kl(sl, zt, lse_t[sl]).sum(dtype=torch.float64)
         n_lm = max(int(valid.sum()), 1)
         lm = (ce_sum / n_lm).float()
         kd = (kl_sum / rows.shape[0]).float() * t * t
-        ctx.save_for_backward(logits, labels, teacher, lse1, lse_t)
-        ctx.consts = (lm_weight, kd_weight, t, n_lm)
+        ctx.save_for_backward(logits, labels, lse1, lse_t)
+        ctx.teacher, ctx.consts = teacher, (lm_weight, kd_weight, t, n_lm)  # the teacher: constants
         return torch.stack([lm_weight * lm + kd_weight * kd, lm, kd])
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, labels, teacher, lse1, lse_t = ctx.saved_tensors
+        logits, labels, lse1, lse_t = ctx.saved_tensors
         lm_weight, kd_weight, t, n_lm = ctx.consts
         g_lm = float(grad_out[0] * lm_weight + grad_out[1]) / n_lm
         g_kd = float(grad_out[0] * kd_weight + grad_out[2]) * t / labels.numel()  # t² · (1/t)
@@ -149,15 +123,12 @@ class _LMKL(torch.autograd.Function):
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             sl = slice(start, start + CHUNK_ROWS)
             z = rows[sl].float()
+            q1 = (z - lse1[sl].unsqueeze(-1)).exp_()
+            zt = z if t == 1.0 else z / t
+            qt = q1 if t == 1.0 else (zt - lse_t[sl].unsqueeze(-1)).exp_()
+            g = ctx.teacher.grad(sl, zt, qt, lse_t[sl], g_kd)
             lm_scale = (g_lm * valid[sl].float()).unsqueeze(-1)
-            p = torch.softmax(teacher[sl].float() / t, dim=-1)
-            if t == 1.0:  # one softmax for both terms
-                g = (z - lse1[sl].unsqueeze(-1)).exp_().mul_(lm_scale + g_kd)
-            else:
-                g = (z - lse1[sl].unsqueeze(-1)).exp_().mul_(lm_scale)
-                g.add_((z / t - lse_t[sl].unsqueeze(-1)).exp_().mul_(g_kd))
-            g.sub_(p.mul_(g_kd))
-            g.scatter_add_(-1, labels[sl].clamp_min(0).unsqueeze(-1), -lm_scale)
+            g.addcmul_(q1, lm_scale).scatter_add_(-1, labels[sl].clamp_min(0).unsqueeze(-1), -lm_scale)
             grad[sl] = g
         return grad.view_as(logits), None, None, None, None, None
 
@@ -173,22 +144,14 @@ def lm_and_kl(
     """logits and teacher_logits (B, T, V), input_ids (B, T) -> (3,) float32 tensor:
     ``lm_weight·LM + kd_weight·KD``, LM (``losses.shifted_lm_loss``) and KD
     (``losses.distillation_loss`` at ``temperature``), no padding; the teacher gets no gradient."""
-    return _LMKL.apply(
-        logits, _shifted_labels(input_ids), teacher_logits.detach(), lm_weight, kd_weight, float(temperature)
-    )
+    t = float(temperature)
+    teacher = _LogitsTeacher(teacher_logits.detach(), t)
+    return _LMAndKL.apply(logits, _shifted_labels(input_ids), teacher, lm_weight, kd_weight, t)
 
 
 def lm_and_topk_kl(logits, input_ids, teacher, lm_weight: float, kd_weight: float, temperature: float = 1.0):
     """logits (B, T, V), input_ids (B, T), ``TeacherTargets`` (B, T, k) -> (3,) float32 tensor:
     ``lm_weight·LM + kd_weight·KD``, LM (next-token cross-entropy, ``losses.shifted_lm_loss``)
     and KD (``teacher_cache.topk_distillation_loss`` at ``temperature``), no padding."""
-    return _LMTopKKL.apply(
-        logits,
-        _shifted_labels(input_ids),
-        teacher.values,
-        teacher.indices,
-        teacher.lse,
-        lm_weight,
-        kd_weight,
-        float(temperature),
-    )
+    t = float(temperature)
+    return _LMAndKL.apply(logits, _shifted_labels(input_ids), _TopKTeacher(teacher), lm_weight, kd_weight, t)
