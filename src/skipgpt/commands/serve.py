@@ -13,7 +13,7 @@ import argparse
 
 from .common import add_model_arg, unit_interval
 
-__all__ = ["add_parser", "run", "vllm_command", "dense_window"]
+__all__ = ["add_parser", "run", "vllm_command", "dense_window", "require_vllm"]
 
 
 def dense_window(text: str) -> list[int]:
@@ -168,20 +168,27 @@ def _window_line(entry: dict, threshold: float | None) -> str:
     return f"dense window: {where} (skipgpt serve-tune for θ = {theta:.6g}, {tuned['date']})"
 
 
-def run(args) -> int:
+def require_vllm(command: str) -> None:
+    """A one-line error when this environment has no vLLM (the serving extra lives in .venv-serve)."""
     import importlib.util
-    import os
-    import shlex
-    import sys
 
     from ..errors import SkipGPTError
-    from ..serving.prepare import prepare_serving_folder, serving_record
 
     if importlib.util.find_spec("vllm") is None:
         raise SkipGPTError(
             "vLLM is not installed in this environment; build .venv-serve with `bash scripts/setup_serve.sh` "
-            "and run .venv-serve/bin/skipgpt serve"
+            f"and run .venv-serve/bin/skipgpt {command}"
         )
+
+
+def run(args) -> int:
+    import os
+    import shlex
+    import sys
+
+    from ..serving.prepare import prepare_serving_folder, serving_record
+
+    require_vllm("serve")
     folder = prepare_serving_folder(args.model, args.prepared_dir)
     cmd, env = vllm_command(args, str(folder))
     if not args.dense and args.dense_tokens is None:

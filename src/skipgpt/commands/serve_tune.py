@@ -63,19 +63,15 @@ def _table(theta: float, results: dict[int, dict], window) -> str:
 
 
 def run(args) -> int:
-    import importlib.util
     import os
     import sys
 
     from ..errors import SkipGPTError
     from ..serving.prepare import prepare_serving_folder
     from ..serving.tune import measure, tuned_record, write_tuned_window
+    from .serve import require_vllm
 
-    if importlib.util.find_spec("vllm") is None:
-        raise SkipGPTError(
-            "vLLM is not installed in this environment; build .venv-serve with `bash scripts/setup_serve.sh` "
-            "and run .venv-serve/bin/skipgpt serve-tune"
-        )
+    require_vllm("serve-tune")
     if not args.kv_cache_gib > 0:
         raise SkipGPTError(f"--kv-cache-gib must be > 0, got {args.kv_cache_gib}")
     sizes = sorted(set(args.sizes))
