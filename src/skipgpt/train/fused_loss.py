@@ -61,10 +61,11 @@ class _TopKTeacher:
     def kl(self, sl, zt, lse_t):
         return self._parts(sl, zt, lse_t)[0]
 
-    def grad(self, sl, zt, qt, lse_t, scale):
-        """``scale`` · dKL/du of the chunk's rows (u = z/t, qt = softmax(u))."""
+    def grad(self, sl, zt, qt, lse_t, scale, q_coeff):
+        """``scale`` · dKL/du of the chunk's rows (u = z/t, qt = softmax(u)) + ``q_coeff`` · qt
+        (q_coeff (rows, 1) or 0: what the caller adds on the same softmax, in the same product)."""
         _, p, q_s, c_out, ratio = self._parts(sl, zt, lse_t)
-        g = qt * (scale * c_out).unsqueeze(-1)
+        g = qt * ((scale * c_out).unsqueeze(-1) + q_coeff)
         return g.scatter_add_(-1, self.indices[sl], scale * (q_s * ratio.unsqueeze(-1) - p))
 
 
@@ -78,8 +79,10 @@ class _LogitsTeacher:
         log_p = torch.log_softmax(self.logits[sl].float() / self.t, dim=-1)
         return (log_p.exp() * (log_p - zt + lse_t.unsqueeze(-1))).sum(-1)
 
-    def grad(self, sl, zt, qt, lse_t, scale):
-        return (qt - torch.softmax(self.logits[sl].float() / self.t, dim=-1)).mul_(scale)
+    def grad(self, sl, zt, qt, lse_t, scale, q_coeff):
+        g = torch.softmax(self.logits[sl].float() / self.t, dim=-1).mul_(-scale)  # -scale · p
+        coeff = q_coeff + scale
+        return g.addcmul_(qt, coeff) if torch.is_tensor(coeff) else g.add_(qt, alpha=coeff)
 
 
 class _LMAndKL(torch.autograd.Function):
@@ -126,9 +129,12 @@ class _LMAndKL(torch.autograd.Function):
             q1 = (z - lse1[sl].unsqueeze(-1)).exp_()
             zt = z if t == 1.0 else z / t
             qt = q1 if t == 1.0 else (zt - lse_t[sl].unsqueeze(-1)).exp_()
-            g = ctx.teacher.grad(sl, zt, qt, lse_t[sl], g_kd)
             lm_scale = (g_lm * valid[sl].float()).unsqueeze(-1)
-            g.addcmul_(q1, lm_scale).scatter_add_(-1, labels[sl].clamp_min(0).unsqueeze(-1), -lm_scale)
+            if t == 1.0:  # one softmax: the CE's share joins the KL's product
+                g = ctx.teacher.grad(sl, zt, q1, lse_t[sl], g_kd, lm_scale)
+            else:
+                g = ctx.teacher.grad(sl, zt, qt, lse_t[sl], g_kd, 0.0).addcmul_(q1, lm_scale)
+            g.scatter_add_(-1, labels[sl].clamp_min(0).unsqueeze(-1), -lm_scale)
             grad[sl] = g
         return grad.view_as(logits), None, None, None, None, None
 
