@@ -158,6 +158,7 @@ SECTIONS = {
         "--threshold 0.7578125 --threshold 0.987523078918457 --threshold 0.9998875260353088 "
         "--route-all --rounds 7 --statistic best --out results/serve_ab_demo.json",
     ),
+    "loss-speed": ("results/loss_speed.md", "python benchmarks/loss_speed.py --out results/loss_speed.md"),
     "train-loss-curve": (
         "results/train_loss_curve.md",
         "python benchmarks/train_throughput.py --loss-curve 100 --batch-size 2 --seq-len 128 --threads 1 "

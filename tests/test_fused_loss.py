@@ -67,3 +67,19 @@ def test_live_teacher_equals_the_separate_losses_and_their_gradients(monkeypatch
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(fused_grad.float(), logits.grad.float(), rtol=0, atol=tol)
     assert logits.grad.abs().max() > 10 * tol
+
+
+def test_loss_speed_benchmark_prints_its_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_speed.py"
+    spec = importlib.util.spec_from_file_location("loss_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ls.md"
+    argv = ["--batch-size", "2", "--seq-len", "8", "--vocab", "50", "--top-k", "5", "--repeats", "1"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 6  # header + 5 variants, each timed
+    assert all(float(cell) >= 0 for row in rows[1:] for cell in row.split("|")[2:5])
