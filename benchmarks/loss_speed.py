@@ -44,10 +44,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/loss_speed.md")
     args = p.parse_args(argv)
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process keeps its setting
+
+
+def _run(args) -> int:
     from skipgpt.outputs import atomic_path
     from skipgpt.train.teacher_cache import teacher_targets
 
-    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch_size, args.seq_len, args.vocab)
     ids = torch.randint(0, args.vocab, shape[:2], generator=gen)

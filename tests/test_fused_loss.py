@@ -79,7 +79,9 @@ def test_loss_speed_benchmark_prints_its_table(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "ls.md"
     argv = ["--batch-size", "2", "--seq-len", "8", "--vocab", "50", "--top-k", "5", "--repeats", "1"]
-    assert bench.main([*argv, "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    assert bench.main([*argv, "--threads", "2", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # later tests (bit-exact logits across processes) need theirs
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 6  # header + 5 variants, each timed
     assert all(float(cell) >= 0 for row in rows[1:] for cell in row.split("|")[2:5])
