@@ -14,7 +14,7 @@ output tokens/s (the median of the rounds, or with ``--statistic best`` the best
 to dense, the realised sparsity of the routed runs (modules and
 parameters) and the ideal speedup (FLOPs, ``skipgpt.costs``), from the model's own counters.
 Routed variants keep the dense window the served model would use at their θ (the one ``skipgpt
-serve-tune`` measured for it, else ``serving.vllm_llama.DENSE_TOKENS``: forwards of those sizes run
+serve-tune`` measured for it, else ``serving.tune.DENSE_TOKENS``: forwards of those sizes run
 every module, and count as nothing skipped); ``--route-all`` adds each θ with every forward
 routed, the cost of routing where it cannot pay.
 """
@@ -68,8 +68,7 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from skipgpt.serving.prepare import prepare_serving_folder, serving_record
-    from skipgpt.serving.tune import tuned_window_for
-    from skipgpt.serving.vllm_llama import DENSE_TOKENS
+    from skipgpt.serving.tune import DENSE_TOKENS, dense_window
 
     folder = prepare_serving_folder(args.model)
     llm = LLM(
@@ -84,12 +83,7 @@ def main(argv=None) -> int:
     entry = serving_record(folder)
 
     def window_of(theta):  # as the served model: `skipgpt serve-tune`'s window for θ, else the default
-        tuned = tuned_window_for(entry, theta)
-        return (
-            DENSE_TOKENS
-            if tuned is None
-            else (tuple(tuned["dense_tokens"]) if tuned["dense_tokens"] else None)
-        )
+        return dense_window(entry, theta)
 
     def label(theta, w):
         return f"routed θ={theta:.4g}" + (f", {w[0]}-{w[1]} tokens dense" if w else ", every forward routed")

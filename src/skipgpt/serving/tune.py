@@ -32,15 +32,24 @@ from typing import Any
 from ..errors import SkipGPTError
 
 __all__ = [
+    "DENSE_TOKENS",
     "DEFAULT_SIZES",
     "PROMPTS",
+    "checked_window",
     "choose_window",
+    "dense_window",
     "measure",
     "tuned_record",
     "tuned_window_for",
     "write_tuned_window",
 ]
 
+# Forwards of this many tokens (lo, hi inclusive) run the dense layers (every token executes every
+# module) unless ``serve-tune`` measured a window for the served θ: decode steps of 2-16 sequences
+# on a CPU, where a GEMM's cost is mostly reading the weights (an MLP: 95 us for 1 row, 173 us for
+# 8), so a skipping token saves little while the routers, substitutes and masks cost the same per
+# layer. ``--dense-tokens none`` (hf override ``skipgpt_dense_tokens: null``) routes every forward.
+DENSE_TOKENS = (2, 16)
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # decode batches are built from these, cycled (routing decisions depend on the text)
 PROMPTS = (
@@ -141,6 +150,30 @@ def tuned_window_for(entry: dict[str, Any], threshold: float) -> dict[str, Any] 
         if record.get("threshold") == threshold:
             return record
     return None
+
+
+def checked_window(value: Any, name: str) -> tuple[int, int] | None:
+    """A dense window as configured (``[lo, hi]`` or null) -> ``(lo, hi)`` or None; anything else
+    is refused in one line naming where it came from."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not 1 <= value[0] <= value[1]
+    ):
+        raise SkipGPTError(f"{name} must be null or [lo, hi] with 1 <= lo <= hi, got {value!r}")
+    return (value[0], value[1])
+
+
+def dense_window(entry: dict[str, Any] | None, threshold: float) -> tuple[int, int] | None:
+    """The dense window a model served at ``threshold`` uses without an override: the one
+    ``serve-tune`` measured for that θ (the prepared folder's ``skipgpt`` entry), else ``DENSE_TOKENS``."""
+    tuned = tuned_window_for(entry, threshold) if entry else None
+    if tuned is None:
+        return DENSE_TOKENS
+    return checked_window(tuned.get("dense_tokens"), "skipgpt.tuned_windows[].dense_tokens")
 
 
 def write_tuned_window(folder: str | Path, record: dict[str, Any]) -> None:

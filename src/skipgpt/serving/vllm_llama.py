@@ -79,7 +79,7 @@ from ..errors import SkipGPTError
 from ..router import FusedRouters, Router
 from ..substitutes import SUBSTITUTE_PREFIX, Substitute
 from .prepare import ROUTERS_SUBDIR
-from .tune import tuned_window_for
+from .tune import DENSE_TOKENS, checked_window, dense_window
 
 __all__ = [
     "SkipGPTLlamaForCausalLM",
@@ -101,12 +101,6 @@ GATHER_MIN_SKIPS = {"attn": 16, "mlp": 2}
 # Up to this many tokens in a forward, the routers' decisions are read to the host as margins and
 # counted there (one read, no comparison or sum ops: a decode step pays ~10 us per small op here)
 HOST_DECIDE_MAX_TOKENS = 64
-# Forwards of this many tokens (lo, hi inclusive) run the dense layers (every token executes every
-# module), because routing them costs more than it saves: decode steps of 2-16 sequences on a CPU,
-# where a GEMM's cost is mostly reading the weights (an MLP: 95 us for 1 row, 173 us for 8), so a
-# skipping token saves little while the routers, substitutes and masks cost the same per layer.
-# ``--dense-tokens none`` (hf override ``skipgpt_dense_tokens: null``) routes every forward.
-DENSE_TOKENS = (2, 16)
 
 
 def _router_config(hf_config) -> SkipGPTConfig:
@@ -129,23 +123,9 @@ def _dense_tokens(hf_config) -> tuple[int, int] | None:
     --dense-tokens``), else the window ``skipgpt serve-tune`` measured for the served θ (config.json
     ``skipgpt.tuned_windows``), else ``DENSE_TOKENS``."""
     if hasattr(hf_config, "skipgpt_dense_tokens"):
-        value, name = hf_config.skipgpt_dense_tokens, "skipgpt_dense_tokens"
-    else:
-        entry = getattr(hf_config, "skipgpt", None)
-        tuned = tuned_window_for(entry, _threshold(hf_config)) if entry else None
-        if tuned is None:
-            return DENSE_TOKENS
-        value, name = tuned.get("dense_tokens"), "skipgpt.tuned_windows[].dense_tokens"
-    if value is None:
-        return None
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or not 1 <= value[0] <= value[1]
-    ):
-        raise SkipGPTError(f"{name} must be null or [lo, hi] with 1 <= lo <= hi, got {value!r}")
-    return (value[0], value[1])
+        return checked_window(hf_config.skipgpt_dense_tokens, "skipgpt_dense_tokens")
+    entry = getattr(hf_config, "skipgpt", None)
+    return dense_window(entry, _threshold(hf_config)) if entry else DENSE_TOKENS
 
 
 @dataclass
