@@ -20,7 +20,8 @@ llm-drop       ``baseline llm-drop``: constant routers, ``removed_modules`` neve
                adapter after ``finetune-lora`` on it)
 mod            ``baseline mod``: MoD-D routers tuned under top-k, θ calibrated
 routed-lora    ``finetune-lora`` (stage 2) and ``--joint``: routers + adapter
-routed         ``train-router`` (stage 1): routers only
+routed         ``train-router`` (stage 1): routers only; with ``--remove-layers`` also the
+               ``removed_modules`` of the layers it deleted first (metadata ``layer_removal``)
 =============  ===============================================================================
 
 ``export`` and ``calibrate`` write a copy of their source's kind; an exported folder is told
@@ -58,6 +59,7 @@ from .version import __version__
 __all__ = [
     "FORMAT_VERSION",
     "CONFIG_NAME",
+    "LAYER_REMOVAL_KEY",
     "ROUTERS_NAME",
     "ADAPTER_DIR",
     "SHORTGPT_RECORD_NAME",
@@ -77,6 +79,8 @@ FORMAT_VERSION = 2
 ROUTERS_NAME = "routers.safetensors"
 ADAPTER_DIR = "adapter"
 SHORTGPT_RECORD_NAME = "shortgpt.json"
+# metadata key of routers trained around whole layers removed first (``train-router --remove-layers``)
+LAYER_REMOVAL_KEY = "layer_removal"
 
 FolderKind = Literal["shortgpt", "dense-lora", "llm-drop", "mod", "routed-lora", "routed"]
 FOLDER_KINDS: tuple[str, ...] = get_args(FolderKind)
@@ -180,7 +184,15 @@ class FolderRecord:
 KIND_RULES: tuple[tuple[FolderKind, Callable[[FolderRecord], bool]], ...] = (
     ("shortgpt", lambda r: r.router_config is None and r.metadata.get("method") == "shortgpt"),
     ("dense-lora", lambda r: r.router_config is None),
-    ("llm-drop", lambda r: bool(r.removed_modules) or r.metadata.get("baseline") == "llm-drop"),
+    # removed modules make a folder LLM-Drop's unless routers were trained around them (a
+    # ``layer_removal`` record: ``train-router --remove-layers``)
+    (
+        "llm-drop",
+        lambda r: (
+            r.metadata.get("baseline") == "llm-drop"
+            or (bool(r.removed_modules) and LAYER_REMOVAL_KEY not in r.metadata)
+        ),
+    ),
     ("mod", lambda r: r.metadata.get("baseline") == "mod-d"),
     ("routed-lora", lambda r: r.adapter is not None),
     ("routed", lambda r: True),

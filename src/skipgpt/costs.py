@@ -171,9 +171,14 @@ class ForwardRecord:
     token_mask: torch.Tensor | None = None
 
 
-def routing_cost(cost: CostModel, forwards: Iterable[ForwardRecord]) -> dict[str, float]:
+def routing_cost(
+    cost: CostModel, forwards: Iterable[ForwardRecord], removed: Iterable[tuple[int, str]] = ()
+) -> dict[str, float]:
     """Dense FLOPs, skipped FLOPs (net of the substitutes that skipping tokens run), substitute
-    FLOPs, router FLOPs and the ideal speedup over some forwards."""
+    FLOPs, router FLOPs and the ideal speedup over some forwards. ``removed``: (layer, module)
+    pairs gone for good (LLM-Drop, ShortGPT's layers): a removed attention saves its K/V
+    projections too, where a routed skip still writes K/V."""
+    gone = {(int(i), str(m)) for i, m in removed}
     dense = skipped = router = substitute = 0.0
     for f in forwards:
         real = (
@@ -193,6 +198,8 @@ def routing_cost(cost: CostModel, forwards: Iterable[ForwardRecord]) -> dict[str
                 skip = real & ~ex_attn.bool().cpu()
                 n_skip = int(skip.sum())
                 skipped += n_skip * (cost.q_o - cost.substitute("attn")) + float(attn_ctx[skip].sum())
+                if (layer, "attn") in gone:
+                    skipped += n_skip * cost.k_v
                 substitute += n_skip * cost.substitute("attn")
                 router += n_real * cost.router
             ex_mlp = f.execute.get((layer, "mlp"))

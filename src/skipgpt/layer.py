@@ -163,7 +163,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                 if g is None:
                     continue
                 if g is REMOVED:  # recorded as skipped, so the budget is measured like any routing
-                    g = router_input.new_zeros(router_input.shape[:2])
+                    one_token = run.host_bools and router_input.shape[0] * router_input.shape[1] == 1
+                    g = False if one_token else router_input.new_zeros(router_input.shape[:2])
                 key = (self.layer_idx, m)
                 state.scratch.skip_rates[key] = state.stats.record(
                     key, g, state.scratch, keep=self.settings.keep_decisions

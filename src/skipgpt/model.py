@@ -232,8 +232,9 @@ class SkipGPTModel(nn.Module):
                 setattr(settings, k, v)
 
     def dense(self):
-        """Context manager: every module executes, routers are not even evaluated."""
-        return self.routing(enabled=False)
+        """Context manager: every module executes, routers are not even evaluated, and modules
+        removed for good (LLM-Drop, ``train-router --remove-layers``) run again: the base model."""
+        return self.routing(enabled=False, removed=frozenset())
 
     # -- sparsity ----------------------------------------------------------------------------
     def budget_weights(self, budget: str) -> dict[tuple[int, str], float]:
@@ -259,6 +260,14 @@ class SkipGPTModel(nn.Module):
         # 'params': out of all attention + MLP parameters (a substitute's count as executed)
         total = sum(self.branch_params.values()) if budget == "params" else sum(weights.values())
         return torch.as_tensor(sum(w * rates[k] for k, w in weights.items() if k in rates) / total)
+
+    def removed_sparsity(self, budget: str | None = None) -> float:
+        """The share of ``realised_sparsity`` that the modules removed for good (``removed``)
+        make up on their own: what no routing can bring below."""
+        budget = budget or self.skipgpt_config.budget
+        weights = self.budget_weights(budget)
+        total = sum(self.branch_params.values()) if budget == "params" else sum(weights.values())
+        return sum(weights.get(k, 0.0) for k in self.state.settings.removed) / total
 
     def reset_stats(self) -> None:
         self.state.stats.reset()

@@ -25,7 +25,14 @@ from ..checkpoint import SHORTGPT_RECORD_NAME
 from ..errors import SkipGPTError
 from .scores import baseline_output, check_budget, residual_similarities, select_by_budget, unit_params
 
-__all__ = ["RECORD_NAME", "block_influence", "remove_layers", "shortgpt_prune", "save_pruned"]
+__all__ = [
+    "RECORD_NAME",
+    "block_influence",
+    "lowest_influence_layers",
+    "remove_layers",
+    "shortgpt_prune",
+    "save_pruned",
+]
 
 RECORD_NAME = SHORTGPT_RECORD_NAME  # beside the HF files; skipgpt.checkpoint reads it (kind shortgpt)
 
@@ -40,6 +47,21 @@ def block_influence(
     """blocks (N, T) -> Block Influence per decoder layer, ``1 - mean cos(input, output)``."""
     sims = residual_similarities(model, blocks, attention_mask, batch_size=batch_size, progress=progress)
     return [1.0 - c for c in sims["block"]]
+
+
+def lowest_influence_layers(
+    model: nn.Module, blocks: torch.Tensor, k: int, batch_size: int = 4, progress: bool = True
+) -> tuple[list[int], list[float]]:
+    """The ``k`` layers ShortGPT deletes first from ``model`` (a plain HF model), scored on ``blocks``
+    (N, T): ``(layers in removal order, every layer's Block Influence)``. The same choice as
+    ``skipgpt frontier``'s ShortGPT line with ``k`` layers removed, given the same blocks."""
+    per_layer, total = unit_params(model, "layers")
+    n = len(per_layer)
+    if not 0 < k < n:
+        raise SkipGPTError(f"layers to remove must be in 1..{n - 1} (the model has {n} layers), got {k}")
+    bi = block_influence(model, blocks, batch_size=batch_size, progress=progress)
+    removed, _ = select_by_budget(dict(enumerate(bi)), per_layer, k / n, total, unit="layer")
+    return [int(i) for i in removed], bi
 
 
 def remove_layers(model: nn.Module, indices) -> nn.Module:

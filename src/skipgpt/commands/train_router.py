@@ -99,11 +99,25 @@ def add_loop_args(p: argparse.ArgumentParser, defaults=None) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a finished model in --output")
 
 
+# Block Influence of --remove-layers is scored on the first this many training blocks (as the
+# frontier scores its ShortGPT line on its first --calib-blocks blocks, 32 by default)
+REMOVAL_BLOCKS = 32
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train-router", help="stage 1: tune routers on a frozen model")
     add_model_arg(p)
     add_recipe_arg(p)
     add_router_args(p)
+    p.add_argument(
+        "--remove-layers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="first delete the K decoder layers of lowest Block Influence (ShortGPT, scored on the first "
+        f"{REMOVAL_BLOCKS} training blocks), then tune routers on the rest against the full model as "
+        "teacher; the deleted layers count as skipped in --target-sparsity (default: %(default)s)",
+    )
     add_loop_args(p)
     add_device_args(p)
     add_config_arg(p)
@@ -165,7 +179,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..checkpoint import is_skipgpt_dir
+    from ..checkpoint import LAYER_REMOVAL_KEY, is_skipgpt_dir
     from ..data import load_blocks
     from ..errors import SkipGPTError
     from ..model import get_skipgpt_model
@@ -187,7 +201,13 @@ def run(args) -> int:
     base, tokenizer = load_base_model(args.model, **load_options(args))
     warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    removal = _layer_removal(base, blocks, args.remove_layers, config) if args.remove_layers else None
     model = get_skipgpt_model(base, config, base_spec=args.model)
+    if removal is not None:
+        from ..config import MODULES
+        from ..removal import apply_removal
+
+        apply_removal(model, [(i, m) for i in removal["removed_layers"] for m in MODULES])
     result = train_routers(
         model,
         blocks,
@@ -201,6 +221,7 @@ def run(args) -> int:
             "seq_len": args.seq_len,
             "blocks": int(blocks.shape[0]),
             "command": shlex.join(["skipgpt", *(getattr(args, "argv", None) or ["train-router"])]),
+            **({LAYER_REMOVAL_KEY: removal} if removal is not None else {}),
         },
     )
     # Realised sparsity of the final routers (deterministic routing) on a few training blocks.
@@ -224,3 +245,32 @@ def run(args) -> int:
     )
     emit(args, summary, human)
     return 0
+
+
+def _layer_removal(base, blocks, k: int, config) -> dict:
+    """ShortGPT's choice of ``k`` layers to delete before router tuning, as recorded in the
+    folder's metadata (``checkpoint.LAYER_REMOVAL_KEY``)."""
+    from ..baselines.scores import unit_params
+    from ..baselines.shortgpt import lowest_influence_layers
+    from ..errors import SkipGPTError
+
+    per_layer, total = unit_params(base, "layers")
+    n = len(per_layer)
+    if not 0 < k < n:
+        raise SkipGPTError(f"--remove-layers must be in 1..{n - 1} (the model has {n} layers), got {k}")
+    smallest = sum(sorted(per_layer.values())[:k]) / total  # params budget: at least this share
+    share = smallest if config.budget == "params" else k / n
+    if share > config.target_sparsity:
+        raise SkipGPTError(
+            f"--remove-layers {k} already skips {share:.3f} of the {config.budget}, more than "
+            f"--target-sparsity {config.target_sparsity}; give a larger target or fewer layers"
+        )
+    calib = blocks[:REMOVAL_BLOCKS]
+    removed, bi = lowest_influence_layers(base, calib, k)
+    return {
+        "method": "shortgpt",
+        "removed_layers": sorted(removed),
+        "removal_order": removed,
+        "block_influence": bi,
+        "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+    }

@@ -402,7 +402,7 @@ def run_bench(
                 model.reset_stats()
             bar.update()
             records = rec.records(decisions)
-            ideal = routing_cost(cost, records)
+            ideal = routing_cost(cost, records, model.routing_settings.removed)
             med = {v: statistics.median(times[v]) for v in VARIANTS}
             tok = {v: sc.tokens_per_run / med[v] for v in VARIANTS}
             speedup = tok["fast"] / tok["dense"]

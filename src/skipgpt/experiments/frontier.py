@@ -181,7 +181,7 @@ def read_times(
 def static_ideal(cost: CostModel, records: Sequence[ForwardRecord], removed) -> float:
     """FLOP speedup of statically removing the (layer, module) pairs ``removed`` from forwards
     shaped as ``records`` (their own routing ignored). A removed attention saves its K/V
-    projections too (``routing_cost`` keeps them: a routed token still writes K/V)."""
+    projections too (a routed token still writes K/V)."""
     removed = {(int(i), str(m)) for i, m in removed}
     forwards = [
         ForwardRecord(
@@ -193,10 +193,7 @@ def static_ideal(cost: CostModel, records: Sequence[ForwardRecord], removed) -> 
         )
         for f in records
     ]
-    r = routing_cost(cost, forwards)
-    attn = sum(1 for _, m in removed if m == "attn")
-    kv = sum(f.batch * f.length for f in forwards) * cost.k_v * attn
-    return r["dense_flops"] / (r["dense_flops"] - r["skipped_flops"] - kv)
+    return routing_cost(cost, forwards, removed)["ideal_speedup"]
 
 
 @torch.inference_mode()
@@ -245,7 +242,8 @@ def measure_speed(
                 runner.run()
                 decisions = {k: list(v) for k, v in model.state.decisions.items()}
             model.reset_stats()
-            ideal = routing_cost(model_cost, runner.records(decisions))["ideal_speedup"]
+            removed_for_good = model.routing_settings.removed
+            ideal = routing_cost(model_cost, runner.records(decisions), removed_for_good)["ideal_speedup"]
         else:
             ideal = 1.0
         out["ideal"][sc.name] = round(ideal, 4)

@@ -34,13 +34,16 @@ def sparsity_penalty(realised: torch.Tensor, target: float, weight: float) -> to
     return weight * (target - realised).abs()
 
 
-def curriculum_target(target: float, step: int, max_steps: int, ramp_fraction: float) -> float:
-    """Target sparsity at ``step``: ramps linearly from 0 (step 0) to ``target`` at
-    ``ramp_fraction * max_steps`` and stays there; ``ramp_fraction = 0`` is the fixed target."""
+def curriculum_target(
+    target: float, step: int, max_steps: int, ramp_fraction: float, start: float = 0.0
+) -> float:
+    """Target sparsity at ``step``: ramps linearly from ``start`` (step 0; the share of modules
+    removed for good, which no routing can undo) to ``target`` at ``ramp_fraction * max_steps``
+    and stays there; ``ramp_fraction = 0`` is the fixed target."""
     ramp_steps = ramp_fraction * max_steps
     if ramp_steps <= 0:
         return target
-    return target * min(step / ramp_steps, 1.0)
+    return start + (target - start) * min(step / ramp_steps, 1.0)
 
 
 def temperature_at(tau_start: float, tau_end: float, step: int, max_steps: int) -> float:

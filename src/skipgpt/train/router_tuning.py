@@ -101,9 +101,11 @@ def make_step_fn(model: SkipGPTModel, loop: LoopArgs, args: RouterTuningArgs, *,
     tau_start = cfg.tau_start if anneal else cfg.tau_end
     cache = make_teacher_cache(model, loop, args)
 
+    floor = model.removed_sparsity()  # modules removed for good: skipped from the first step
+
     def step_fn(forward, input_ids: torch.Tensor, step: int):
         tau = temperature_at(tau_start, cfg.tau_end, step, loop.max_steps)
-        target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum)
+        target = curriculum_target(cfg.target_sparsity, step, loop.max_steps, args.curriculum, floor)
         model.set_temperature(tau)
         task_loss, metrics = lm_and_distillation(model, forward, input_ids, args, teacher_cache=cache)
         realised = model.realised_sparsity()
