@@ -14,6 +14,12 @@ the realised sparsity (skipped / routed decisions over all tokens the server com
 window, prompts included) and the ideal speedup (dense FLOPs / (dense - skipped FLOPs), ``skipgpt.costs``
 recipe; it counts the attention a skipping query saves, which vLLM's attention op still computes).
 Both come from the server's ``--stats-file``. Client and server share this machine's cores.
+
+A server process keeps the speed it starts with (on 2 shared cores two servers of the same model
+differ by up to ~7% for their whole life), so one run's ratio carries that bias. ``--server-lives K``
+repeats the whole run K times with fresh server processes; "vs dense" is then the median over lives
+of each life's ratio (its rounds' median tokens/s against its own dense server's), with the lives'
+range beside it.
 """
 
 from __future__ import annotations
@@ -191,6 +197,52 @@ def _median_row(rounds: list[dict]) -> dict:
     return row
 
 
+def _serve_and_measure(variants, args, work: Path, life: int, runs: dict) -> None:
+    """One life: every variant's server started afresh (all up at once), then ``--rounds`` rounds
+    of every (C, variant), variants alternating in order; rows added to ``runs[(variant, C)]``."""
+    from skipgpt.serving.vllm_llama import STATS_INTERVAL_S
+
+    work.mkdir(parents=True, exist_ok=True)
+    servers = {}
+    with contextlib.ExitStack() as stack:
+        for name, model, dense in variants:  # all up at once: rounds interleave the variants
+            stats = None if dense else work / f"{name}.stats.json"
+            servers[name] = (
+                stack.enter_context(Server(model, dense, stats, work / f"{name}.log", args)),
+                stats,
+            )
+            asyncio.run(_batch(servers[name][0].url, 2, 2, 8, args.request_timeout))  # warm-up
+        for r in range(args.rounds):
+            order = variants if (r + life) % 2 == 0 else variants[::-1]
+            for c in args.concurrency:
+                n = args.requests_c1 if c == 1 else args.requests
+                for name, _, _ in order:
+                    server, stats = servers[name]
+                    before = _stats(server.url, stats, STATS_INTERVAL_S)
+                    row = asyncio.run(_batch(server.url, n, c, args.max_tokens, args.request_timeout))
+                    row.update(_window(before, _stats(server.url, stats, STATS_INTERVAL_S)))
+                    row.update(variant=name, concurrency=c, round=r, life=life)
+                    runs.setdefault((name, c), []).append(row)
+                    print(json.dumps(row), flush=True)
+
+
+def _add_life_ratios(rows: list[dict], runs: dict) -> None:
+    """Each row's tokens/s against dense per server life (the median of the life's rounds over
+    that of its dense server's): ``life_ratios`` and their median ``vs_dense``."""
+
+    def per_life(name, c):
+        lives: dict[int, list[float]] = {}
+        for r in runs[(name, c)]:
+            lives.setdefault(r.get("life", 0), []).append(r["output_tok_s"])
+        return {life: statistics.median(v) for life, v in lives.items()}
+
+    for row in rows:
+        mine, dense = per_life(row["variant"], row["concurrency"]), per_life("dense", row["concurrency"])
+        ratios = [mine[life] / dense[life] for life in sorted(mine) if life in dense]
+        row["life_ratios"] = [round(x, 4) for x in ratios]
+        row["vs_dense"] = statistics.median(ratios)
+
+
 def _write_table(record: dict, path: Path) -> None:
     """The Markdown table of a run's record (``--out``'s JSON), with the command that made it."""
     rows = record["rows"]
@@ -212,9 +264,13 @@ def _write_table(record: dict, path: Path) -> None:
             else "0% / 0%"
         )
         ideal = f"{r['ideal_speedup']:.2f}x" if "ideal_speedup" in r else "1.00x"
+        # over several server lives: the median of each life's ratio, the lives' range beside it
+        lives = r.get("life_ratios") or []
+        vs = r.get("vs_dense", r["output_tok_s"] / dense_tps[r["concurrency"]])
+        vs = f"{vs:.2f}x" + (f" ({min(lives):.2f}-{max(lives):.2f})" if len(lives) > 1 else "")
         lines.append(
             f"| {r['variant']} | {theta} | {window} | {r['concurrency']} | {r['output_tok_s']:.1f} | "
-            f"{r['output_tok_s'] / dense_tps[r['concurrency']]:.2f}x | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+            f"{vs} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
             f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {sp} | {ideal} |"
         )
     table = "\n".join(lines)
@@ -224,7 +280,13 @@ def _write_table(record: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(
             f"Command: `{' '.join(record['argv'])}` ({record['machine']['cpus']} CPUs, client and servers on "
-            f"the same machine; median of {record['settings']['rounds']} rounds, variants alternating)\n\n"
+            f"the same machine; median of {record['settings']['rounds']} rounds, variants alternating"
+            + (
+                f", in each of {lives} server lives; vs dense: median of the lives' ratios (their range)"
+                if (lives := record["settings"].get("server_lives", 1)) > 1
+                else ""
+            )
+            + ")\n\n"
             + table
             + "\n"
         )
@@ -249,6 +311,13 @@ def main(argv=None) -> int:
         "rounds with all servers up; the table gives the median of each figure (2 shared cores "
         "make one run noisy: +-15%% between runs)",
     )
+    p.add_argument(
+        "--server-lives",
+        type=int,
+        default=1,
+        help="start every server afresh this many times and measure --rounds in each life; 'vs dense' "
+        "is the median over lives of each life's ratio (cancels a server process's lasting bias)",
+    )
     p.add_argument("--out", default="results/serve_load.json")
     p.add_argument(
         "--render",
@@ -264,7 +333,8 @@ def main(argv=None) -> int:
         return 0
     if not args.model:
         p.error("--model is required (unless --render)")
-    from skipgpt.serving.vllm_llama import STATS_INTERVAL_S
+    if args.rounds < 1 or args.server_lives < 1:
+        p.error("--rounds and --server-lives must be >= 1")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -275,28 +345,11 @@ def main(argv=None) -> int:
     ]
     work = Path(tempfile.mkdtemp(prefix="serve_load."))  # server logs and stats files
     print(f"server logs in {work}", flush=True)
-    servers, runs = {}, {}
-    with contextlib.ExitStack() as stack:
-        for name, model, dense in variants:  # all up at once: rounds interleave the variants
-            stats = None if dense else work / f"{name}.stats.json"
-            servers[name] = (
-                stack.enter_context(Server(model, dense, stats, work / f"{name}.log", args)),
-                stats,
-            )
-            asyncio.run(_batch(servers[name][0].url, 2, 2, 8, args.request_timeout))  # warm-up
-        for r in range(args.rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for c in args.concurrency:
-                n = args.requests_c1 if c == 1 else args.requests
-                for name, _, _ in order:
-                    server, stats = servers[name]
-                    before = _stats(server.url, stats, STATS_INTERVAL_S)
-                    row = asyncio.run(_batch(server.url, n, c, args.max_tokens, args.request_timeout))
-                    row.update(_window(before, _stats(server.url, stats, STATS_INTERVAL_S)))
-                    row.update(variant=name, concurrency=c, round=r)
-                    runs.setdefault((name, c), []).append(row)
-                    print(json.dumps(row), flush=True)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for life in range(args.server_lives):
+        _serve_and_measure(variants, args, work / f"life{life}", life, runs)
     rows = [_median_row(runs[(name, c)]) for name, _, _ in variants for c in args.concurrency]
+    _add_life_ratios(rows, runs)
     record = {
         "argv": sys.argv,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
