@@ -114,3 +114,18 @@ def test_a_removed_attention_saves_its_kv_projections_in_the_cost_model():
     gone = routing_cost(cost, [ForwardRecord(1, 8, execute=skip)], removed=[(0, "attn"), (0, "mlp")])
     assert gone["skipped_flops"] - routed["skipped_flops"] == 8 * cost.k_v  # a routed skip writes K/V
     assert gone["ideal_speedup"] > routed["ideal_speedup"]
+
+
+def test_calibration_counts_the_removed_layers_in_the_target(hybrid):
+    from skipgpt.calibration import calibrate_threshold
+
+    model = SkipGPTModel.from_pretrained(hybrid).eval()
+    _, tokenizer = load_base_model("random:llama")
+    blocks = load_blocks(str(hybrid.parent / "text.txt"), tokenizer, 16, max_blocks=12)
+    floor = model.removed_sparsity("params")
+    for target in (floor + 0.1, floor + 0.3):
+        calibrate_threshold(model, blocks, target, budget="params", tolerance=0.02)
+        model.reset_stats()
+        with torch.no_grad():
+            model(input_ids=blocks)
+        assert model.sparsity_stats()["params"] == pytest.approx(target, abs=0.03)

@@ -67,6 +67,9 @@ def calibrate_threshold(
     weights = model.budget_weights(budget)
     was_training = model.training
     model.eval()
+    # modules removed for good (``removed``) skip every token whatever θ: their weight counts as
+    # skipped in the sparsity, and the routed decisions make up the rest of the target
+    removed = blocks.numel() * sum(weights.get(k, 0.0) for k in model.routing_settings.removed)
 
     def route_at(theta: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Run ``blocks`` with routing at ``theta``: every p(execute), its weight, the sparsity."""
@@ -77,12 +80,14 @@ def calibrate_threshold(
                     input_ids=blocks[s : s + batch_size].to(next(model.parameters()).device), use_cache=False
                 )
         p, w = torch.cat(probe.probs), torch.cat(probe.probe_weights).to(torch.float64)
-        return p, w, float((w * (p < theta)).sum() / w.sum())
+        return p, w, float(((w * (p < theta)).sum() + removed) / (w.sum() + removed))
 
     theta = model.routing_settings.threshold
     for _ in range(iters):
         probs, ws, _ = route_at(theta)
-        theta = min(max(weighted_quantile(probs, ws, target), 0.0), 1.0)
+        total = float(ws.sum())
+        routed_target = min(max((target * (total + removed) - removed) / total, 0.0), 1.0)
+        theta = min(max(weighted_quantile(probs, ws, routed_target), 0.0), 1.0)
     miss = abs(route_at(theta)[2] - target)
     if miss > tolerance:
         best, lo, hi = (miss, theta), 0.0, 1.0
