@@ -58,6 +58,7 @@ SECTIONS = {
         "&& cp runs/frontier-final/frontier.json results/frontier_300.json "
         "&& cp runs/frontier-final/frontier.png results/frontier_300.png",
     ),
+    "frontier-hybrid": ("results/frontier_hybrid.md", "bash benchmarks/frontier_hybrid.sh"),
     "frontier-demo": (
         "results/frontier_demo.md",
         f"{DEMO} && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
