@@ -138,7 +138,7 @@ SECTIONS = {
         "&& skipgpt calibrate --model runs/demo/routers --target-sparsity 0.40 --output runs/demo-cal40 "
         "&& for m in runs/demo/routers runs/demo-cal25 runs/demo-cal40; do .venv-serve/bin/skipgpt serve-tune "
         "--model $m; done && .venv-serve/bin/python benchmarks/serve_load.py --model runs/demo/routers "
-        "--model runs/demo-cal25 --model runs/demo-cal40 --out results/serve_load_demo.json",
+        "--model runs/demo-cal25 --model runs/demo-cal40 --server-lives 3 --rounds 2 --out results/serve_load_demo.json",
     ),
     "serve-tune-demo": (
         "results/serve_tune_demo.md",
