@@ -129,3 +129,12 @@ def test_calibration_counts_the_removed_layers_in_the_target(hybrid):
         with torch.no_grad():
             model(input_ids=blocks)
         assert model.sparsity_stats()["params"] == pytest.approx(target, abs=0.03)
+
+
+def test_serving_refuses_a_folder_with_removed_modules(hybrid, tmp_path):
+    from skipgpt.errors import SkipGPTError
+    from skipgpt.serving.prepare import prepare_serving_folder
+
+    with pytest.raises(SkipGPTError, match="modules removed"):
+        prepare_serving_folder(hybrid, tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()

@@ -109,6 +109,11 @@ def prepare_serving_folder(source: str | Path, output: str | Path | None = None,
     refusal = _NOT_SERVED.get("routed-lora" if record.routed and record.adapter else record.kind)
     if refusal is not None:
         raise SkipGPTError(refusal.format(source=source))
+    if record.removed_modules:  # routers trained around deleted layers (train-router --remove-layers)
+        raise SkipGPTError(
+            f"{source} runs with {len(record.removed_modules)} modules removed; the vLLM plugin serves "
+            "routed models without removed modules only"
+        )
     model_type = record.model_type
     if model_type not in ROUTED_ARCHITECTURES:
         raise SkipGPTError(
