@@ -138,3 +138,24 @@ def test_serving_refuses_a_folder_with_removed_modules(hybrid, tmp_path):
     with pytest.raises(SkipGPTError, match="modules removed"):
         prepare_serving_folder(hybrid, tmp_path / "vllm")
     assert not (tmp_path / "vllm").exists()
+
+
+def test_stage2_lora_on_it_stays_routed_with_the_layer_gone(hybrid, tmp_path):
+    out = tmp_path / "lora"
+    argv = ["finetune-lora", "--model", str(hybrid), "--dataset", str(hybrid.parent / "text.txt")]
+    argv += [
+        "--seq-len",
+        "16",
+        "--max-blocks",
+        "12",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "4",
+    ]
+    assert main([*argv, "--mixed-precision", "no", "--output", str(out)]) == 0
+    record = checkpoint.read(out)
+    assert record.kind == "routed-lora"
+    assert record.removed_modules == checkpoint.read(hybrid).removed_modules

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..checkpoint import ADAPTER_DIR, ROUTERS_NAME, FolderRecord
+from ..checkpoint import ADAPTER_DIR, LAYER_REMOVAL_KEY, ROUTERS_NAME, FolderRecord
 from ..errors import SkipGPTError
 from ..lora_adapter import attach_adapter, forget_peft, get_peft, remember_peft
 from ..model import SkipGPTModel
@@ -381,6 +381,8 @@ def _stage1_metadata(model: SkipGPTModel) -> dict:
     meta = {"stage1": {k: v for k, v in parent.items() if k != "history"}}
     if parent.get("removed_modules"):
         meta["removed_modules"] = parent["removed_modules"]
+    if LAYER_REMOVAL_KEY in parent:  # routers trained around deleted layers stay routed, not LLM-Drop
+        meta[LAYER_REMOVAL_KEY] = parent[LAYER_REMOVAL_KEY]
     return meta
 
 
