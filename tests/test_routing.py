@@ -139,7 +139,7 @@ def test_override_callable_and_policy_objects_both_route():
 
 
 @pytest.mark.parametrize("execution_name", ["fast", "masked"])
-def test_removed_modules_never_run_and_count_as_skipped_even_when_dense(execution_name):
+def test_removed_modules_never_run_and_count_as_skipped_and_dense_runs_them(execution_name):
     model, _ = routed("llama")
     apply_removal(model, [(1, "attn"), (2, "mlp")])
     calls = {"k_proj": 0, "mlp": 0}
@@ -150,13 +150,15 @@ def test_removed_modules_never_run_and_count_as_skipped_even_when_dense(executio
     layers[2].part("mlp").register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
     with torch.no_grad(), model.routing(execution=execution_name):
         model(_ids(model))
-        with model.dense():
-            model(_ids(model))
     assert calls == {"k_proj": 0, "mlp": 0}  # no query, no K/V, no MLP
     rates = model.sparsity_stats()["per_layer"]
     assert rates["attn"][1] == 1.0 and rates["mlp"][2] == 1.0 and rates["attn"][0] == 0.0
     policy = model.routing_settings.active_policy()
     assert policy.decide(layers[1], "attn", torch.zeros(1, 1, 64)) is REMOVED
+    with torch.no_grad(), model.dense():  # the dense reference (and teacher) is the full base model
+        model(_ids(model))
+    assert calls == {"k_proj": 1, "mlp": 1}
+    assert model.routing_settings.removed == {(1, "attn"), (2, "mlp")}  # and the removal is back after
 
 
 @pytest.mark.parametrize("execution_name", ["fast", "masked"])
