@@ -252,22 +252,25 @@ class SkipGPTModel(nn.Module):
         ``'params'``: each module counts by its parameters, over all attention and MLP
         parameters of the decoder layers.
         """
-        budget = budget or self.skipgpt_config.budget
-        weights = self.budget_weights(budget)
+        weights, total = self._budget(budget)
         rates = self.state.scratch.skip_rates
         if not rates:
             raise SkipGPTError("no routing decisions recorded; run a forward with routing enabled first")
-        # 'params': out of all attention + MLP parameters (a substitute's count as executed)
-        total = sum(self.branch_params.values()) if budget == "params" else sum(weights.values())
         return torch.as_tensor(sum(w * rates[k] for k, w in weights.items() if k in rates) / total)
 
     def removed_sparsity(self, budget: str | None = None) -> float:
         """The share of ``realised_sparsity`` that the modules removed for good (``removed``)
         make up on their own: what no routing can bring below."""
+        weights, total = self._budget(budget)
+        return sum(weights.get(k, 0.0) for k in self.state.settings.removed) / total
+
+    def _budget(self, budget: str | None) -> tuple[dict[tuple[int, str], float], float]:
+        """The weights of ``budget`` (default: the config's) and the total a sparsity is out of:
+        for 'params' all attention + MLP parameters (a substitute's count as executed)."""
         budget = budget or self.skipgpt_config.budget
         weights = self.budget_weights(budget)
         total = sum(self.branch_params.values()) if budget == "params" else sum(weights.values())
-        return sum(weights.get(k, 0.0) for k in self.state.settings.removed) / total
+        return weights, total
 
     def reset_stats(self) -> None:
         self.state.stats.reset()
