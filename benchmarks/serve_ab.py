@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from skipgpt.serving.prepare import prepare_serving_folder, serving_record
-    from skipgpt.serving.tune import DENSE_TOKENS, dense_window
+    from skipgpt.serving.tune import DENSE_TOKENS, served_window
 
     folder = prepare_serving_folder(args.model)
     llm = LLM(
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     entry = serving_record(folder)
 
     def window_of(theta):  # as the served model: `skipgpt serve-tune`'s window for θ, else the default
-        return dense_window(entry, theta)
+        return served_window(entry, theta)
 
     def label(theta, w):
         return f"routed θ={theta:.4g}" + (f", {w[0]}-{w[1]} tokens dense" if w else ", every forward routed")

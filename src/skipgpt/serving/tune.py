@@ -37,7 +37,7 @@ __all__ = [
     "PROMPTS",
     "checked_window",
     "choose_window",
-    "dense_window",
+    "served_window",
     "measure",
     "tuned_record",
     "tuned_window_for",
@@ -167,7 +167,7 @@ def checked_window(value: Any, name: str) -> tuple[int, int] | None:
     return (value[0], value[1])
 
 
-def dense_window(entry: dict[str, Any] | None, threshold: float) -> tuple[int, int] | None:
+def served_window(entry: dict[str, Any] | None, threshold: float) -> tuple[int, int] | None:
     """The dense window a model served at ``threshold`` uses without an override: the one
     ``serve-tune`` measured for that θ (the prepared folder's ``skipgpt`` entry), else ``DENSE_TOKENS``."""
     tuned = tuned_window_for(entry, threshold) if entry else None

@@ -79,7 +79,7 @@ from ..errors import SkipGPTError
 from ..router import FusedRouters, Router
 from ..substitutes import SUBSTITUTE_PREFIX, Substitute
 from .prepare import ROUTERS_SUBDIR
-from .tune import DENSE_TOKENS, checked_window, dense_window
+from .tune import DENSE_TOKENS, checked_window, served_window
 
 __all__ = [
     "SkipGPTLlamaForCausalLM",
@@ -125,7 +125,7 @@ def _dense_tokens(hf_config) -> tuple[int, int] | None:
     if hasattr(hf_config, "skipgpt_dense_tokens"):
         return checked_window(hf_config.skipgpt_dense_tokens, "skipgpt_dense_tokens")
     entry = getattr(hf_config, "skipgpt", None)
-    return dense_window(entry, _threshold(hf_config)) if entry else DENSE_TOKENS
+    return served_window(entry, _threshold(hf_config)) if entry else DENSE_TOKENS
 
 
 @dataclass
