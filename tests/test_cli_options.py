@@ -102,6 +102,20 @@ def test_every_help_page_renders_with_its_defaults():
     assert "--device" in text and "(default: cpu)" in " ".join(text.split())
 
 
+def test_no_help_page_leaks_argparse_formatting():
+    # a bare "%" in a help string is a format directive to argparse ("30% s..." printed the
+    # action's whole __dict__ into train-router's --recipe help)
+    def pages(parser, path=()):
+        yield " ".join(path), parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from pages(child, (*path, name))
+
+    leaked = [cmd for cmd, text in pages(build_parser()) if "option_strings" in text or "%(" in text]
+    assert not leaked, f"help pages with argparse internals in them: {leaked}"
+
+
 # -- renamed flags -----------------------------------------------------------------------------
 @pytest.mark.parametrize("path,new,old", RENAMES, ids=[f"{' '.join(p)} {o}" for p, _, o in RENAMES])
 def test_old_flag_names_are_hidden_aliases(path, new, old):

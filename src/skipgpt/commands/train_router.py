@@ -64,7 +64,7 @@ def add_recipe_arg(p: argparse.ArgumentParser, default: str | None = None) -> No
         default=default or DEFAULT_RECIPE,
         help="named recipe whose settings replace the defaults of the router, loss and loop options "
         "not given: "
-        + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
+        + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items()).replace("%", "%%")
         + " (default: %(default)s)",
     )
 
