@@ -59,6 +59,7 @@ SECTIONS = {
         "&& cp runs/frontier-final/frontier.png results/frontier_300.png",
     ),
     "frontier-hybrid": ("results/frontier_hybrid.md", "bash benchmarks/frontier_hybrid.sh"),
+    "frontier-100": ("results/frontier_100.md", "bash benchmarks/frontier_100.sh"),
     "frontier-demo": (
         "results/frontier_demo.md",
         f"{DEMO} && OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m "
