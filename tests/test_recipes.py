@@ -75,6 +75,36 @@ def test_python_api_and_cli_give_identical_routers(tmp_path, monkeypatch):
     assert meta[0]["loop"] == meta[1]["loop"]
 
 
+@pytest.mark.parametrize("collapse_ratio", [5.0, 0.5])
+def test_train_router_reports_routed_and_dense_ppl_and_warns_of_a_collapse(
+    tmp_path, monkeypatch, capsys, collapse_ratio
+):
+    import skipgpt.commands.train_router as command
+
+    monkeypatch.setattr(command, "COLLAPSE_RATIO", collapse_ratio)
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "routers"
+    argv = ["train-router", "--model", "random:llama", "--dataset", str(data), "--seq-len", "16"]
+    argv += ["--max-blocks", "12", "--max-steps", "2", "--batch-size", "2", "--output", str(out), "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+
+    # the dense PPL is the base model's on the same blocks, the routed one the saved routers'
+    base, tok = load_base_model("random:llama")
+    few = load_blocks(str(data), tok, 16, max_blocks=12)[: command.CHECK_BLOCKS]
+    from skipgpt.eval.perplexity import evaluate_perplexity
+
+    assert summary["dense_ppl"] == pytest.approx(
+        evaluate_perplexity(base, few, progress=False)["ppl"], rel=1e-4
+    )
+    routed = SkipGPTModel.from_pretrained(str(out), base)
+    assert summary["ppl"] == pytest.approx(evaluate_perplexity(routed, few, progress=False)["ppl"], rel=1e-4)
+    ratio = summary["ppl"] / summary["dense_ppl"]
+    assert (ratio > collapse_ratio) == ("likely collapsed" in captured.err), (ratio, captured.err)
+
+
 def test_default_recipe_is_the_dataclass_defaults_and_the_cli_defaults():
     recipe = RECIPES["default"]
     assert (

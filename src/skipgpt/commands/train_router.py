@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import (
     add_config_arg,
@@ -18,6 +19,12 @@ from .common import (
 
 # Which fields of the library's dataclasses are flags here; their defaults are the fields'
 # defaults, i.e. the default recipe (``skipgpt.train.recipes``).
+# after training: the routed and dense PPL on this many training blocks; a routed PPL above
+# COLLAPSE_RATIO times the dense one is reported as a likely collapsed training (the frontier's
+# collapsed sets: 11-100x on held-out text; the good ones at their trained target: 1.2-2.7x)
+CHECK_BLOCKS = 8
+COLLAPSE_RATIO = 5.0
+
 ROUTER_FIELDS = (
     "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias "
     "modules mlp_router_input threshold attn_skip_to mlp_skip_to substitute_rank substitute_init "
@@ -224,27 +231,49 @@ def run(args) -> int:
             **({LAYER_REMOVAL_KEY: removal} if removal is not None else {}),
         },
     )
-    # Realised sparsity of the final routers (deterministic routing) on a few training blocks.
+    # Realised sparsity and PPL of the final routers (deterministic routing) on a few training
+    # blocks, beside the dense model's PPL there: a collapsed training shows as a large ratio.
     from ..eval.perplexity import evaluate_perplexity
 
-    check = evaluate_perplexity(model, blocks[: min(8, blocks.shape[0])], progress=False)
+    few = blocks[: min(CHECK_BLOCKS, blocks.shape[0])]
+    check = evaluate_perplexity(model, few, progress=False)
+    with model.dense():
+        dense_ppl = evaluate_perplexity(model, few, progress=False)["ppl"]
     summary = {
         "output": result["output"],
         "steps": result["steps"],
         "final_loss": result["final_loss"],
         "sparsity": {k: v for k, v in check["sparsity"].items() if k != "per_layer"},
+        "ppl": check["ppl"],
+        "dense_ppl": dense_ppl,
+        "check_blocks": int(few.shape[0]),
     }
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # multi-process launch: rank 0 reports
         return 0
     s = summary["sparsity"]
+    ratio = summary["ppl"] / summary["dense_ppl"]
     human = (
         f"saved routers to {result['output']} after {result['steps']} steps; final loss {result['final_loss']:.4f}; "
-        f"sparsity on training blocks: module {s['module']:.3f} (attn {s['attn']:.3f}, mlp {s['mlp']:.3f}), params {s['params']:.3f}"
+        f"on {summary['check_blocks']} training blocks: sparsity module {s['module']:.3f} (attn {s['attn']:.3f}, "
+        f"mlp {s['mlp']:.3f}), params {s['params']:.3f}; PPL {summary['ppl']:.2f} routed, "
+        f"{summary['dense_ppl']:.2f} dense ({ratio:.2f}x)"
     )
     emit(args, summary, human)
+    if ratio > COLLAPSE_RATIO:
+        print(collapse_warning(ratio), file=sys.stderr)
     return 0
+
+
+def collapse_warning(ratio: float) -> str:
+    """What ``train-router`` says when the routed PPL on its check blocks is ``ratio`` times the
+    dense model's, above ``COLLAPSE_RATIO``."""
+    return (
+        f"warning: the routed model's PPL on training blocks is {ratio:.1f}x the dense model's: the "
+        "training has likely collapsed (README, Frontier: 'a warning about seeds'); train again with "
+        "another --seed, fewer --max-steps or a lower --target-sparsity"
+    )
 
 
 def _layer_removal(base, blocks, k: int, config) -> dict:
