@@ -147,6 +147,15 @@ class SkipGPTConfig:
         },
     )
 
+    protected_modules: tuple[tuple[int, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "(layer, module) pairs that always execute: their router is constant (execute) and "
+            "never trains (train-router --protect K picks the K most important modules)",
+            "cli": False,
+        },
+    )
+
     def __post_init__(self) -> None:
         self.target_sparsity = _probability("target_sparsity", self.target_sparsity, open_interval=True)
         self.threshold = _probability("threshold", self.threshold, open_interval=False)
@@ -197,6 +206,7 @@ class SkipGPTConfig:
             raise SkipGPTError(
                 f"substitute_rank must be None or an integer >= 1, got {self.substitute_rank!r}"
             )
+        self.protected_modules = _module_pairs("protected_modules", self.protected_modules, self.modules)
         if self.substitute_init == "closed-form" and self.substitute_activation != "identity":
             raise SkipGPTError(
                 "substitute_init 'closed-form' fits a linear map: it needs substitute_activation "
@@ -220,6 +230,7 @@ class SkipGPTConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["modules"] = list(self.modules)
+        d["protected_modules"] = [list(pair) for pair in self.protected_modules]
         return d
 
     @classmethod
@@ -257,6 +268,24 @@ class SkipGPTConfig:
             raise SkipGPTError(f"{path} is not valid JSON ({e})") from None
         _check_record(path, record)
         return record
+
+
+def _module_pairs(name: str, value: Any, modules: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    """``[[layer, module], ...]`` (layer an integer >= 0, module one of ``modules``) -> sorted
+    tuple of pairs; anything else is refused in one line."""
+    try:
+        pairs = sorted({(layer, module) for layer, module in value})
+    except (TypeError, ValueError):
+        pairs = None
+    ok = pairs is not None and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 and m in modules for i, m in pairs
+    )
+    if not ok:
+        raise SkipGPTError(
+            f"{name} must be a list of [layer, module] pairs (layer an integer >= 0, module one of "
+            f"{list(modules)}), got {value!r}"
+        )
+    return tuple(pairs)
 
 
 # key of skipgpt_config.json -> (accepted types, what to say); every key is optional but these

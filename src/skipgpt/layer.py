@@ -58,6 +58,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self.routers = nn.ModuleDict(
             {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
         )
+        for m, router in self.routers.items():
+            if (layer_idx, m) in config.protected_modules:
+                router.make_constant(execute=True)  # a protected module: always executes, never trains
         # what skipping tokens run instead of nothing (empty: plain skipping)
         rank = config.rank_for(hidden_size)
         self.substitutes = nn.ModuleDict(

@@ -100,6 +100,9 @@ class SkipGPTModel(nn.Module):
         # a copy: θ is set on this model's config (``set_threshold``), never on a caller's object
         self.skipgpt_config = config = config.replace()
         self.base_spec = base_spec or getattr(model.config, "_name_or_path", None)
+        beyond = [list(pair) for pair in config.protected_modules if pair[0] >= len(layers)]
+        if beyond:
+            raise SkipGPTError(f"protected_modules {beyond} name layers beyond the model's {len(layers)}")
         # routing settings (θ lives in config.threshold), per-forward scratch, statistics
         self.state = RoutingState(len(layers), config)
         hidden = model.config.get_text_config(decoder=True).hidden_size  # multimodal: the LM's
@@ -180,11 +183,20 @@ class SkipGPTModel(nn.Module):
         return list(self.router_state_dict().values())
 
     def mark_only_routers_trainable(self) -> None:
-        """Freeze the base model; the routers and the substitutes train."""
+        """Freeze the base model; the routers and the substitutes train, except the constant
+        routers of ``protected_modules``."""
         for p in self.hf_model.parameters():
             p.requires_grad_(False)
         for p in self.router_parameters():
             p.requires_grad_(True)
+        self.freeze_protected_routers()
+
+    def freeze_protected_routers(self) -> None:
+        """The routers of ``protected_modules`` (constant: execute) take no gradient."""
+        for layer in self.routed_layers:
+            for m, router in layer.routers.items():
+                if (layer.layer_idx, m) in self.skipgpt_config.protected_modules:
+                    router.requires_grad_(False)
 
     # -- routing controls --------------------------------------------------------------------
     @property

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Router", "FusedRouters", "SKIP", "EXECUTE", "linear_schedule"]
+__all__ = ["Router", "FusedRouters", "SKIP", "EXECUTE", "STATIC_LOGIT", "linear_schedule"]
 
 SKIP, EXECUTE = 0, 1
+STATIC_LOGIT = 30.0  # |logit(execute) - logit(skip)| of a constant router: p = 1 - 1e-13
 
 
 class Router(nn.Module):
@@ -40,6 +41,15 @@ class Router(nn.Module):
             with torch.no_grad():
                 last.weight.zero_()
                 last.bias.copy_(torch.tensor([0.0, execute_bias]))
+
+    def make_constant(self, execute: bool) -> None:
+        """Answer ``execute`` for every token (weights zero, logits ``±STATIC_LOGIT``) and stop
+        training: a protected module (always executes) or a statically dropped one (never)."""
+        last = self.net[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([0.0, STATIC_LOGIT if execute else -STATIC_LOGIT]))
+        self.requires_grad_(False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, T, d) in any dtype -> logits (B, T, 2) in the router's dtype."""

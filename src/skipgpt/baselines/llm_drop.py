@@ -36,6 +36,7 @@ from ..config import MODULES, SkipGPTConfig
 from ..errors import SkipGPTError
 from ..model import SkipGPTModel, get_skipgpt_model
 from ..removal import apply_removal, removed_pairs
+from ..router import STATIC_LOGIT
 from .scores import (
     baseline_output,
     branch_param_counts,
@@ -54,8 +55,6 @@ __all__ = [
     "llm_drop_prune",
     "save_llm_drop",
 ]
-
-STATIC_LOGIT = 30.0  # |logit(execute) - logit(skip)| of a constant router: p = 1 - 1e-13
 
 
 def module_importance(

@@ -125,6 +125,15 @@ def add_parser(sub) -> None:
         f"{REMOVAL_BLOCKS} training blocks), then tune routers on the rest against the full model as "
         "teacher; the deleted layers count as skipped in --target-sparsity (default: %(default)s)",
     )
+    p.add_argument(
+        "--protect",
+        type=int,
+        default=0,
+        metavar="K",
+        help="never route the K most important modules (LLM-Drop's 1 - cos(input, output) on the first "
+        f"{REMOVAL_BLOCKS} training blocks): their routers are constant (execute) and do not train; a guard "
+        "against the trainings that collapse by skipping critical modules (default: %(default)s)",
+    )
     add_loop_args(p)
     add_device_args(p)
     add_config_arg(p)
@@ -209,6 +218,10 @@ def run(args) -> int:
     warn_if_beyond_positions(base, args.seq_len)
     blocks = load_blocks(args.dataset, tokenizer, args.seq_len, max_blocks=args.max_blocks)
     removal = _layer_removal(base, blocks, args.remove_layers, config) if args.remove_layers else None
+    protection = None
+    if args.protect:
+        protection = _protection(base, blocks, args.protect, config)
+        config = config.replace(protected_modules=[tuple(pair) for pair in protection["modules"]])
     model = get_skipgpt_model(base, config, base_spec=args.model)
     if removal is not None:
         from ..config import MODULES
@@ -229,6 +242,7 @@ def run(args) -> int:
             "blocks": int(blocks.shape[0]),
             "command": shlex.join(["skipgpt", *(getattr(args, "argv", None) or ["train-router"])]),
             **({LAYER_REMOVAL_KEY: removal} if removal is not None else {}),
+            **({"protection": protection} if protection is not None else {}),
         },
     )
     # Realised sparsity and PPL of the final routers (deterministic routing) on a few training
@@ -274,6 +288,26 @@ def collapse_warning(ratio: float) -> str:
         "training has likely collapsed (README, Frontier: 'a warning about seeds'); train again with "
         "another --seed, fewer --max-steps or a lower --target-sparsity"
     )
+
+
+def _protection(base, blocks, k: int, config) -> dict:
+    """The ``k`` routed modules of highest LLM-Drop importance on the first training blocks, as
+    recorded in the folder's metadata (``protection``)."""
+    from ..baselines.llm_drop import module_importance
+    from ..errors import SkipGPTError
+
+    routed = base.config.get_text_config(decoder=True).num_hidden_layers * len(config.modules)
+    if not 0 < k < routed:
+        raise SkipGPTError(f"--protect must be in 1..{routed - 1} (the model's routed modules), got {k}")
+    calib = blocks[:REMOVAL_BLOCKS]
+    scores = {pair: s for pair, s in module_importance(base, calib).items() if pair[1] in config.modules}
+    chosen = sorted(scores, key=scores.get, reverse=True)[:k]
+    return {
+        "method": "llm-drop importance (1 - cos(input, output))",
+        "modules": [[int(i), m] for i, m in sorted(chosen)],
+        "importance": {f"{i}.{m}": round(float(v), 6) for (i, m), v in sorted(scores.items())},
+        "calibration": {"blocks": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+    }
 
 
 def _layer_removal(base, blocks, k: int, config) -> dict:

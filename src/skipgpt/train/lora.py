@@ -424,6 +424,7 @@ def train_joint(
     routers = {f"routers.{k}": p for k, p in model.router_state_dict().items()}
     for p in routers.values():
         p.requires_grad_(True)
+    model.freeze_protected_routers()
     named = {**routers, **lora_parameters(model)}
     if resume:
         _check_resume(output_dir, named)
