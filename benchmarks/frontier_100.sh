@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18's frontier with router sets trained on fewer tokens: the frontier recipe for 100 steps
 # of 4x256 tokens of `calib` (a sixth of the 300 x 8x256 cap) at 25%, 30% and 35% of the
-# parameters, and at 25% from a second seed (the spread between runs), added to the frontier-300
+# parameters, and at 25% from a second seed (the spread between runs), with and without the 6 most
+# important modules protected (`--protect 6`, which that seed needed), added to the frontier-300
 # run. Its points are kept (the demo's routers, the 300-step 25% and 35% sets, ShortGPT, LLM-Drop,
 # the static substitute baseline); each new point is timed against the dense model beside it.
 #
@@ -28,6 +29,7 @@ train100() {  # name, target, flags...
 }
 for t in 25 30 35; do train100 rt$t-frontier-100 0.$t; done
 train100 rt25-frontier-100-s1 0.25 --seed 1  # the 25% set again from another seed: the spread
+train100 rt25-frontier-100-s1-p6 0.25 --seed 1 --protect 6  # that seed with 6 protected modules
 out=runs/frontier-100
 if [[ ! -d $out && -f runs/frontier-final/frontier.progress.json ]]; then
   mkdir -p "$out" && cp runs/frontier-final/frontier.progress.json "$out/"
@@ -35,7 +37,7 @@ fi
 OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m \
   --routers runs/demo/routers --routers runs/rt25-frontier-300 --routers runs/rt35-frontier-300 \
   --routers runs/rt25-frontier-100 --routers runs/rt30-frontier-100 --routers runs/rt35-frontier-100 \
-  --routers runs/rt25-frontier-100-s1 \
+  --routers runs/rt25-frontier-100-s1 --routers runs/rt25-frontier-100-s1-p6 \
   --thetas 0.5,0.8,0.9,0.95 --max-layers 9 --baselines shortgpt,llm-drop,substitute --max-windows 4 \
   --repeats 3 --scenarios prefill_1x1024,decode_b1 --statistic min --output "$out"
 cp "$out/frontier.md" results/frontier_100.md
