@@ -72,13 +72,9 @@ def module_importance(
 def set_static_routers(model: SkipGPTModel, removed: Iterable) -> None:
     """Make every router constant: execute for kept modules, skip for ``removed`` ones."""
     pairs = removed_pairs(removed, len(model.routed_layers))
-    with torch.no_grad():
-        for layer in model.routed_layers:
-            for m, router in layer.routers.items():
-                last = router.net[-1]
-                last.weight.zero_()
-                sign = -1.0 if (layer.layer_idx, m) in pairs else 1.0
-                last.bias.copy_(torch.tensor([0.0, sign * STATIC_LOGIT]))
+    for layer in model.routed_layers:
+        for m, router in layer.routers.items():
+            router.make_constant(execute=(layer.layer_idx, m) not in pairs)
 
 
 def build_llm_drop(

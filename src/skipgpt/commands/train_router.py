@@ -17,14 +17,14 @@ from .common import (
     warn_if_beyond_positions,
 )
 
-# Which fields of the library's dataclasses are flags here; their defaults are the fields'
-# defaults, i.e. the default recipe (``skipgpt.train.recipes``).
 # after training: the routed and dense PPL on this many training blocks; a routed PPL above
 # COLLAPSE_RATIO times the dense one is reported as a likely collapsed training (the frontier's
 # collapsed sets: 11-100x on held-out text; the good ones at their trained target: 1.2-2.7x)
 CHECK_BLOCKS = 8
 COLLAPSE_RATIO = 5.0
 
+# Which fields of the library's dataclasses are flags here; their defaults are the fields'
+# defaults, i.e. the default recipe (``skipgpt.train.recipes``).
 ROUTER_FIELDS = (
     "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias "
     "modules mlp_router_input threshold attn_skip_to mlp_skip_to substitute_rank substitute_init "
@@ -221,7 +221,7 @@ def run(args) -> int:
     protection = None
     if args.protect:
         protection = _protection(base, blocks, args.protect, config)
-        config = config.replace(protected_modules=[tuple(pair) for pair in protection["modules"]])
+        config = config.replace(protected_modules=protection["modules"])  # pairs checked there
     model = get_skipgpt_model(base, config, base_spec=args.model)
     if removal is not None:
         from ..config import MODULES
