@@ -79,9 +79,12 @@ def exported(tmp_path_factory) -> Path:
 
 def _export_substituted(root: Path) -> Path:
     """A random:llama routed folder whose skipped MLPs run closed-form-shaped substitutes
-    (random, non-zero: zero ones would equal plain skipping), exported."""
+    (random, non-zero: zero ones would equal plain skipping) and whose routers RMS-normalise their
+    input, exported."""
     base, _ = load_base_model("random:llama")
-    config = SkipGPTConfig(router_init="paper", router_hidden=0, threshold=0.5, mlp_skip_to="adapter")
+    config = SkipGPTConfig(
+        router_init="paper", router_hidden=0, threshold=0.5, mlp_skip_to="adapter", router_norm="rms"
+    )
     model = get_skipgpt_model(base, config, "random:llama")
     torch.manual_seed(5)
     with torch.no_grad():

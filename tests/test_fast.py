@@ -78,12 +78,12 @@ def tiny_config(arch: str, **extra):
     raise ValueError(arch)
 
 
-def make_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0):
+def make_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **router_config):
     torch.manual_seed(seed)
     config = tiny_config(arch)
     config._attn_implementation = "eager" if arch.startswith("gemma2") else attn_implementation  # no sdpa
     model = AutoModelForCausalLM.from_config(config).eval()
-    return get_skipgpt_model(model, SkipGPTConfig())
+    return get_skipgpt_model(model, SkipGPTConfig(**router_config))
 
 
 def random_routing(p_skip: float, seed: int = 0):
@@ -247,9 +247,10 @@ def test_batched_sampling_generate_runs():
     assert bool(((out >= 0) & (out < VOCAB)).all())
 
 
-def test_generate_with_trained_style_routers():
+@pytest.mark.parametrize("router_norm", ["none", "rms"])
+def test_generate_with_trained_style_routers(router_norm):
     """No override: the routers decide (threshold), in both paths."""
-    model = make_model("llama")
+    model = make_model("llama", router_norm=router_norm)
     half_skipping_routers(model)
     ids, mask = batch("left", T=8)
     outs = {}
@@ -263,10 +264,11 @@ def test_generate_with_trained_style_routers():
     assert torch.equal(outs["fast"], outs["masked"])
 
 
-def test_batch1_decode_decided_on_the_host_matches_masked():
+@pytest.mark.parametrize("router_norm", ["none", "rms"])
+def test_batch1_decode_decided_on_the_host_matches_masked(router_norm):
     """Batch-1 decode reads a layer's two decisions as Python bools in one go (fast path only):
     same tokens, same statistics and same kept decisions as the masked path's tensors."""
-    model = make_model("llama")
+    model = make_model("llama", router_norm=router_norm)
     half_skipping_routers(model)
     ids, _ = batch(None, B=1, T=6)
     seen = {}
@@ -596,11 +598,12 @@ def test_batched_decode_runs_all_rows_only_when_many_execute(executing, rows):
 
 
 # -- fused routers (inference) ---------------------------------------------------------------------
+@pytest.mark.parametrize("router_norm", ["none", "rms"])
 @pytest.mark.parametrize("router_hidden", [None, 0])
-def test_fused_routers_equal_the_separate_routers_and_follow_weight_changes(router_hidden):
+def test_fused_routers_equal_the_separate_routers_and_follow_weight_changes(router_hidden, router_norm):
     from conftest import routed
 
-    model, _ = routed("llama", router_hidden=router_hidden)
+    model, _ = routed("llama", router_hidden=router_hidden, router_norm=router_norm)
     layer = model.routed_layers[1]
     for router in layer.routers.values():
         torch.nn.init.normal_(router.net[-1].weight, std=1.0)

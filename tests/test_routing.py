@@ -300,18 +300,22 @@ def test_one_call_registers_an_architecture(monkeypatch):
     assert adapters.get_adapter("toy2") is adapters.POST_NORMS
 
 
+@pytest.mark.parametrize("norm", ["none", "rms"])
 @pytest.mark.parametrize("router_hidden", [0, 8])
 @pytest.mark.parametrize("count", [1, 2])
-def test_margin_decision_equals_probability_at_threshold(router_hidden, count):
+def test_margin_decision_equals_probability_at_threshold(router_hidden, count, norm):
     """``FusedRouters.execute`` (a sign test on the logit margin, no softmax) and its one-token
     form ``execute_one`` take the same decisions as ``p(execute) >= θ``, at every θ including 0
-    and 1, and follow new weights."""
+    and 1, and follow new weights; its probabilities are each router's own."""
     from skipgpt.router import FusedRouters, Router
 
     torch.manual_seed(0)
-    routers = [Router(16, router_hidden, init="paper") for _ in range(count)]
+    routers = [Router(16, router_hidden, init="paper", norm=norm) for _ in range(count)]
     fused = FusedRouters(routers)
     x = torch.randn(3, 50, 16)
+    scaled = x * torch.logspace(-2, 2, 50).view(1, 50, 1)  # token scales as far apart as a residual's
+    own = torch.stack([r.execute_probability(scaled) for r in routers], -1)
+    torch.testing.assert_close(fused.execute_probability(scaled), own, atol=1e-6, rtol=1e-5)
     for theta in (0.0, 0.1, 0.37, 0.5, 0.8, 0.99, 1.0):
         p = fused.execute_probability(x)
         got = fused.execute(x, theta)
@@ -328,6 +332,31 @@ def test_margin_decision_equals_probability_at_threshold(router_hidden, count):
         routers[0].net[-1].bias.copy_(torch.tensor([0.0, -50.0]))  # the first router now always skips
     assert not fused.execute(x, 0.5)[..., 0].any()
     assert fused.execute_one(x[0, 0], 0.5)[0] is False
+
+
+def test_rms_router_reads_the_direction_of_the_hidden_state():
+    """``norm="rms"``: the logits of h and of c·h are equal (a residual's scale grows with depth);
+    the raw router's are not; fused routers of mixed norms are refused."""
+    from skipgpt.router import FusedRouters, Router
+
+    torch.manual_seed(0)
+    rms, raw = Router(16, 0, init="paper", norm="rms"), Router(16, 0, init="paper")
+    h = torch.randn(2, 5, 16)
+    torch.testing.assert_close(rms(h), rms(300.0 * h), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(raw(h), raw(300.0 * h), atol=1e-3)
+    with pytest.raises(ValueError, match="alike"):
+        FusedRouters([rms, raw])
+
+
+def test_router_norm_config():
+    """``router_norm`` accepts 'none'/'rms', refuses others in one line, and a saved config from
+    before the field (no key) reads as 'none': its routers were trained on the raw state."""
+    cfg = SkipGPTConfig(router_norm="rms")
+    assert SkipGPTConfig.from_dict(cfg.to_dict()).router_norm == "rms"
+    legacy = {k: v for k, v in SkipGPTConfig().to_dict().items() if k != "router_norm"}
+    assert SkipGPTConfig.from_dict(legacy).router_norm == "none"
+    with pytest.raises(SkipGPTError, match=r"router_norm must be one of \['none', 'rms'\]"):
+        SkipGPTConfig(router_norm="layer")
 
 
 def test_frozen_fused_routers_keep_their_weights_until_refreshed():

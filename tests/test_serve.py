@@ -492,7 +492,7 @@ print("RESULT " + json.dumps(out))
 @needs_vllm
 @pytest.mark.slow
 def test_routed_qwen2_takes_skipgpts_decisions_and_tokens(tmp_path):
-    """A small random Qwen2 (q/k/v biases, tied embeddings) with routers and MLP substitutes: vLLM's
+    """A small random Qwen2 (q/k/v biases, tied embeddings) with RMS-normalising routers and MLP substitutes: vLLM's
     routed Qwen2 (``SkipGPTQwen2ForCausalLM``, in a subprocess: one engine per process here)
     takes skipgpt's decisions and greedy tokens, prompt by prompt."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -514,8 +514,13 @@ def test_routed_qwen2_takes_skipgpts_decisions_and_tokens(tmp_path):
     base, _ = load_base_model(str(base_dir))
     model = get_skipgpt_model(
         base,
-        SkipGPTConfig(
-            router_init="paper", threshold=THETA, seed=1, mlp_skip_to="adapter", substitute_rank=16
+        SkipGPTConfig(  # RMS-normalising routers here (the Llama fixture's read the raw state)
+            router_init="paper",
+            threshold=THETA,
+            seed=1,
+            mlp_skip_to="adapter",
+            substitute_rank=16,
+            router_norm="rms",
         ),
         base_spec=str(base_dir),
     )

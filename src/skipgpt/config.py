@@ -19,6 +19,7 @@ __all__ = [
     "BUDGETS",
     "MLP_ROUTER_INPUTS",
     "RENAMED_KEYS",
+    "ROUTER_NORMS",
     "SKIP_TARGETS",
     "SUBSTITUTE_INITS",
     "SUBSTITUTE_ACTIVATIONS",
@@ -29,6 +30,7 @@ MODULES = ("attn", "mlp")
 ROUTER_INITS = ("dense", "paper")
 BUDGETS = ("modules", "params")
 MLP_ROUTER_INPUTS = ("block_input", "post_attention")
+ROUTER_NORMS = ("none", "rms")  # what a router does to the hidden state before its first layer
 SKIP_TARGETS = ("identity", "adapter")  # what a skipped (token, module) runs instead
 SUBSTITUTE_INITS = ("zero", "closed-form")
 SUBSTITUTE_ACTIVATIONS = ("identity", "silu")
@@ -112,6 +114,14 @@ class SkipGPTConfig:
             "choices": MLP_ROUTER_INPUTS,
         },
     )
+    router_norm: str = field(
+        default="none",
+        metadata={
+            "help": "what a router does to the hidden state it reads: nothing (the paper's code) or a "
+            "weightless RMS normalisation, so that one optimiser step moves every layer's logits alike",
+            "choices": ROUTER_NORMS,
+        },
+    )
 
     attn_skip_to: str = field(
         default="identity",
@@ -190,6 +200,7 @@ class SkipGPTConfig:
             ("router_init", ROUTER_INITS),
             ("budget", BUDGETS),
             ("mlp_router_input", MLP_ROUTER_INPUTS),
+            ("router_norm", ROUTER_NORMS),
             ("attn_skip_to", SKIP_TARGETS),
             ("mlp_skip_to", SKIP_TARGETS),
             ("substitute_init", SUBSTITUTE_INITS),
@@ -240,6 +251,8 @@ class SkipGPTConfig:
         d = dict(d)
         # saved before linear routers became the default: those configs meant d/4 when silent
         d.setdefault("router_hidden", None)
+        # saved before routers could normalise their input: they read the raw hidden state
+        d.setdefault("router_norm", "none")
         for old, new in RENAMED_KEYS.items():
             if old in d:
                 if new in d:

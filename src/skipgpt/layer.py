@@ -56,7 +56,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self.cache_arg = cache_argument(base_layer)  # "cache" (transformers >= 5.24) or "past_key_values"
         width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
         self.routers = nn.ModuleDict(
-            {m: Router(hidden_size, width, config.router_init, config.execute_bias) for m in config.modules}
+            {
+                m: Router(hidden_size, width, config.router_init, config.execute_bias, config.router_norm)
+                for m in config.modules
+            }
         )
         for m, router in self.routers.items():
             if (layer_idx, m) in config.protected_modules:

@@ -27,7 +27,7 @@ COLLAPSE_RATIO = 5.0
 # defaults, i.e. the default recipe (``skipgpt.train.recipes``).
 ROUTER_FIELDS = (
     "target_sparsity budget sparsity_weight tau_start tau_end router_hidden router_init execute_bias "
-    "modules mlp_router_input threshold attn_skip_to mlp_skip_to substitute_rank substitute_init "
+    "modules mlp_router_input router_norm threshold attn_skip_to mlp_skip_to substitute_rank substitute_init "
     "substitute_activation"
 ).split()
 LOSS_FIELDS = (
@@ -286,7 +286,7 @@ def collapse_warning(ratio: float) -> str:
     return (
         f"warning: the routed model's PPL on training blocks is {ratio:.1f}x the dense model's: the "
         "training has likely collapsed (README, Frontier: 'a warning about seeds'); train again with "
-        "another --seed, fewer --max-steps or a lower --target-sparsity"
+        "--protect 6 (the most important modules never routed), another --seed or a lower --target-sparsity"
     )
 
 
