@@ -245,6 +245,28 @@ def test_resume_reuses_points_adds_router_sets_refuses_other_settings(tmp_path, 
     assert main([*other, "--overwrite"]) == 0 and len(calls) == len(result["points"])
 
 
+def test_a_router_set_with_its_own_thetas(tmp_path, monkeypatch):
+    """``--routers DIR@θs`` sweeps that set over its own θ values (the others over --thetas); they
+    are part of the settings: adding such a set extends a run, changing its θs is refused."""
+    r1, r2, r3 = (_routers(tmp_path, f"r{i + 1}", i) for i in range(3))
+    out = tmp_path / "fr"
+    two = _argv(tmp_path, out, "--routers", str(r1), "--routers", f"{r2}@0.3,0.65,0.7")
+    assert main(two) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    keys = [p["key"] for p in result["points"] if p["method"] == "skipgpt"]
+    assert keys == ["skipgpt:r1@0", "skipgpt:r1@0.6", "skipgpt:r2@0.3", "skipgpt:r2@0.65", "skipgpt:r2@0.7"]
+    assert [p["threshold"] for p in result["points"] if p.get("line") == "skipgpt:r2"] == [0.3, 0.65, 0.7]
+    assert "its own θ values" in (out / "frontier.md").read_text()
+    calls = []
+    real = frontier.evaluate_quality
+    monkeypatch.setattr(frontier, "evaluate_quality", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main([*two, "--routers", f"{r3}@0.5"]) == 0 and len(calls) == 1  # only the new set's point
+    changed = _argv(
+        tmp_path, out, "--routers", str(r1), "--routers", f"{r2}@0.3,0.7", "--routers", f"{r3}@0.5"
+    )
+    assert main(changed) == 2 and len(calls) == 1  # r2's θs changed: other settings, refused
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -270,6 +292,7 @@ def test_bad_input_refused_in_one_line(tmp_path, capsys):
     assert main(_argv(tmp_path, out, "--scenarios", "prefill_bad")) == 2
     assert main(_argv(tmp_path, out, "--routers", str(r1), "--routers", str(r1))) == 2
     assert main(_argv(tmp_path, out, "--routers", str(r1), "--baselines", "shortgpt,mod")) == 2
+    assert main(_argv(tmp_path, out, "--routers", f"{r1}@0.5,high")) == 2  # θs after '@' must parse
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 6 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 7 and all(line.startswith("error: ") for line in err)
     assert not (out / "frontier.json").exists()

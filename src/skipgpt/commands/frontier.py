@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
         "--routers",
         action="append",
         default=None,
-        help="a trained router folder of --model (repeatable: one line each); default: train one set",
+        help="a trained router folder of --model (repeatable: one line each), swept over --thetas or over "
+        "its own θ values given as DIR@θ1,θ2,... (a set whose probabilities sit elsewhere); default: train one set",
     )
     p.add_argument("--thetas", type=threshold_list, default=DEFAULT_THETAS, help="θ values of SkipGPT")
     p.add_argument(
@@ -152,6 +153,22 @@ def _router_record(folder: str, layers: int):
     return record
 
 
+def _router_spec(spec: str) -> tuple[str, list[float] | None]:
+    """``--routers`` value -> (folder, its own θ values or None): ``DIR@0.6,0.7`` gives
+    ``(DIR, [0.6, 0.7])``; a folder whose name holds an ``@`` is read as a folder when it exists."""
+    from ..errors import SkipGPTError
+
+    folder, at, tail = spec.rpartition("@")
+    if not at or Path(spec).exists():
+        return str(Path(spec)), None
+    try:
+        return str(Path(folder)), threshold_list(tail)
+    except argparse.ArgumentTypeError:
+        raise SkipGPTError(
+            f"--routers {spec}: after '@' give comma-separated θ values in [0, 1], e.g. {folder}@0.6,0.7"
+        ) from None
+
+
 def _training_args(args) -> argparse.Namespace:
     """The options of ``experiments.compare.build_method``'s SkipGPT build that this command has; the
     others take their defaults (the default recipe), as ``train-router``'s would."""
@@ -198,10 +215,12 @@ def run(args) -> int:
     base, tokenizer = load_base_model(args.model, **load_options(args))
     base.eval()
     layers = base.config.get_text_config(decoder=True).num_hidden_layers
-    routers = [str(Path(f)) for f in args.routers or []]
+    specs = [_router_spec(f) for f in args.routers or []]
+    routers = [folder for folder, _ in specs]
     if len(set(routers)) < len(routers):
         raise SkipGPTError("a --routers folder is given twice; give each router set once")
     records = {folder: _router_record(folder, layers) for folder in routers}
+    own_thetas = {folder: thetas for folder, thetas in specs if thetas is not None}
     max_layers = args.max_layers or default_max_layers(layers)
     if max_layers >= layers:
         raise SkipGPTError(f"--max-layers {max_layers} must be below the model's {layers} layers")
@@ -219,7 +238,7 @@ def run(args) -> int:
         baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
         substitute_rank=args.substitute_rank,
         model=args.model,
-        routers=routers,
+        routers=[f if t is None else f"{f}@{','.join(f'{x:g}' for x in t)}" for f, t in specs],
         training=training,
         dataset=args.dataset,
         seq_len=args.seq_len,
@@ -255,7 +274,8 @@ def run(args) -> int:
         unique = names.count(name) == 1
         key = "skipgpt" if len(routers) == 1 else f"skipgpt:{name if unique else folder}"
         info = {"routers": folder, "calibrated_threshold": records[folder].router_config.threshold}
-        lines.append(RouterLine(key, f"SkipGPT-RT ({name if unique else folder})", loader(folder), info))
+        label = f"SkipGPT-RT ({name if unique else folder})"
+        lines.append(RouterLine(key, label, loader(folder), info, own_thetas.get(folder)))
 
     result = run_frontier(
         base,

@@ -372,6 +372,8 @@ def format_frontier_markdown(result: dict) -> str:
         )
     else:
         routers = "routers from " + ", ".join(f"`{r}`" for r in s.get("routers", []))
+        if any("@" in r for r in s.get("routers", [])):
+            routers += "; `DIR@θs`: that set at its own θ values"
     skip_lines = ", ".join(line_names[k] for k in line_names if k.startswith("skipgpt"))
     substitutes = ""
     # runs made before the static policy timed LLM-Drop through constant routers
@@ -461,12 +463,13 @@ def plot_frontier(result: dict, path: str | Path) -> Path:
 class RouterLine:
     """One set of trained routers: its line key (``skipgpt`` or ``skipgpt:<name>``), display
     label, and a loader giving the routed model over a copy of the base (called only when one of
-    its points is still missing)."""
+    its points is still missing); ``thetas``: its own θ values (None: the settings' ``thetas``)."""
 
     key: str
     label: str
     load: Callable[[], SkipGPTModel]
     info: dict = field(default_factory=dict)
+    thetas: Sequence[float] | None = None
 
 
 @dataclass
@@ -707,7 +710,7 @@ def run_frontier(
                     f"θ={t:g}",
                     lambda line=line, t=t: skipgpt(line, float(t)),
                 )
-                for t in sorted(thetas)
+                for t in sorted(thetas if line.thetas is None else line.thetas)
             ]
         )
     static = {
