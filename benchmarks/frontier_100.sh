@@ -5,6 +5,8 @@
 # important modules protected (`--protect 6`, which that seed needed), added to the frontier-300
 # run. Its points are kept (the demo's routers, the 300-step 25% and 35% sets, ShortGPT, LLM-Drop,
 # the static substitute baseline); each new point is timed against the dense model beside it.
+# Later additions: seeds 0 and 2 protected (seed 2 collapses without), and two protected sets whose
+# routers read the RMS-normalised state (`--router-norm rms`), each at its own θ values.
 #
 # Why: the 300-step 35% set collapsed (wiki-heldout 193 at 34.7% of the parameters). Its training
 # loss rose once the target reached 35% (means over steps 50-99 / 100-149: LM 4.2 / 5.3, KD 1.3 /
@@ -30,6 +32,12 @@ train100() {  # name, target, flags...
 for t in 25 30 35; do train100 rt$t-frontier-100 0.$t; done
 train100 rt25-frontier-100-s1 0.25 --seed 1  # the 25% set again from another seed: the spread
 train100 rt25-frontier-100-s1-p6 0.25 --seed 1 --protect 6  # that seed with 6 protected modules
+train100 rt25-frontier-100-p6 0.25 --protect 6  # seed 0 protected too: what protection costs a good seed
+train100 rt25-frontier-100-s2-p6 0.25 --seed 2 --protect 6  # seed 2 collapses unprotected (125x on 8 blocks)
+# routers reading the RMS-normalised state (seeds 1 and 0, protected): their p(execute) sit higher,
+# so they get their own θ values (at 0.5 the seed-1 set skips 13% of the parameters)
+train100 rt25-frontier-100-s1-p6-rms 0.25 --seed 1 --protect 6 --router-norm rms
+train100 rt25-frontier-100-p6-rms 0.25 --protect 6 --router-norm rms
 out=runs/frontier-100
 if [[ ! -d $out && -f runs/frontier-final/frontier.progress.json ]]; then
   mkdir -p "$out" && cp runs/frontier-final/frontier.progress.json "$out/"
@@ -38,6 +46,9 @@ OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m \
   --routers runs/demo/routers --routers runs/rt25-frontier-300 --routers runs/rt35-frontier-300 \
   --routers runs/rt25-frontier-100 --routers runs/rt30-frontier-100 --routers runs/rt35-frontier-100 \
   --routers runs/rt25-frontier-100-s1 --routers runs/rt25-frontier-100-s1-p6 \
+  --routers runs/rt25-frontier-100-p6 --routers runs/rt25-frontier-100-s2-p6 \
+  --routers runs/rt25-frontier-100-s1-p6-rms@0.6,0.63,0.66,0.7,0.75 \
+  --routers runs/rt25-frontier-100-p6-rms@0.6,0.63,0.66,0.7,0.75 \
   --thetas 0.5,0.8,0.9,0.95 --max-layers 9 --baselines shortgpt,llm-drop,substitute --max-windows 4 \
   --repeats 3 --scenarios prefill_1x1024,decode_b1 --statistic min --output "$out"
 cp "$out/frontier.md" results/frontier_100.md
