@@ -425,11 +425,16 @@ def plot_frontier(result: dict, path: str | Path) -> Path:
     s = result["settings"]
     scenarios, dataset = s["scenarios"], s["summary_dataset"]
     names = result.get("lines", {})
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 4.4), squeeze=False)
+    lines = _lines(result["points"])
+    legend_beside = len(lines) > 6  # beside the panels, not over the last one's points
+    width = 5.2 * len(scenarios) + (3.4 if legend_beside else 0.0)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(width, 4.4), squeeze=False)
     dense = next((p for p in result["points"] if p["method"] == "dense"), None)
-    markers = {"skipgpt": "o", "shortgpt": "s", "llm-drop": "^"}
+    markers = {"skipgpt": "o", "shortgpt": "s", "llm-drop": "^", "substitute": "D"}
+    # more lines than the default cycle's 10 colours: tab20, so that no two lines share one
+    palette = plt.get_cmap("tab20").colors if len(lines) > 10 else None
     for ax, sc in zip(axes[0], scenarios, strict=True):
-        for line, pts in _lines(result["points"]).items():
+        for i, (line, pts) in enumerate(lines.items()):
             pts = [p for p in pts if sc in p["speedup"]]
             if pts:
                 ax.plot(
@@ -438,6 +443,7 @@ def plot_frontier(result: dict, path: str | Path) -> Path:
                     marker=markers.get(pts[0]["method"], "o"),
                     ms=4,
                     label=names.get(line, line),
+                    **({"color": palette[i % len(palette)]} if palette else {}),
                 )
         if dense is not None:
             ax.plot([1.0], [dense["ppl"][dataset]], "k*", ms=11, label="dense")
@@ -448,7 +454,10 @@ def plot_frontier(result: dict, path: str | Path) -> Path:
         ax.set_xlabel("measured speedup against dense (x)")
         ax.grid(True, which="both", alpha=0.25)
     axes[0][0].set_ylabel(f"{dataset} PPL (log)")
-    axes[0][-1].legend(fontsize=8)
+    if legend_beside:
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{s['model']}: quality against measured speed")
     fig.tight_layout()
     path = Path(path)
