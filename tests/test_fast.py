@@ -766,4 +766,8 @@ def test_bench_and_profile_scripts_write_their_files(tmp_path, capsys):
     text = prof_md.read_text()
     assert rc == 0 and "(StaticCache)" in text
     assert all(f"### {v}:" in text for v in ("dense", "masked", "fast")) and "aten::" in text
+    rc = profile.main([*common, "--prefill", "--batch", "1", "--context", "16", "--out", str(prof_md)])
+    text = prof_md.read_text()
+    assert rc == 0 and text.startswith("Prefill profile:") and "ms per prefill forward" in text
+    assert all(f"### {v}:" in text for v in ("dense", "masked", "fast")) and "aten::" in text
     capsys.readouterr()
