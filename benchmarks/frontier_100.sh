@@ -34,6 +34,7 @@ train100 rt25-frontier-100-s1 0.25 --seed 1  # the 25% set again from another se
 train100 rt25-frontier-100-s1-p6 0.25 --seed 1 --protect 6  # that seed with 6 protected modules
 train100 rt25-frontier-100-p6 0.25 --protect 6  # seed 0 protected too: what protection costs a good seed
 train100 rt25-frontier-100-s2-p6 0.25 --seed 2 --protect 6  # seed 2 collapses unprotected (125x on 8 blocks)
+train100 rt25-frontier-100-s3-p6 0.25 --seed 3 --protect 6  # a fourth seed of the protected recipe
 # routers reading the RMS-normalised state (seeds 1 and 0, protected): their p(execute) sit higher,
 # so they get their own θ values (at 0.5 the seed-1 set skips 13% of the parameters)
 train100 rt25-frontier-100-s1-p6-rms 0.25 --seed 1 --protect 6 --router-norm rms
@@ -47,6 +48,7 @@ OMP_NUM_THREADS=2 skipgpt frontier --model smollm2-135m \
   --routers runs/rt25-frontier-100 --routers runs/rt30-frontier-100 --routers runs/rt35-frontier-100 \
   --routers runs/rt25-frontier-100-s1 --routers runs/rt25-frontier-100-s1-p6 \
   --routers runs/rt25-frontier-100-p6 --routers runs/rt25-frontier-100-s2-p6 \
+  --routers runs/rt25-frontier-100-s3-p6 \
   --routers runs/rt25-frontier-100-s1-p6-rms@0.6,0.63,0.66,0.7,0.75 \
   --routers runs/rt25-frontier-100-p6-rms@0.6,0.63,0.66,0.7,0.75 \
   --thetas 0.5,0.8,0.9,0.95 --max-layers 9 --baselines shortgpt,llm-drop,substitute --max-windows 4 \
