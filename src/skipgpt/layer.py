@@ -54,13 +54,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self.skipgpt_config = config
         self.state = state  # settings, this forward's scratch, statistics: shared by all layers
         self.cache_arg = cache_argument(base_layer)  # "cache" (transformers >= 5.24) or "past_key_values"
-        width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
-        self.routers = nn.ModuleDict(
-            {
-                m: Router(hidden_size, width, config.router_init, config.execute_bias, config.router_norm)
-                for m in config.modules
-            }
-        )
+        self.routers = nn.ModuleDict({m: Router.from_config(hidden_size, config) for m in config.modules})
         for m, router in self.routers.items():
             if (layer_idx, m) in config.protected_modules:
                 router.make_constant(execute=True)  # a protected module: always executes, never trains

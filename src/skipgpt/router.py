@@ -62,6 +62,13 @@ class Router(nn.Module):
                 last.weight.zero_()
                 last.bias.copy_(torch.tensor([0.0, execute_bias]))
 
+    @classmethod
+    def from_config(cls, hidden_size: int, config) -> Router:
+        """The router a ``SkipGPTConfig`` describes for a model of width ``hidden_size`` (its
+        hidden width: ``router_hidden``, None meaning ``hidden_size // 4``)."""
+        width = hidden_size // 4 if config.router_hidden is None else config.router_hidden
+        return cls(hidden_size, width, config.router_init, config.execute_bias, config.router_norm)
+
     def make_constant(self, execute: bool) -> None:
         """Answer ``execute`` for every token (weights zero, logits ``±STATIC_LOGIT``) and stop
         training: a protected module (always executes) or a statically dropped one (never)."""

@@ -274,12 +274,8 @@ class RoutedLayerMixin:
         rc = _router_config(hf_config)
         self.layer_idx = extract_layer_index(prefix)
         self.mlp_reads_block_input = rc.mlp_router_input == "block_input"
-        width = hf_config.hidden_size // 4 if rc.router_hidden is None else rc.router_hidden
         self.routers = nn.ModuleDict(
-            {
-                m: Router(hf_config.hidden_size, width, rc.router_init, rc.execute_bias, rc.router_norm)
-                for m in rc.modules
-            }
+            {m: Router.from_config(hf_config.hidden_size, rc) for m in rc.modules}
         ).to(torch.float32)
         self._names = tuple(self.routers)
         shared = self.mlp_reads_block_input or len(self.routers) == 1
