@@ -36,7 +36,7 @@ class Router(nn.Module):
 
     ``norm="rms"`` divides the hidden state by its root mean square first (no weight). The
     residual stream's scale grows through the depth (SmolLM2-135M: median RMS 0.12 at layer 0,
-    32 at layer 29, about 1000 for the first token from layer 12 on), so on the raw state one
+    32 at layer 29, about 1000 for the first token at layers 12-28), so on the raw state one
     optimiser step moves a deep router's logits a hundred times as far as an early one's.
     """
 
